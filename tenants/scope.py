@@ -1,0 +1,95 @@
+"""Every Redis key of the project, built in one place.
+
+Tenant-owned keys can only be built through :class:`TenantScope`, which takes the tenant
+id: a handler cannot address a session (or an idempotency record, a quota counter...)
+without the caller's tenant. Global keys are module functions.
+
+Layout (prefix ``sb:``)::
+
+    sb:tenants                      zset  tenant id -> created_at (ms)
+    sb:tenant:{tid}                 string  tenant record (msgspec JSON, credentials encrypted)
+    sb:apikey:{sha256}              hash  {tenant_id, key_id, not_after}   (lookup by hash)
+    sb:t:{tid}:keys                 hash  key id -> key metadata JSON
+    sb:t:{tid}:s:{sid}              hash  the session record
+    sb:t:{tid}:sessions             zset  sid -> created_at (ms)        (listing, newest first)
+    sb:t:{tid}:live                 zset  sid -> lease deadline (ms)    (concurrency leases)
+    sb:t:{tid}:eu:{end_user}        zset  sid -> created_at (ms)        (live sessions of one end user)
+    sb:t:{tid}:rate                 hash  token bucket {tokens, ts}
+    sb:t:{tid}:day:{yyyymmdd}       string counter, expires after 48 h
+    sb:t:{tid}:idem:{sha256(key)}   hash  {body, sid, state}            (24 h)
+    sb:t:{tid}:mint                 hash  worker-side OpenAI mint bucket
+    sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
+    sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
+    sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
+"""
+
+from __future__ import annotations
+
+PREFIX = "sb:"
+
+TENANTS_INDEX = PREFIX + "tenants"
+DUE_EXPIRY = PREFIX + "due:expiry"
+DUE_PROVISION = PREFIX + "due:provision"
+EVENTS_PATTERN = PREFIX + "events:*"
+KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
+
+
+def tenant_record(tenant_id: str) -> str:
+    return f"{PREFIX}tenant:{tenant_id}"
+
+
+def api_key_lookup(key_hash: str) -> str:
+    return f"{PREFIX}apikey:{key_hash}"
+
+
+def due_member(tenant_id: str, session_id: str) -> str:
+    """Member of the global due sets; split back with :func:`split_due_member`."""
+    return f"{tenant_id}:{session_id}"
+
+
+def split_due_member(member: str | bytes) -> tuple[str, str]:
+    text = member.decode() if isinstance(member, bytes) else member
+    tenant_id, _, session_id = text.partition(":")
+    return tenant_id, session_id
+
+
+class TenantScope:
+    """Builds the keys owned by one tenant. The only way to name tenant data in Redis."""
+
+    __slots__ = ("tenant_id", "_base")
+
+    def __init__(self, tenant_id: str) -> None:
+        if not tenant_id or ":" in tenant_id:
+            raise ValueError("invalid tenant id")
+        self.tenant_id = tenant_id
+        self._base = f"{PREFIX}t:{tenant_id}:"
+
+    def session(self, session_id: str) -> str:
+        return f"{self._base}s:{session_id}"
+
+    def sessions_index(self) -> str:
+        return self._base + "sessions"
+
+    def live(self) -> str:
+        return self._base + "live"
+
+    def end_user(self, end_user: str) -> str:
+        return f"{self._base}eu:{end_user}"
+
+    def rate_bucket(self) -> str:
+        return self._base + "rate"
+
+    def day_counter(self, yyyymmdd: str) -> str:
+        return f"{self._base}day:{yyyymmdd}"
+
+    def idempotency(self, key_digest: str) -> str:
+        return f"{self._base}idem:{key_digest}"
+
+    def keys_meta(self) -> str:
+        return self._base + "keys"
+
+    def mint_bucket(self) -> str:
+        return self._base + "mint"
+
+    def events_channel(self, session_id: str) -> str:
+        return f"{PREFIX}events:{self.tenant_id}:{session_id}"
