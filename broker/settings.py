@@ -1,0 +1,148 @@
+"""Settings: read from the environment once, in one place, and passed down.
+
+Nothing else in the project reads ``os.environ``. A missing or malformed value raises
+:class:`SettingsError` whose message is one line naming the variable; the CLI prints it
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+import msgspec
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_AVATURN_BASE_URL = "https://api.avaturn.live/api/v1"
+
+
+class SettingsError(ValueError):
+    """One line naming the variable at fault."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    redis_url: str = DEFAULT_REDIS_URL
+    admin_token: str | None = None
+    secret_keys: tuple[str, ...] = ()
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    avaturn_base_url: str = DEFAULT_AVATURN_BASE_URL
+    openai_api_key: str | None = None
+    avaturn_api_key: str | None = None
+    # Tuning knobs (documented in the README; all optional).
+    provision_deadline_seconds: float = 60.0
+    upstream_timeout_seconds: float = 10.0
+    worker_max_jobs: int = 500
+    log_format: str = "json"
+    log_level: str = "INFO"
+    metrics_top_tenants: int = 20
+
+    def __repr__(self) -> str:  # never print secrets
+        return (
+            f"Settings(redis_url={_redact_url(self.redis_url)!r}, admin_token={'set' if self.admin_token else None}, "
+            f"secret_keys={len(self.secret_keys)} key(s), openai_base_url={self.openai_base_url!r}, "
+            f"avaturn_base_url={self.avaturn_base_url!r})"
+        )
+
+    __str__ = __repr__
+
+    def require_secret_key(self) -> None:
+        if not self.secret_keys:
+            raise SettingsError(
+                "BROKER_SECRET_KEY is not set: generate one with `session-broker secrets generate`"
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            redis_url=_redis_url(env),
+            admin_token=_optional(env, "BROKER_ADMIN_TOKEN"),
+            secret_keys=_secret_keys(env),
+            openai_base_url=_http_url(env, "BROKER_OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL),
+            avaturn_base_url=_http_url(env, "BROKER_AVATURN_BASE_URL", DEFAULT_AVATURN_BASE_URL),
+            openai_api_key=_optional(env, "BROKER_OPENAI_API_KEY"),
+            avaturn_api_key=_optional(env, "BROKER_AVATURN_API_KEY"),
+            provision_deadline_seconds=_number(env, "BROKER_PROVISION_DEADLINE_SECONDS", 60.0, 5.0, 3600.0),
+            upstream_timeout_seconds=_number(env, "BROKER_UPSTREAM_TIMEOUT_SECONDS", 10.0, 0.5, 120.0),
+            worker_max_jobs=int(_number(env, "BROKER_WORKER_MAX_JOBS", 500, 1, 10000)),
+            log_format=_choice(env, "BROKER_LOG_FORMAT", "json", ("json", "console")),
+            log_level=_choice(env, "BROKER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            metrics_top_tenants=int(_number(env, "BROKER_METRICS_TOP_TENANTS", 20, 0, 1000)),
+        )
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    value = _optional(env, "BROKER_REDIS_URL") or DEFAULT_REDIS_URL
+    parsed = urlparse(value)
+    if parsed.scheme not in ("redis", "rediss", "unix") or (parsed.scheme != "unix" and not parsed.hostname):
+        raise SettingsError("BROKER_REDIS_URL must look like redis://host:port/db or rediss://host:port/db")
+    try:
+        parsed.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise SettingsError("BROKER_REDIS_URL has a malformed port") from exc
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _optional(env, name) or default
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(f"{name} must be an http(s) URL, got a malformed value")
+    return value.rstrip("/")
+
+
+def _secret_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _optional(env, "BROKER_SECRET_KEY")
+    if raw is None:
+        return ()
+    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for key in keys:
+        try:
+            decoded = base64.urlsafe_b64decode(key.encode())
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if len(decoded) != 32:
+            raise SettingsError(
+                "BROKER_SECRET_KEY must be urlsafe-base64 32-byte key(s), comma-separated "
+                "(`session-broker secrets generate` prints one)"
+            )
+    return keys
+
+
+def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be a number between {lo:g} and {hi:g}") from exc
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be a number between {lo:g} and {hi:g}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    for choice in choices:
+        if raw.lower() == choice.lower():
+            return choice
+    raise SettingsError(f"{name} must be one of {', '.join(choices)}")
+
+
+def _redact_url(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(parsed.password, "***")
+    return url
