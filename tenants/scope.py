@@ -10,6 +10,7 @@ Layout (prefix ``sb:``)::
     sb:tenant:{tid}                 string  tenant record (msgspec JSON, credentials encrypted)
     sb:apikey:{sha256}              hash  {tenant_id, key_id, not_after}   (lookup by hash)
     sb:t:{tid}:keys                 hash  key id -> key metadata JSON
+    sb:t:{tid}:keys:used            hash  key id -> last_used_at (written at most once a minute per process)
     sb:t:{tid}:s:{sid}              hash  the session record
     sb:t:{tid}:sessions             zset  sid -> created_at (ms)        (listing, newest first)
     sb:t:{tid}:live                 zset  sid -> lease deadline (ms)    (concurrency leases)
@@ -21,6 +22,8 @@ Layout (prefix ``sb:``)::
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
     sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
+    sb:keys:revoked                 pub/sub channel: a key hash was revoked or its not_after changed
+    sb:tenants:changed              pub/sub channel: a tenant record changed (quotas, status, config)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ DUE_EXPIRY = PREFIX + "due:expiry"
 DUE_PROVISION = PREFIX + "due:provision"
 EVENTS_PATTERN = PREFIX + "events:*"
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
+TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"
 
 
 def tenant_record(tenant_id: str) -> str:
@@ -87,6 +91,9 @@ class TenantScope:
 
     def keys_meta(self) -> str:
         return self._base + "keys"
+
+    def keys_last_used(self) -> str:
+        return self._base + "keys:used"
 
     def mint_bucket(self) -> str:
         return self._base + "mint"

@@ -1,0 +1,223 @@
+"""Tenant API key authentication with an in-process cache that revocations cannot outlive.
+
+``authenticate(key)`` checks the format and checksum first (no Redis: a mistyped key never
+costs a round trip), then looks the key's hash up, then the tenant. Two caches spare Redis on
+the hot path: key hash -> (tenant id, key id, not_after), and tenant id -> record (TTL 5 s).
+Both are dropped at once by a pub/sub listener: ``KEY_REVOCATIONS_CHANNEL`` (revoked or
+shortened keys) and ``TENANT_CHANGED_CHANNEL`` (status, quotas, config). While the listener is
+not subscribed (starting, or reconnecting after an error) the caches are bypassed entirely, so
+a missed message can never keep a revoked key alive; a generation counter stops a lookup that
+raced with an invalidation from re-filling the cache with what it read before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, NamedTuple
+
+import redis.asyncio as aioredis
+
+from broker.errors import Forbidden, Unauthorized
+from tenants.apikeys import hash_key, looks_valid
+from tenants.models import Tenant
+from tenants.repository import parse_rfc3339
+from tenants.scope import KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL
+from tenants.service import TenantService
+
+log = logging.getLogger(__name__)
+
+
+class _CachedKey(NamedTuple):
+    tenant_id: str
+    key_id: str
+    not_after: float | None  # unix seconds
+    until: float  # monotonic expiry of this cache entry
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class KeyAuthenticator:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        service: TenantService,
+        *,
+        tenant_ttl: float = 5.0,
+        key_ttl: float = 60.0,
+        touch_interval: float = 60.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._redis = redis
+        self._service = service
+        self._tenant_ttl = tenant_ttl
+        self._key_ttl = key_ttl
+        self._touch_interval = touch_interval
+        self._max_entries = max_entries
+        self._keys: dict[str, _CachedKey] = {}
+        self._tenants: dict[str, tuple[Tenant, float]] = {}
+        self._touched: dict[str, float] = {}
+        self._generation = 0
+        self._listening = False
+        self.subscriptions = 0  # successful (re)subscriptions of the listener, for health checks
+        self._subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        """True while the invalidation listener is subscribed (only then are caches used)."""
+        return self._listening
+
+    # ---- authentication --------------------------------------------------------------
+
+    async def authenticate(self, key: str) -> Tenant:
+        """The key's tenant, or Unauthorized (``invalid_api_key``) / Forbidden (``tenant_disabled``).
+
+        No message ever contains the key."""
+        if not looks_valid(key):
+            raise Unauthorized(
+                "The API key is malformed: tenant API keys start with sbk_ and carry a checksum; "
+                "check it was copied whole.",
+                code="invalid_api_key",
+            )
+        key_hash = hash_key(key)
+        entry = self._cached_key(key_hash)
+        if entry is None:
+            generation = self._generation
+            found = await self._service.repo.lookup(key_hash)
+            if found is None:
+                raise _invalid_key()
+            not_after = parse_rfc3339(found.not_after).timestamp() if found.not_after else None
+            entry = _CachedKey(found.tenant_id, found.key_id, not_after, time.monotonic() + self._key_ttl)
+            if self._cacheable(generation, self._keys):
+                self._keys[key_hash] = entry
+        if entry.not_after is not None and entry.not_after <= time.time():
+            raise _invalid_key()
+        tenant = await self._tenant(entry.tenant_id)
+        if tenant is None:
+            raise _invalid_key()
+        if not tenant.active:
+            raise Forbidden("This tenant is disabled.", code="tenant_disabled")
+        await self._touch(key_hash, entry)
+        return tenant
+
+    def _cached_key(self, key_hash: str) -> _CachedKey | None:
+        entry = self._keys.get(key_hash) if self._listening else None
+        if entry is not None and entry.until <= time.monotonic():
+            self._keys.pop(key_hash, None)
+            return None
+        return entry
+
+    def _cacheable(self, generation: int, cache: dict[str, Any]) -> bool:
+        if not self._listening or generation != self._generation:
+            return False
+        if len(cache) >= self._max_entries:
+            cache.clear()
+        return True
+
+    async def _tenant(self, tenant_id: str) -> Tenant | None:
+        cached = self._tenants.get(tenant_id) if self._listening else None
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        generation = self._generation
+        tenant = await self._service.repo.get(tenant_id)
+        if tenant is not None and self._cacheable(generation, self._tenants):
+            self._tenants[tenant_id] = (tenant, time.monotonic() + self._tenant_ttl)
+        return tenant
+
+    async def _touch(self, key_hash: str, entry: _CachedKey) -> None:
+        """Record ``last_used_at`` at most once per ``touch_interval`` per key and process."""
+        now = time.monotonic()
+        last = self._touched.get(key_hash)
+        if last is not None and now - last < self._touch_interval:
+            return
+        if len(self._touched) >= self._max_entries:
+            self._touched.clear()
+        self._touched[key_hash] = now
+        try:
+            await self._service.record_key_use(entry.tenant_id, entry.key_id)
+        except Exception:  # a lost last_used_at write must never fail a request
+            self._touched.pop(key_hash, None)
+            log.warning("could not record last_used_at for key %s", entry.key_id, exc_info=True)
+
+    # ---- invalidation ----------------------------------------------------------------
+
+    def invalidate_key(self, key_hash: str) -> None:
+        self._generation += 1
+        self._keys.pop(key_hash, None)
+
+    def invalidate_tenant(self, tenant_id: str) -> None:
+        self._generation += 1
+        self._tenants.pop(tenant_id, None)
+
+    def _reset(self, listening: bool) -> None:
+        self._generation += 1
+        self._keys.clear()
+        self._tenants.clear()
+        self._listening = listening
+
+    async def start(self, ready_timeout: float = 5.0) -> None:
+        """Start the listener; returns once subscribed (or after ``ready_timeout``: until then the
+        caches are simply bypassed)."""
+        if self._task is None:
+            self._subscribed.clear()
+            self._task = asyncio.create_task(self._listen(), name="tenant-key-invalidation")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), ready_timeout)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._reset(listening=False)
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL)
+                confirmed, idle_since = 0, time.monotonic()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                    if message is None:
+                        if time.monotonic() - idle_since > 5.0:  # notice a dead connection when idle
+                            await pubsub.ping()
+                            idle_since = time.monotonic()
+                        continue
+                    idle_since = time.monotonic()
+                    if message["type"] == "subscribe":
+                        confirmed += 1
+                        if confirmed == 2:  # both channels: from now on no invalidation is missed
+                            self._reset(listening=True)
+                            self.subscriptions += 1
+                            self._subscribed.set()
+                            backoff = 0.05
+                    elif message["type"] == "message":
+                        self._on_message(_text(message["channel"]), _text(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect: meanwhile caches are bypassed
+                log.warning("tenant invalidation listener lost its connection (%s); reconnecting", type(exc).__name__)
+            finally:
+                self._reset(listening=False)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _on_message(self, channel: str, data: str) -> None:
+        if channel == KEY_REVOCATIONS_CHANNEL:
+            self.invalidate_key(data)
+        elif channel == TENANT_CHANGED_CHANNEL:
+            self.invalidate_tenant(data)
+
+
+def _invalid_key() -> Unauthorized:
+    return Unauthorized("The API key is invalid, revoked or expired.", code="invalid_api_key")

@@ -1,0 +1,309 @@
+"""The tenant registry's rules: tenants (create, read, update, disable), their API keys
+(create, list, revoke, rotate) and their upstream credentials (encrypted at rest).
+
+All Redis access goes through :class:`tenants.repository.TenantRepository`; admin input is
+checked here (quotas by :mod:`tenants.quotas`, session defaults by
+:mod:`tenants.session_config`) and every refusal is an :class:`InvalidInput` naming the field.
+Changes that API processes cache (status, quotas, config, key validity) are announced on
+pub/sub so :class:`tenants.auth.KeyAuthenticator` drops its cached copy at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import string
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+
+from broker.errors import InvalidInput, NotFound
+from tenants.apikeys import ApiKeyService
+from tenants.crypto import CredentialCipher, CredentialError
+from tenants.models import (
+    DEFAULT_MODEL, ApiKeyCreated, ApiKeyMeta, AvaturnConfig, AvaturnInput, OpenAIInput, Tenant, TenantCreate, TenantPatch,
+)
+from tenants.quotas import build_quotas
+from tenants.repository import TenantRepository, parse_rfc3339, rfc3339, utc_now
+from tenants.session_config import GA_FIELDS, validate_session
+
+__all__ = ["TenantService", "decode_create", "decode_patch", "parse_rfc3339", "rfc3339", "utc_now"]
+
+T = TypeVar("T")
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def _invalid(field: str, message: str, code: str = "invalid_request") -> InvalidInput:
+    return InvalidInput(message, code=code, field=field)
+
+
+# ---- admin input ---------------------------------------------------------------------------
+
+
+def _decode(body: bytes | str | dict[str, Any], kind: type[T]) -> T:
+    try:
+        if isinstance(body, (bytes, bytearray, memoryview, str)):
+            return msgspec.json.decode(body, type=kind)
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as exc:
+        raise _from_validation_error(str(exc)) from None
+    except msgspec.DecodeError:
+        raise InvalidInput("The request body is not valid JSON.", code="invalid_json") from None
+
+
+def _from_validation_error(text: str) -> InvalidInput:
+    """msgspec's ``Expected `int`, got `str` - at `$.quotas.x``` -> field ``quotas.x``."""
+    detail, _, where = text.partition(" - at ")
+    path = where.strip("`").rsplit("` in `", 1)[-1]  # "`key` in `$.a`": a bad key of object $.a
+    path = path.removeprefix("$").removeprefix(".")
+    named = re.fullmatch(r"Object (contains unknown|missing required) field `([^`]*)`", detail)
+    if named:
+        field = f"{path}.{named[2]}" if path else named[2]
+        what = "is not a known field" if named[1].startswith("contains") else "is required"
+        return InvalidInput(f"{field} {what}", code="invalid_request", field=field)
+    if not path:
+        return InvalidInput(f"The request body is invalid: {detail}", code="invalid_request")
+    return InvalidInput(f"{path} is invalid: {detail[:1].lower()}{detail[1:]}", code="invalid_request", field=path)
+
+
+def decode_create(body: bytes | str | dict[str, Any]) -> TenantCreate:
+    """JSON bytes (or an already parsed dict) -> TenantCreate, or InvalidInput naming the field."""
+    return _decode(body, TenantCreate)
+
+
+def decode_patch(body: bytes | str | dict[str, Any]) -> TenantPatch:
+    return _decode(body, TenantPatch)
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= 128 or not name.isprintable():
+        raise _invalid("name", "name must be 1..128 printable characters")
+    return name
+
+
+def _check_overrides(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for i, name in enumerate(names):
+        if name not in GA_FIELDS:
+            raise _invalid(
+                f"openai.allowed_overrides[{i}]",
+                f"openai.allowed_overrides[{i}] must be a top-level GA session field ({', '.join(sorted(GA_FIELDS))})",
+            )
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _apply_avaturn(cfg: AvaturnConfig, inp: AvaturnInput, api_key_enc: Callable[[], str | None]) -> AvaturnConfig:
+    changes: dict[str, Any] = {}
+    if inp.avatar_id is not None:
+        if not 1 <= len(inp.avatar_id) <= 128 or not inp.avatar_id.isprintable():
+            raise _invalid("avaturn.avatar_id", "avaturn.avatar_id must be 1..128 printable characters")
+        changes["avatar_id"] = inp.avatar_id
+    if inp.background is not None:
+        if inp.background not in ("default", "transparent"):
+            raise _invalid("avaturn.background", 'avaturn.background must be "default" or "transparent"')
+        changes["background"] = inp.background
+    if inp.user_absent_timeout is not None:
+        if not 10 <= inp.user_absent_timeout <= 86400:
+            raise _invalid("avaturn.user_absent_timeout", "avaturn.user_absent_timeout must be 10..86400 seconds")
+        changes["user_absent_timeout"] = inp.user_absent_timeout
+    if inp.api_key is not None:
+        changes["api_key_enc"] = api_key_enc()
+    return msgspec.structs.replace(cfg, **changes)
+
+
+# ---- the service ---------------------------------------------------------------------------
+
+
+class TenantService:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        cipher: CredentialCipher | None = None,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.repo = TenantRepository(redis)
+        self.keys = ApiKeyService(self.repo, clock)
+        self._cipher = cipher
+        self._clock = clock
+
+    # ---- tenants ---------------------------------------------------------------------
+
+    async def create(self, data: TenantCreate) -> Tenant:
+        now = rfc3339(self._clock())
+        tenant = Tenant(
+            id="ten_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(22)),
+            name=_check_name(data.name),
+            created_at=now,
+            updated_at=now,
+            quotas=build_quotas(data.quotas),
+        )
+        tenant = self._apply_config(tenant, data.openai, data.avaturn)
+        await self.repo.insert(tenant)
+        return tenant
+
+    async def get(self, tenant_id: str) -> Tenant:
+        tenant = await self.repo.get(tenant_id) if _plausible_id(tenant_id, "ten_") else None
+        if tenant is None:
+            raise NotFound("No tenant with this id.", code="tenant_not_found")
+        return tenant
+
+    async def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[Tenant], str | None]:
+        """Tenants oldest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
+        if not 1 <= limit <= 100:
+            raise _invalid("limit", "limit must be between 1 and 100")
+        ids, after = await self.repo.page(limit, _decode_cursor(cursor) if cursor else None)
+        tenants = await self.repo.get_many(ids)
+        next_cursor = base64.urlsafe_b64encode(f"{after[0]}:{after[1]}".encode()).decode() if after else None
+        return tenants, next_cursor
+
+    async def update(self, tenant_id: str, patch: TenantPatch) -> Tenant:
+        """Merge ``patch``: quotas field by field; ``openai.session`` and ``allowed_overrides`` are
+        replaced whole (the session is validated); ``api_key: ""`` clears a key."""
+
+        def change(tenant: Tenant) -> Tenant:
+            changes: dict[str, Any] = {"updated_at": rfc3339(self._clock())}
+            if patch.name is not None:
+                changes["name"] = _check_name(patch.name)
+            if patch.status is not None:
+                if patch.status not in ("active", "disabled"):
+                    raise _invalid("status", 'status must be "active" or "disabled"')
+                changes["status"] = patch.status
+            if patch.quotas is not None:
+                changes["quotas"] = build_quotas(patch.quotas, tenant.quotas)
+            return self._apply_config(msgspec.structs.replace(tenant, **changes), patch.openai, patch.avaturn)
+
+        return await self._modify(tenant_id, change)
+
+    async def disable(self, tenant_id: str) -> Tenant:
+        return await self.update(tenant_id, TenantPatch(status="disabled"))
+
+    async def enable(self, tenant_id: str) -> Tenant:
+        return await self.update(tenant_id, TenantPatch(status="active"))
+
+    async def _modify(self, tenant_id: str, change: Callable[[Tenant], Tenant]) -> Tenant:
+        if not _plausible_id(tenant_id, "ten_"):
+            raise NotFound("No tenant with this id.", code="tenant_not_found")
+        tenant = await self.repo.modify(tenant_id, change)
+        if tenant is None:
+            raise NotFound("No tenant with this id.", code="tenant_not_found")
+        await self.repo.publish_tenant_changed(tenant_id)
+        return tenant
+
+    def _apply_config(self, tenant: Tenant, openai: OpenAIInput | None, avaturn: AvaturnInput | None) -> Tenant:
+        changes: dict[str, Any] = {}
+        if openai is not None:
+            oa: dict[str, Any] = {}
+            if openai.session is not None:
+                session = validate_session(openai.session, "openai.session")
+                oa["session"] = {**session, "model": session.get("model", DEFAULT_MODEL)}
+            if openai.allowed_overrides is not None:
+                oa["allowed_overrides"] = _check_overrides(openai.allowed_overrides)
+            if openai.api_key is not None:
+                oa["api_key_enc"] = self._encrypt(openai.api_key, "openai.api_key")
+            changes["openai"] = msgspec.structs.replace(tenant.openai, **oa)
+        if avaturn is not None:
+            key = avaturn.api_key
+            changes["avaturn"] = _apply_avaturn(
+                tenant.avaturn, avaturn, lambda: self._encrypt(key or "", "avaturn.api_key")
+            )
+        return msgspec.structs.replace(tenant, **changes)
+
+    def _encrypt(self, api_key: str, field: str) -> str | None:
+        """``""`` clears the credential (the platform's is used); anything else is encrypted."""
+        if api_key == "":
+            return None
+        if len(api_key) > 1024 or any(c.isspace() or not c.isprintable() for c in api_key):
+            raise _invalid(field, f"{field} must be at most 1024 printable characters without spaces")
+        if self._cipher is None:
+            raise _invalid(
+                field,
+                f"{field} cannot be stored: BROKER_SECRET_KEY is not set, and tenant credentials are only "
+                "stored encrypted (generate a key with `session-broker secrets generate`)",
+                code="secret_key_missing",
+            )
+        return self._cipher.encrypt(api_key)
+
+    # ---- credentials -----------------------------------------------------------------
+
+    def credentials(self, tenant: Tenant) -> tuple[str | None, str | None]:
+        """(openai key, avaturn key) in plaintext; None where the tenant brings none (the worker
+        then uses the platform's). A stored key that cannot be decrypted raises CredentialError:
+        it never silently falls back to the platform's key."""
+        return self._decrypt(tenant.openai.api_key_enc), self._decrypt(tenant.avaturn.api_key_enc)
+
+    def _decrypt(self, token: str | None) -> str | None:
+        if token is None:
+            return None
+        if self._cipher is None:
+            raise CredentialError("a tenant credential is stored but BROKER_SECRET_KEY is not set")
+        return self._cipher.decrypt(token)
+
+    async def rotate_secrets(self) -> int:
+        """Re-encrypt every tenant's credentials with the first BROKER_SECRET_KEY; the count of
+        tenants rewritten. Afterwards the older keys can be dropped from BROKER_SECRET_KEY."""
+        cipher = self._cipher
+        if cipher is None:
+            raise CredentialError("BROKER_SECRET_KEY is not set: nothing can be re-encrypted")
+
+        def change(tenant: Tenant) -> Tenant:
+            oa, av = tenant.openai, tenant.avaturn
+            return msgspec.structs.replace(
+                tenant,
+                openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc)),
+                avaturn=msgspec.structs.replace(av, api_key_enc=av.api_key_enc and cipher.rotate(av.api_key_enc)),
+            )
+
+        count = 0
+        async for tenant_id in self.repo.iter_ids():
+            tenant = await self.repo.get(tenant_id)
+            if tenant is None or (tenant.openai.api_key_enc is None and tenant.avaturn.api_key_enc is None):
+                continue
+            if await self.repo.modify(tenant_id, change) is not None:
+                count += 1
+        return count
+
+    # ---- API keys --------------------------------------------------------------------
+
+    async def create_key(self, tenant_id: str, not_after: datetime | None = None) -> ApiKeyCreated:
+        await self.get(tenant_id)
+        return await self.keys.create(tenant_id, not_after)
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKeyMeta]:
+        await self.get(tenant_id)
+        return await self.repo.list_keys(tenant_id)
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKeyMeta:
+        """Idempotent; every API process stops accepting the key within a second."""
+        await self.get(tenant_id)
+        return await self.keys.revoke(tenant_id, key_id)
+
+    async def rotate_key(self, tenant_id: str, key_id: str, overlap_seconds: int = 3600) -> ApiKeyCreated:
+        """A new key; the old one stays valid for ``overlap_seconds`` more (0: revoked now)."""
+        await self.get(tenant_id)
+        return await self.keys.rotate(tenant_id, key_id, overlap_seconds)
+
+    async def record_key_use(self, tenant_id: str, key_id: str) -> None:
+        await self.keys.record_use(tenant_id, key_id)
+
+
+def _plausible_id(value: str, prefix: str) -> bool:
+    return isinstance(value, str) and value.startswith(prefix) and 4 < len(value) <= 64 and ":" not in value
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        ms, _, tenant_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
+        if not tenant_id:
+            raise ValueError
+        return int(ms), tenant_id
+    except (ValueError, binascii.Error, UnicodeError):
+        raise _invalid("cursor", "cursor is not a next_cursor value from a previous page", "invalid_cursor") from None
