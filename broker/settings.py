@@ -26,6 +26,7 @@ class SettingsError(ValueError):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = DEFAULT_REDIS_URL
+    redis_configured: bool = False       # BROKER_REDIS_URL was set (``dev`` embeds Redis otherwise)
     admin_token: str | None = None
     secret_keys: tuple[str, ...] = ()
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
@@ -60,6 +61,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         env = os.environ if env is None else env
         return cls(
             redis_url=_redis_url(env),
+            redis_configured=_optional(env, "BROKER_REDIS_URL") is not None,
             admin_token=_optional(env, "BROKER_ADMIN_TOKEN"),
             secret_keys=_secret_keys(env),
             openai_base_url=_http_url(env, "BROKER_OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL),

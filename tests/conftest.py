@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 
 from broker.embedded_redis import EmbeddedRedis
 
+pytest_plugins = ["tests.fixtures.sandbox", "tests.fixtures.stack"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:

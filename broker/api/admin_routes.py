@@ -1,0 +1,121 @@
+"""Admin API (/admin/v1): tenants and their API keys. Off unless BROKER_ADMIN_TOKEN is set.
+Responses show whether credentials are set, never their values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, delete, get, patch, post
+from litestar.datastructures import State
+from litestar.params import FromPath
+
+from broker.errors import InvalidInput
+from tenants.models import TenantView
+from tenants.service import decode_create, decode_patch
+
+from .body import read_json
+from .deps import admin_guard
+
+
+def _view(tenant: Any, status: int = 200) -> Response[Any]:
+    return Response(content=TenantView.of(tenant), status_code=status)
+
+
+async def _json(request: Request) -> Any:
+    raw, _ = await read_json(request, dict, empty_ok=True)  # type: ignore[type-abstract]
+    return raw
+
+
+@post("/tenants", status_code=201)
+async def create_tenant(request: Request, state: State) -> Response[Any]:
+    body = await _json(request)
+    tenant = await state.tenants.create(decode_create(body))
+    return _view(tenant, 201)
+
+
+@get("/tenants")
+async def list_tenants(request: Request, state: State) -> Response[Any]:
+    try:
+        limit = int(request.query_params.get("limit", "50"))
+    except ValueError:
+        raise InvalidInput("limit must be an integer between 1 and 500", code="invalid_limit", field="limit") from None
+    if not 1 <= limit <= 500:
+        raise InvalidInput("limit must be an integer between 1 and 500", code="invalid_limit", field="limit")
+    tenants, next_cursor = await state.tenants.list(limit=limit, cursor=request.query_params.get("cursor"))
+    return Response(content={"data": [TenantView.of(t) for t in tenants], "next_cursor": next_cursor})
+
+
+@get("/tenants/{tenant_id:str}")
+async def get_tenant(state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    return _view(await state.tenants.get(tenant_id))
+
+
+@patch("/tenants/{tenant_id:str}")
+async def patch_tenant(request: Request, state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    body = await _json(request)
+    tenant = await state.tenants.update(tenant_id, decode_patch(body))
+    if not tenant.active:
+        await state.sessions.stop_all(tenant.id, "tenant_disabled")
+    return _view(tenant)
+
+
+@post("/tenants/{tenant_id:str}/disable", status_code=200)
+async def disable_tenant(state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    tenant = await state.tenants.disable(tenant_id)
+    await state.sessions.stop_all(tenant.id, "tenant_disabled")
+    return _view(tenant)
+
+
+@post("/tenants/{tenant_id:str}/enable", status_code=200)
+async def enable_tenant(state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    return _view(await state.tenants.enable(tenant_id))
+
+
+class _KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
+    not_after: datetime | None = None
+
+
+@post("/tenants/{tenant_id:str}/keys", status_code=201)
+async def create_key(request: Request, state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    req, _ = await read_json(request, _KeyCreate, empty_ok=True)
+    not_after = req.not_after
+    if not_after is not None and not_after.tzinfo is None:
+        not_after = not_after.replace(tzinfo=UTC)
+    created = await state.tenants.create_key(tenant_id, not_after=not_after)
+    return Response(content=created, status_code=201)
+
+
+@get("/tenants/{tenant_id:str}/keys")
+async def list_keys(state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    return Response(content={"data": await state.tenants.list_keys(tenant_id)})
+
+
+@delete("/tenants/{tenant_id:str}/keys/{key_id:str}", status_code=200)
+async def revoke_key(state: State, tenant_id: FromPath[str], key_id: FromPath[str]) -> Response[Any]:
+    await state.tenants.revoke_key(tenant_id, key_id)
+    return Response(content={"id": key_id, "revoked": True})
+
+
+class _Rotate(msgspec.Struct, forbid_unknown_fields=True):
+    overlap_seconds: int = 3600
+
+
+@post("/tenants/{tenant_id:str}/keys/{key_id:str}/rotate", status_code=201)
+async def rotate_key(request: Request, state: State, tenant_id: FromPath[str], key_id: FromPath[str]) -> Response[Any]:
+    req, _ = await read_json(request, _Rotate, empty_ok=True)
+    if not 0 <= req.overlap_seconds <= 30 * 86400:
+        raise InvalidInput("overlap_seconds must be 0..2592000", code="invalid_overlap", field="overlap_seconds")
+    return Response(content=await state.tenants.rotate_key(tenant_id, key_id, req.overlap_seconds), status_code=201)
+
+
+admin_router = Router(
+    path="/admin/v1",
+    route_handlers=[
+        create_tenant, list_tenants, get_tenant, patch_tenant, disable_tenant, enable_tenant,
+        create_key, list_keys, revoke_key, rotate_key,
+    ],
+    guards=[admin_guard],
+    tags=["admin"],
+)

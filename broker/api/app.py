@@ -1,0 +1,89 @@
+"""The application factory: ``create_app(settings)`` owns every client (Redis, arq, the
+key authenticator, the session events listener) in its lifespan and hands them to the
+handlers through ``app.state``. ``asgi_app(settings)`` adds the outermost metrics wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp
+
+from broker.metrics import ApiMetrics
+from broker.redis_client import create_redis
+from broker.sessions.events import SessionEvents
+from broker.sessions.jobs import JobQueue, new_arq_redis
+from broker.sessions.repository import SessionRepository
+from broker.sessions.service import SessionService
+from broker.settings import Settings
+from tenants.auth import KeyAuthenticator
+from tenants.crypto import CredentialCipher
+from tenants.service import TenantService
+
+from .admin_routes import admin_router
+from .errors import EXCEPTION_HANDLERS
+from .middleware import metrics_middleware
+from .ops_routes import ops_handlers
+from .tenant_routes import tenant_router
+
+MAX_BODY = 64 * 1024
+ALL_SURFACES = ("tenant", "admin", "ops")
+
+
+def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Litestar:
+    surfaces = tuple(surfaces)
+    metrics = ApiMetrics(settings.metrics_top_tenants)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        redis = create_redis(settings)
+        arq = new_arq_redis(redis.connection_pool)
+        cipher = CredentialCipher(settings.secret_keys) if settings.secret_keys else None
+        tenants = TenantService(redis, cipher)
+        auth = KeyAuthenticator(redis, tenants)
+        events = SessionEvents(redis)
+        app.state.update(
+            settings=settings,
+            redis=redis,
+            tenants=tenants,
+            auth=auth,
+            events=events,
+            metrics=metrics,
+            sessions=SessionService(
+                SessionRepository(redis), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds
+            ),
+        )
+        await auth.start()
+        await events.start()
+        try:
+            yield
+        finally:
+            await events.stop()
+            await auth.stop()
+            await redis.aclose()
+
+    handlers: list[object] = []
+    if "tenant" in surfaces:
+        handlers.append(tenant_router)
+    if "admin" in surfaces and settings.admin_token:
+        handlers.append(admin_router)
+    if "ops" in surfaces:
+        handlers.extend(ops_handlers)
+    app = Litestar(
+        route_handlers=handlers,  # type: ignore[arg-type]
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_max_body_size=MAX_BODY,
+        openapi_config=OpenAPIConfig(title="Session Broker", version="1.0.0", path="/schema"),
+        debug=False,
+    )
+    app.state.metrics = metrics
+    app.state.settings = settings
+    return app
+
+
+def asgi_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> ASGIApp:
+    app = create_app(settings, surfaces)
+    return metrics_middleware(app, app.state.metrics)

@@ -1,0 +1,49 @@
+"""Reading JSON request bodies with the contract's errors (415, 400 naming the field)."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+from litestar import Request
+
+from broker.errors import InvalidInput, UnsupportedMediaType
+
+T = TypeVar("T")
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z0-9_\-]+|\[\d+\]|\[\.\.\.\])*)`")
+
+
+async def read_json(request: Request, model: type[T], *, empty_ok: bool) -> tuple[T, bytes]:
+    body = await request.body()
+    if not body.strip():
+        if empty_ok:
+            return msgspec.convert({}, model), b""
+        raise InvalidInput("a JSON body is required", code="missing_body", field="body")
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType("Send the body as JSON with Content-Type: application/json", code="unsupported_media_type")
+    try:
+        return msgspec.json.decode(body, type=model), body
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(_clean(str(exc)), code="invalid_field", field=field_of(str(exc))) from None
+    except msgspec.DecodeError:
+        raise InvalidInput("the body is not valid JSON", code="invalid_json", field="body") from None
+
+
+def field_of(message: str) -> str | None:
+    m = _PATH.search(message)
+    if not m or not m.group(1):
+        # unknown top-level field: "Object contains unknown field `x`"
+        unk = re.search(r"unknown field `([^`]+)`", message)
+        return unk.group(1) if unk else None
+    path = m.group(1).replace("[...]", "").lstrip(".").replace("[", ".").replace("]", "")
+    unk = re.search(r"unknown field `([^`]+)`", message)
+    return f"{path}.{unk.group(1)}" if unk else path
+
+
+def _clean(message: str) -> str:
+    text = _PATH.sub("", message).strip().rstrip(" -")
+    field = field_of(message)
+    return f"{field}: {text}" if field else text

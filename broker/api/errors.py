@@ -1,0 +1,75 @@
+"""The one place where exceptions become the contract's error body.
+
+``BrokerError`` → its status and body; Litestar's own HTTP exceptions (unknown route, wrong
+method, body too large) → the same shape; Redis down → 503 with Retry-After; anything
+else → 500 ``internal_error`` (a bug: logged with its traceback, never shown).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.errors import BrokerError, ServiceUnavailable
+
+log = logging.getLogger("broker.api")
+
+_HTTP_CODES = {
+    400: ("invalid_request", "The request is malformed."),
+    401: ("unauthorized", "A valid API key is required."),
+    403: ("forbidden", "This action is not allowed."),
+    404: ("not_found", "No such resource."),
+    405: ("method_not_allowed", "This method is not allowed on this path."),
+    413: ("payload_too_large", "The request body is larger than 64 KiB."),
+    415: ("unsupported_media_type", "Send the body as application/json."),
+    429: ("rate_limited", "Too many requests."),
+    503: ("service_unavailable", "The service is temporarily unavailable."),
+}
+
+
+def error_response(exc: BrokerError) -> Response[dict[str, object]]:
+    return Response(content=exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def handle_broker_error(_: Request, exc: BrokerError) -> Response[dict[str, object]]:
+    return error_response(exc)
+
+
+def handle_http_exception(_: Request, exc: HTTPException) -> Response[dict[str, object]]:
+    status = exc.status_code
+    code, message = _HTTP_CODES.get(status, ("http_error", "The request could not be processed."))
+    headers = dict(exc.headers or {})
+    return Response(content={"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def handle_redis_down(request: Request, exc: Exception) -> Response[dict[str, object]]:
+    log.warning("redis unavailable: %s", type(exc).__name__)
+    return error_response(
+        ServiceUnavailable(
+            "The broker's datastore is unreachable; retry shortly.",
+            code="redis_unavailable",
+            headers={"Retry-After": "1"},
+        )
+    )
+
+
+def handle_unexpected(request: Request, exc: Exception) -> Response[dict[str, object]]:
+    log.exception("unhandled error on %s %s", request.method, request.scope.get("path"))
+    return Response(
+        content={"error": {"code": "internal_error", "message": "An internal error occurred."}},
+        status_code=500,
+    )
+
+
+EXCEPTION_HANDLERS = {
+    BrokerError: handle_broker_error,
+    HTTPException: handle_http_exception,
+    RedisConnectionError: handle_redis_down,
+    RedisTimeoutError: handle_redis_down,
+    ConnectionError: handle_redis_down,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,35 @@
+"""Public operational routes: liveness, readiness, metrics. No authentication."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get
+from litestar.datastructures import State
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+@get("/healthz", exclude_from_auth=True, include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(state: State) -> Response[Any]:
+    try:
+        await state.redis.ping()
+    except Exception:
+        return Response(
+            {"error": {"code": "redis_unavailable", "message": "Redis is unreachable."}},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    return Response({"status": "ready"}, status_code=200)
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics(state: State) -> Response[bytes]:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ops_handlers = [healthz, readyz, metrics]

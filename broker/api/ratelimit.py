@@ -1,0 +1,59 @@
+"""``RateLimit-Policy`` / ``RateLimit`` header fields (draft-ietf-httpapi-ratelimit-headers,
+-10/-11: Structured Field Lists of String items with parameters) and ``Retry-After``.
+
+``RateLimit-Policy`` names each quota policy with its quota ``q`` and window ``w`` (seconds)::
+
+    RateLimit-Policy: "minute";q=60;w=60, "day";q=1000;w=86400,
+                      "concurrency";q=10;qu="concurrent-requests"
+
+``RateLimit`` gives, per policy, the available quota ``r`` and, where more becomes
+available at a known time, ``t`` (seconds)::
+
+    RateLimit: "minute";r=59;t=60, "day";r=999;t=50000, "concurrency";r=9
+
+The per-end-user cap is listed as the policy ``"end_user"`` when the request named one.
+``t`` is left out when nothing is waiting to be freed (an empty minute window) and for the
+concurrency policies (a slot frees when a session ends, which is not known in advance).
+"""
+
+from __future__ import annotations
+
+from tenants.admission import Refused
+from tenants.usage import QuotaUsage, UsageSnapshot
+
+_CONCURRENT = 'qu="concurrent-requests"'
+
+
+def _policies(usage: UsageSnapshot) -> list[tuple[str, QuotaUsage, str]]:
+    """(name, usage, extra policy parameters) of every policy that applies."""
+    out = [
+        ("minute", usage.minute, "w=60"),
+        ("day", usage.day, "w=86400"),
+        ("concurrency", usage.concurrency, _CONCURRENT),
+    ]
+    if usage.end_user is not None:
+        out.append(("end_user", usage.end_user, _CONCURRENT))
+    return out
+
+
+def _nonneg(n: int) -> int:
+    return max(0, int(n))
+
+
+def ratelimit_headers(usage: UsageSnapshot) -> dict[str, str]:
+    policy: list[str] = []
+    state: list[str] = []
+    for name, quota, params in _policies(usage):
+        policy.append(f'"{name}";q={_nonneg(quota.limit)};{params}')
+        item = f'"{name}";r={_nonneg(quota.remaining)}'
+        if quota.reset_s > 0:
+            item += f";t={int(quota.reset_s)}"
+        state.append(item)
+    return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
+
+
+def refusal_headers(refused: Refused) -> dict[str, str]:
+    """Headers of a 429: the RateLimit fields and ``Retry-After`` (delay-seconds, >= 1)."""
+    headers = ratelimit_headers(refused.usage)
+    headers["Retry-After"] = str(max(1, int(refused.retry_after_s)))
+    return headers

@@ -1,0 +1,122 @@
+"""Tenant API (/v1): sessions and usage. Every handler receives the caller's tenant and
+passes its id down: a session of another tenant is simply not found."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, delete, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
+
+from broker.errors import InvalidInput
+from broker.sessions.models import CreateSessionRequest, SessionRecord, SessionView, now_ms
+from tenants.admission import Admitted
+from tenants.models import Tenant
+from tenants.usage import usage as read_usage
+
+from .body import read_json
+from .deps import provide_tenant, tenant_guard
+from .ratelimit import ratelimit_headers
+
+MAX_WAIT = 30.0
+
+
+def _session_response(rec: SessionRecord, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(content=SessionView.of(rec), status_code=status, headers=headers or {})
+
+
+def _wait_param(request: Request) -> float | None:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_WAIT or value != value:
+        raise InvalidInput("wait must be a number of seconds between 0 and 30", code="invalid_wait", field="wait")
+    return value
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255:
+        raise InvalidInput(
+            "Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key", field="Idempotency-Key"
+        )
+    return key
+
+
+@post("/sessions", status_code=202)
+async def create_session(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
+    wait = _wait_param(request)
+    idem = _idempotency_key(request)
+    req, body = await read_json(request, CreateSessionRequest, empty_ok=True)
+    rec, outcome = await state.sessions.create(tenant, req, body=body, idempotency_key=idem)
+    headers = {"Location": f"/v1/sessions/{rec.id}"}
+    if isinstance(outcome, Admitted):
+        headers.update(ratelimit_headers(outcome.usage))
+    if wait:
+        async def settled() -> bool:
+            nonlocal rec
+            fresh = await state.sessions.get(tenant.id, rec.id)
+            rec = fresh
+            return fresh.status not in ("queued", "provisioning")
+
+        await state.events.wait_for(rec.id, settled, wait)
+        if rec.status == "ready":
+            return _session_response(rec, 201, headers)
+        if rec.status == "failed":
+            return _session_response(rec, 502, headers)
+    return _session_response(rec, 202, headers)
+
+
+@get("/sessions/{session_id:str}")
+async def get_session(state: State, tenant: NamedDependency[Tenant], session_id: FromPath[str]) -> Response[Any]:
+    return _session_response(await state.sessions.get(tenant.id, session_id), 200)
+
+
+@get("/sessions")
+async def list_sessions(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
+    q = request.query_params
+    raw_limit = q.get("limit", "20")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        raise InvalidInput("limit must be an integer between 1 and 100", code="invalid_limit", field="limit") from None
+    result = await state.sessions.list(tenant.id, status=q.get("status"), limit=limit, cursor=q.get("cursor"))
+    return Response(content=result, status_code=200)
+
+
+@delete("/sessions/{session_id:str}", status_code=202)
+async def delete_session(state: State, tenant: NamedDependency[Tenant], session_id: FromPath[str]) -> Response[Any]:
+    rec = await state.sessions.stop(tenant.id, session_id)
+    return _session_response(rec, 200 if rec.status in ("terminated", "failed") else 202)
+
+
+@get("/usage")
+async def get_usage(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
+    end_user = request.query_params.get("end_user")
+    if end_user is not None and not 1 <= len(end_user) <= 128:
+        raise InvalidInput("end_user must be 1 to 128 characters", code="invalid_end_user", field="end_user")
+    snap = await read_usage(state.redis, tenant.id, tenant.quotas, now_ms(), end_user=end_user)
+    body = {
+        "tenant_id": tenant.id,
+        "quotas": msgspec.to_builtins(tenant.quotas),
+        "usage": msgspec.to_builtins(snap),
+    }
+    return Response(content=body, status_code=200, headers=ratelimit_headers(snap))
+
+
+tenant_router = Router(
+    path="/v1",
+    route_handlers=[create_session, get_session, list_sessions, delete_session, get_usage],
+    dependencies={"tenant": Provide(provide_tenant)},
+    guards=[tenant_guard],
+    tags=["sessions"],
+)

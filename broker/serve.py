@@ -1,0 +1,45 @@
+"""Serving the API with uvicorn (uvloop + httptools), optionally with the admin API on
+its own port, and running coroutines on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import uvicorn
+
+from .settings import Settings
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+def _config(app: Any, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_config=None, timeout_graceful_shutdown=10,
+    )
+
+
+def serve_api(settings: Settings, host: str, port: int, *, admin_port: int | None = None) -> None:
+    """One API process (scale out by running more of them: each has its own /metrics)."""
+    from .api.app import asgi_app
+
+    main_surfaces = ("tenant", "ops") if admin_port else ("tenant", "admin", "ops")
+    servers = [uvicorn.Server(_config(asgi_app(settings, main_surfaces), host, port))]
+    if admin_port:
+        servers.append(uvicorn.Server(_config(asgi_app(settings, ("admin", "ops")), host, admin_port)))
+
+    async def run_all() -> None:
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    run_async(run_all())
+

@@ -1,0 +1,92 @@
+"""Session status events for ``POST /v1/sessions?wait=N`` (no polling of job results).
+
+One pub/sub connection per API process subscribes to ``sb:events:*`` (the transition
+script PUBLISHes every status change) and wakes the waiters of that session. A waiter
+re-reads the record after it registered, so an event published before the subscription
+cannot be missed; if the pub/sub connection drops, waiters fall back to re-reading the
+record every ``fallback_poll`` seconds until the listener reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from tenants.scope import EVENTS_PATTERN
+
+log = logging.getLogger("broker.events")
+
+
+class SessionEvents:
+    def __init__(self, redis: aioredis.Redis, fallback_poll: float = 0.25) -> None:
+        self.redis = redis
+        self.fallback_poll = fallback_poll
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self._healthy = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="session-events")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(EVENTS_PATTERN)
+                self._healthy.set()
+                async for msg in pubsub.listen():
+                    channel = msg.get("channel")
+                    if isinstance(channel, bytes):
+                        channel = channel.decode()
+                    sid = str(channel).rsplit(":", 1)[-1]
+                    for ev in self._waiters.get(sid, ()):
+                        ev.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection lost: waiters poll until we are back
+                self._healthy.clear()
+                log.warning("session events listener lost Redis (%s); reconnecting", type(exc).__name__)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def wait_for(
+        self,
+        session_id: str,
+        done: Callable[[], Awaitable[bool]],
+        timeout: float,
+    ) -> bool:
+        """Wait until ``done()`` is true or ``timeout`` runs out; returns the last ``done()``."""
+        ev = asyncio.Event()
+        self._waiters[session_id].add(ev)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                if await done():
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                step = remaining if self._healthy.is_set() else min(remaining, self.fallback_poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), step)
+                ev.clear()
+        finally:
+            waiters = self._waiters.get(session_id)
+            if waiters is not None:
+                waiters.discard(ev)
+                if not waiters:
+                    self._waiters.pop(session_id, None)

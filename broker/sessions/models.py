@@ -1,0 +1,126 @@
+"""The session domain shared by the API and the workers: states, the stored record, the
+wire view and the create request."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+Status = Literal["queued", "provisioning", "ready", "terminating", "terminated", "failed"]
+LIVE_STATUSES: frozenset[str] = frozenset({"queued", "provisioning", "ready", "terminating"})
+TERMINAL_STATUSES: frozenset[str] = frozenset({"terminated", "failed"})
+TerminationReason = Literal["expired", "requested", "replaced", "tenant_disabled", "upstream_failed", "reaped"]
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_session_id() -> str:
+    return "ses_" + "".join(secrets.choice(_ALPHABET) for _ in range(22))
+
+
+def now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    dt = datetime.fromtimestamp(ms / 1000, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+class SessionRecord(msgspec.Struct, kw_only=True):
+    """What a session hash in Redis holds (all values are strings there)."""
+
+    id: str
+    tenant_id: str
+    status: str
+    created_at: int
+    ttl_seconds: int
+    config: str = "{}"                   # merged OpenAI session config (JSON, no secrets)
+    metadata: str = "{}"
+    end_user: str = ""
+    ready_at: int = 0
+    expires_at: int = 0
+    terminating_at: int = 0
+    terminated_at: int = 0
+    termination_reason: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    avaturn_session_id: str = ""
+    avaturn_token: str = ""
+    secret_enc: str = ""                 # minted client secret, encrypted; dropped when terminal
+    secret_expires_at: int = 0
+    create_state: str = ""               # "" | inflight | done | unknown
+    attempts: int = 0
+    delete_attempts: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_STATUSES
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> SessionRecord:
+        return msgspec.convert(
+            {k.decode(): v.decode() for k, v in raw.items()}, cls, strict=False
+        )
+
+
+class AvaturnView(msgspec.Struct):
+    session_id: str
+    token: str | None
+
+
+class ErrorView(msgspec.Struct):
+    code: str
+    message: str
+
+
+class SessionView(msgspec.Struct, kw_only=True):
+    id: str
+    status: str
+    created_at: str | None
+    ready_at: str | None
+    expires_at: str | None
+    terminated_at: str | None
+    avaturn: AvaturnView | None
+    end_user: str | None
+    termination_reason: str | None
+    error: ErrorView | None
+    metadata: dict[str, str]
+
+    @classmethod
+    def of(cls, rec: SessionRecord) -> SessionView:
+        avaturn = None
+        if rec.avaturn_session_id and rec.status in ("ready", "terminating", "terminated"):
+            token = rec.avaturn_token if rec.status != "terminated" and rec.avaturn_token else None
+            avaturn = AvaturnView(session_id=rec.avaturn_session_id, token=token)
+        return cls(
+            id=rec.id,
+            status=rec.status,
+            created_at=iso(rec.created_at),
+            ready_at=iso(rec.ready_at),
+            expires_at=iso(rec.expires_at),
+            terminated_at=iso(rec.terminated_at),
+            avaturn=avaturn,
+            end_user=rec.end_user or None,
+            termination_reason=rec.termination_reason or None,
+            error=ErrorView(rec.error_code, rec.error_message) if rec.error_code else None,
+            metadata=msgspec.json.decode(rec.metadata) if rec.metadata else {},
+        )
+
+
+class SessionList(msgspec.Struct):
+    data: list[SessionView]
+    next_cursor: str | None
+
+
+class CreateSessionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    session: dict[str, Any] | None = None
+    ttl_seconds: int | None = None
+    end_user: str | None = None
+    metadata: dict[str, str] | None = None

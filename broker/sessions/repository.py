@@ -1,0 +1,126 @@
+"""All Redis access of the session domain.
+
+Every state change goes through one Lua script (``transition.lua``) that checks the
+current status and updates the record, the concurrency lease, the end-user set and the
+due sets in one atomic step, then publishes the new status for ``wait``ers. Terminal
+transitions release the lease, drop the frontend token and the minted secret, and set
+a retention TTL on the record.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from tenants.scope import DUE_EXPIRY, DUE_PROVISION, TenantScope, due_member
+
+from .models import SessionRecord
+
+RETENTION_SECONDS = 7 * 24 * 3600
+_SCRIPT = resources.files(__package__).joinpath("transition.lua").read_text()
+
+Score = int | str  # "" keep, "del" remove, or an int score
+
+
+class TransitionResult:
+    __slots__ = ("applied", "status", "missing")
+
+    def __init__(self, raw: list[Any]) -> None:
+        code = int(raw[0])
+        self.applied = code == 1
+        self.missing = code == -1
+        status = raw[1]
+        self.status = status.decode() if isinstance(status, bytes) else str(status)
+
+    def __repr__(self) -> str:
+        return f"TransitionResult(applied={self.applied}, status={self.status!r})"
+
+
+class SessionRepository:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._transition = redis.register_script(_SCRIPT)
+
+    async def get(self, tenant_id: str, session_id: str) -> SessionRecord | None:
+        raw = await self.redis.hgetall(TenantScope(tenant_id).session(session_id))
+        if not raw:
+            return None
+        return SessionRecord.from_hash(raw)
+
+    async def get_many(self, tenant_id: str, session_ids: list[str]) -> list[SessionRecord | None]:
+        scope = TenantScope(tenant_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hgetall(scope.session(sid))
+            raws = await pipe.execute()
+        return [SessionRecord.from_hash(r) if r else None for r in raws]
+
+    async def page_ids(self, tenant_id: str, max_score: str, batch: int) -> list[tuple[str, int]]:
+        rows = await self.redis.zrevrangebyscore(
+            TenantScope(tenant_id).sessions_index(), max_score, "-inf", start=0, num=batch, withscores=True
+        )
+        return [(m.decode() if isinstance(m, bytes) else m, int(s)) for m, s in rows]
+
+    async def forget(self, tenant_id: str, session_ids: list[str]) -> None:
+        if session_ids:
+            await self.redis.zrem(TenantScope(tenant_id).sessions_index(), *session_ids)
+
+    async def live_ids(self, tenant_id: str) -> list[str]:
+        ids = await self.redis.zrange(TenantScope(tenant_id).live(), 0, -1)
+        return [i.decode() for i in ids]
+
+    async def transition(
+        self,
+        rec: SessionRecord,
+        *,
+        allowed: str,
+        status: str = "",
+        lease: Score = "",
+        due_expiry: Score = "",
+        due_provision: Score = "",
+        fields: dict[str, str | int] | None = None,
+        drop: tuple[str, ...] = (),
+        publish: bool = False,
+        retain: bool = False,
+    ) -> TransitionResult:
+        scope = TenantScope(rec.tenant_id)
+        keys = [
+            scope.session(rec.id),
+            scope.live(),
+            scope.end_user(rec.end_user) if rec.end_user else scope.end_user("-"),
+            DUE_EXPIRY,
+            DUE_PROVISION,
+        ]
+        pairs: list[str | int] = []
+        for k, v in (fields or {}).items():
+            pairs += [k, v]
+        args: list[str | int] = [
+            allowed,
+            status,
+            lease,
+            due_expiry,
+            due_provision,
+            due_member(rec.tenant_id, rec.id),
+            rec.id,
+            scope.events_channel(rec.id) if publish else "",
+            RETENTION_SECONDS if retain else "",
+            len(fields or {}),
+            *pairs,
+            *drop,
+        ]
+        raw = await self._transition(keys=keys, args=args)
+        return TransitionResult(raw)
+
+    async def due(self, key: str, until_ms: int, limit: int) -> list[tuple[str, str, int]]:
+        rows = await self.redis.zrangebyscore(key, "-inf", until_ms, start=0, num=limit, withscores=True)
+        out = []
+        for member, score in rows:
+            text = member.decode() if isinstance(member, bytes) else member
+            tid, _, sid = text.partition(":")
+            out.append((tid, sid, int(score)))
+        return out
+
+    async def drop_due(self, key: str, tenant_id: str, session_id: str) -> None:
+        await self.redis.zrem(key, due_member(tenant_id, session_id))

@@ -1,0 +1,239 @@
+"""The rules of the session lifecycle on the API side: create (validate, admit, enqueue),
+read, list, stop, and stop-all for a disabled tenant."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import msgspec
+
+from broker.api.ratelimit import refusal_headers
+from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
+from tenants.models import Tenant
+from tenants.session_config import merge_session
+
+from .jobs import JobQueue
+from .models import CreateSessionRequest, SessionList, SessionRecord, SessionView, new_session_id, now_ms
+from .repository import SessionRepository
+
+MIN_TTL = 10
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LEN = 64
+MAX_METADATA_VALUE_LEN = 512
+TERMINATION_GRACE_MS = 120_000   # a terminating session keeps its slot at most this long per attempt
+STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
+
+
+class SessionService:
+    def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float) -> None:
+        self.repo = repo
+        self.queue = queue
+        self.provision_deadline_ms = int(provision_deadline_s * 1000)
+
+    # ---- create ---------------------------------------------------------------------------
+
+    def validate(self, tenant: Tenant, req: CreateSessionRequest) -> tuple[dict[str, Any], int]:
+        config = merge_session(tenant.openai.session, req.session, tenant.openai.allowed_overrides)
+        max_ttl = tenant.quotas.max_session_seconds
+        ttl = max_ttl if req.ttl_seconds is None else req.ttl_seconds
+        if not MIN_TTL <= ttl <= max_ttl:
+            raise InvalidInput(
+                f"ttl_seconds must be between {MIN_TTL} and {max_ttl} (this tenant's max_session_seconds)",
+                code="invalid_ttl",
+                field="ttl_seconds",
+            )
+        if req.end_user is not None and not 1 <= len(req.end_user) <= 128:
+            raise InvalidInput("end_user must be 1 to 128 characters", code="invalid_end_user", field="end_user")
+        if req.metadata is not None:
+            if len(req.metadata) > MAX_METADATA_KEYS:
+                raise InvalidInput(
+                    f"metadata may have at most {MAX_METADATA_KEYS} keys", code="invalid_metadata", field="metadata"
+                )
+            for key, value in req.metadata.items():
+                if not 1 <= len(key) <= MAX_METADATA_KEY_LEN or len(value) > MAX_METADATA_VALUE_LEN:
+                    raise InvalidInput(
+                        f"metadata keys must be 1..{MAX_METADATA_KEY_LEN} characters and values at most "
+                        f"{MAX_METADATA_VALUE_LEN}",
+                        code="invalid_metadata",
+                        field=f"metadata.{key[:64]}",
+                    )
+        return config, ttl
+
+    async def create(
+        self,
+        tenant: Tenant,
+        req: CreateSessionRequest,
+        *,
+        body: bytes,
+        idempotency_key: str | None,
+    ) -> tuple[SessionRecord, Admitted | Replayed]:
+        config, ttl = self.validate(tenant, req)
+        now = now_ms()
+        sid = new_session_id()
+        fields = {
+            "id": sid,
+            "tenant_id": tenant.id,
+            "status": "queued",
+            "created_at": str(now),
+            "ttl_seconds": str(ttl),
+            "config": msgspec.json.encode(config).decode(),
+            "metadata": msgspec.json.encode(req.metadata or {}).decode(),
+            "end_user": req.end_user or "",
+        }
+        outcome = await admit(
+            self.repo.redis,
+            AdmissionRequest(
+                tenant_id=tenant.id,
+                session_id=sid,
+                now_ms=now,
+                quotas=tenant.quotas,
+                end_user=req.end_user,
+                idempotency_digest=_digest(idempotency_key.encode()) if idempotency_key else None,
+                body_digest=_digest(_canonical(req)) if idempotency_key else None,
+                session_fields=fields,
+                lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
+                provision_deadline_ms=now + self.provision_deadline_ms,
+            ),
+        )
+        if isinstance(outcome, Refused):
+            raise QuotaExceeded(
+                _refusal_message(outcome),
+                code=outcome.code,
+                headers=refusal_headers(outcome),
+                extra={"limit": outcome.limit, "current": outcome.current, "retry_after": outcome.retry_after_s},
+            )
+        if isinstance(outcome, KeyReused):
+            raise Unprocessable(
+                "this Idempotency-Key was already used with a different request body",
+                code="idempotency_key_reused",
+            )
+        if isinstance(outcome, Replayed):
+            rec = await self.repo.get(tenant.id, outcome.session_id)
+            if rec is None:  # admitted by a request that has not finished writing: impossible with one script
+                raise Conflict("a request with this Idempotency-Key is still being admitted; retry shortly")
+            return rec, outcome
+        await self.queue.provision(tenant.id, sid)
+        for replaced in outcome.replaced:
+            await self.queue.terminate(tenant.id, replaced, tag="replaced")
+        rec = await self.repo.get(tenant.id, sid)
+        assert rec is not None
+        return rec, outcome
+
+    # ---- read -----------------------------------------------------------------------------
+
+    async def get(self, tenant_id: str, session_id: str) -> SessionRecord:
+        rec = await self.repo.get(tenant_id, session_id) if _plausible_id(session_id) else None
+        if rec is None:
+            raise NotFound("no session with this id", code="session_not_found")
+        return rec
+
+    async def list(self, tenant_id: str, *, status: str | None, limit: int, cursor: str | None) -> SessionList:
+        if status is not None and status not in STATUS_FILTERS:
+            raise InvalidInput(f"status must be one of {', '.join(STATUS_FILTERS)}", code="invalid_status", field="status")
+        if not 1 <= limit <= 100:
+            raise InvalidInput("limit must be between 1 and 100", code="invalid_limit", field="limit")
+        max_score, after = _decode_cursor(cursor) if cursor else ("+inf", None)
+        out: list[SessionView] = []
+        scanned = 0
+        next_cursor: str | None = None
+        while len(out) < limit and scanned < 2000:
+            batch = await self.repo.page_ids(tenant_id, max_score, limit + 50)
+            if after is not None:
+                batch = _skip_through(batch, after)
+            if not batch:
+                break
+            records = await self.repo.get_many(tenant_id, [sid for sid, _ in batch])
+            gone = []
+            for (sid, score), rec in zip(batch, records, strict=True):
+                scanned += 1
+                if rec is None:
+                    gone.append(sid)
+                elif status is None or rec.status == status:
+                    out.append(SessionView.of(rec))
+                max_score, after = str(score), sid
+                if len(out) == limit:
+                    break
+            await self.repo.forget(tenant_id, gone)
+        if len(out) == limit or scanned >= 2000:
+            more = await self.repo.page_ids(tenant_id, max_score, 2)
+            if _skip_through(more, after) if after else more:
+                next_cursor = _encode_cursor(max_score, after)
+        return SessionList(data=out, next_cursor=next_cursor)
+
+    # ---- stop -----------------------------------------------------------------------------
+
+    async def stop(self, tenant_id: str, session_id: str, reason: str = "requested") -> SessionRecord:
+        """Never limited by quota. Idempotent: a terminal session is returned as it is."""
+        rec = await self.get(tenant_id, session_id)
+        if rec.status in ("terminated", "failed"):
+            return rec
+        now = now_ms()
+        if rec.status != "terminating":
+            await self.repo.transition(
+                rec,
+                allowed="queued,provisioning,ready",
+                status="terminating",
+                lease=now + TERMINATION_GRACE_MS,
+                due_expiry=now,
+                fields={"termination_reason": reason, "terminating_at": now},
+                publish=True,
+            )
+        await self.queue.terminate(tenant_id, session_id, tag="stop")
+        return await self.get(tenant_id, session_id)
+
+    async def stop_all(self, tenant_id: str, reason: str) -> int:
+        count = 0
+        for sid in await self.repo.live_ids(tenant_id):
+            try:
+                await self.stop(tenant_id, sid, reason)
+                count += 1
+            except NotFound:
+                continue
+        return count
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(req: CreateSessionRequest) -> bytes:
+    return msgspec.json.encode(msgspec.to_builtins(req), order="sorted")
+
+
+def _plausible_id(session_id: str) -> bool:
+    return session_id.startswith("ses_") and 5 <= len(session_id) <= 64 and session_id.isascii() and ":" not in session_id
+
+
+def _encode_cursor(score: str, sid: str | None) -> str:
+    return base64.urlsafe_b64encode(f"{score}|{sid or ''}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str | None]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, _, sid = raw.partition("|")
+        int(score)
+        return score, sid or None
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("cursor is not a cursor this API returned", code="invalid_cursor", field="cursor") from None
+
+
+def _skip_through(batch: list[tuple[str, int]], after: str | None) -> list[tuple[str, int]]:
+    """Drop entries up to and including ``after`` (ties on score are ordered by member)."""
+    for i, (sid, _) in enumerate(batch):
+        if sid == after:
+            return batch[i + 1 :]
+    return batch
+
+
+def _refusal_message(r: Refused) -> str:
+    what = {
+        "rate_limited": "sessions_per_minute",
+        "concurrency_limit": "max_concurrent_sessions",
+        "daily_quota_exhausted": "sessions_per_day",
+        "end_user_limit": "max_sessions_per_end_user",
+    }.get(r.code, r.code)
+    return f"{what} limit of {r.limit} reached (current usage {r.current}); retry after {r.retry_after_s} s"

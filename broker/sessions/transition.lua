@@ -1,0 +1,54 @@
+-- Atomic state transition of one session, with its indexes.
+-- KEYS: 1 session hash, 2 live zset (leases), 3 end-user zset (or ""-named dummy),
+--       4 due:expiry zset, 5 due:provision zset
+-- ARGV: 1 allowed from-statuses, comma separated, or "*" for any live status
+--       2 new status, or "" to keep it
+--       3 lease: "" keep | "del" release (also from the end-user zset) | score (ms)
+--       4 due expiry: "" | "del" | score      5 due provision: "" | "del" | score
+--       6 due member "{tid}:{sid}"             7 session id
+--       8 pub/sub channel or ""                9 retention seconds on terminal or ""
+--       10 n: number of field/value pairs to HSET, then the pairs, then fields to HDEL
+-- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {-1, ''} end
+local allowed = false
+if ARGV[1] == '*' then
+  allowed = (st == 'queued' or st == 'provisioning' or st == 'ready' or st == 'terminating')
+else
+  for s in string.gmatch(ARGV[1], '[^,]+') do
+    if s == st then allowed = true; break end
+  end
+end
+if not allowed then return {0, st} end
+
+local new = ARGV[2]
+if new ~= '' then redis.call('HSET', KEYS[1], 'status', new) else new = st end
+
+local n = tonumber(ARGV[10])
+local i = 11
+if n > 0 then
+  local pairs_ = {}
+  for j = 0, 2 * n - 1 do pairs_[#pairs_ + 1] = ARGV[i + j] end
+  redis.call('HSET', KEYS[1], unpack(pairs_))
+end
+i = i + 2 * n
+if #ARGV >= i then
+  local dels = {}
+  for j = i, #ARGV do dels[#dels + 1] = ARGV[j] end
+  redis.call('HDEL', KEYS[1], unpack(dels))
+end
+
+local sid, member = ARGV[7], ARGV[6]
+if ARGV[3] == 'del' then
+  redis.call('ZREM', KEYS[2], sid)
+  redis.call('ZREM', KEYS[3], sid)
+elseif ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], 'XX', ARGV[3], sid)
+end
+if ARGV[4] == 'del' then redis.call('ZREM', KEYS[4], member)
+elseif ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], member) end
+if ARGV[5] == 'del' then redis.call('ZREM', KEYS[5], member)
+elseif ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], member) end
+if ARGV[9] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[9]) end
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], new) end
+return {1, new}

@@ -1,0 +1,54 @@
+"""What every job needs, built once per worker process in ``on_startup`` by the same
+functions the API uses (no module globals), and closed in ``on_shutdown``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from broker.redis_client import create_redis
+from broker.sessions.jobs import JobQueue, new_arq_redis
+from broker.sessions.repository import SessionRepository
+from broker.settings import Settings
+from tenants.crypto import CredentialCipher
+from tenants.service import TenantService
+
+from .metrics import WorkerMetrics
+from .upstreams.avaturn import AvaturnClient
+from .upstreams.openai import OpenAIMinter
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    redis: aioredis.Redis
+    repo: SessionRepository
+    queue: JobQueue
+    tenants: TenantService
+    cipher: CredentialCipher
+    minter: OpenAIMinter
+    avaturn: AvaturnClient
+    metrics: WorkerMetrics
+
+    @classmethod
+    def build(cls, settings: Settings, metrics: WorkerMetrics) -> WorkerContext:
+        settings.require_secret_key()
+        redis = create_redis(settings, max_connections=max(64, settings.worker_max_jobs + 32))
+        cipher = CredentialCipher(settings.secret_keys)
+        return cls(
+            settings=settings,
+            redis=redis,
+            repo=SessionRepository(redis),
+            queue=JobQueue(new_arq_redis(redis.connection_pool)),
+            tenants=TenantService(redis, cipher),
+            cipher=cipher,
+            minter=OpenAIMinter(settings.openai_base_url, timeout=settings.upstream_timeout_seconds),
+            avaturn=AvaturnClient(settings.avaturn_base_url, timeout=settings.upstream_timeout_seconds),
+            metrics=metrics,
+        )
+
+    async def close(self) -> None:
+        await self.minter.aclose()
+        await self.avaturn.aclose()
+        await self.redis.aclose()

@@ -1,0 +1,200 @@
+"""provision_session(tenant_id, session_id): mint the OpenAI client secret, create the
+Avaturn session, record ``ready`` and schedule the termination.
+
+Progress is recorded before each upstream call so a re-run (after a crash, a Retry or a
+SIGKILL) reuses what exists: a minted secret is reused while valid; ``create_state``
+says whether an Avaturn create may have happened (see the README, "Crash safety").
+A session stopped meanwhile never stays alive upstream: whoever sees the stop after a
+successful create deletes the upstream session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from arq import Retry
+
+from broker.errors import NotFound
+from broker.sessions.models import SessionRecord, now_ms
+from tenants.mint_rate import reserve_mint
+from tenants.models import Tenant
+
+from ..context import WorkerContext
+from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
+from .common import TERMINATION_GRACE_MS, backoff, fail_session, timed
+from .terminate import stop_upstream_and_finish
+
+log = logging.getLogger("workers.provision")
+
+SECRET_REUSE_MARGIN_MS = 30_000
+MAX_INLINE_MINT_WAIT = 5.0
+
+
+async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id: str) -> str:
+    ctx: WorkerContext = arq_ctx["wc"]
+    job_try: int = arq_ctx.get("job_try", 1)
+    rec = await ctx.repo.get(tenant_id, session_id)
+    if rec is None or rec.status in ("ready", "terminated", "failed"):
+        return "noop"
+    if rec.status == "terminating":
+        await stop_upstream_and_finish(ctx, rec)
+        return "stopped"
+    deadline = rec.created_at + int(ctx.settings.provision_deadline_seconds * 1000)
+    if now_ms() >= deadline:
+        await fail_session(ctx, rec, "provision_deadline_exceeded",
+                           "The session could not be provisioned in time; create a new one.", reason="reaped")
+        return "deadline"
+    try:
+        tenant = await ctx.tenants.get(tenant_id)
+    except NotFound:
+        await fail_session(ctx, rec, "tenant_not_found", "The tenant no longer exists.")
+        return "no-tenant"
+    if not tenant.active:
+        await fail_session(ctx, rec, "tenant_disabled", "The tenant is disabled.", reason="tenant_disabled")
+        return "disabled"
+
+    started = await ctx.repo.transition(
+        rec, allowed="queued,provisioning", status="provisioning", fields={"attempts": rec.attempts + 1}
+    )
+    if not started.applied:
+        return await _stopped_meanwhile(ctx, tenant_id, session_id)
+    if rec.status == "queued":
+        ctx.metrics.queue_wait.observe(max(0.0, (now_ms() - rec.created_at) / 1000))
+
+    openai_key, avaturn_key = _credentials(ctx, tenant)
+    if openai_key is None or avaturn_key is None:
+        which = "OpenAI" if openai_key is None else "Avaturn"
+        await fail_session(ctx, rec, "upstream_not_configured",
+                           f"No {which} API key is configured for this tenant or the platform.")
+        return "not-configured"
+
+    try:
+        secret = await _secret(ctx, rec, tenant, openai_key)
+        if secret is None:
+            return await _stopped_meanwhile(ctx, tenant_id, session_id)
+        return await _create(ctx, rec, tenant, avaturn_key, secret)
+    except UpstreamRejected as exc:
+        await fail_session(ctx, rec, exc.code, exc.message)
+        return "rejected"
+    except UpstreamUnavailable as exc:
+        delay = backoff(job_try, exc.retry_after)
+        if now_ms() + delay * 1000 >= deadline:
+            code = "upstream_rate_limited" if exc.status == 429 else exc.code
+            await fail_session(ctx, rec, code,
+                               f"{exc.upstream} stayed unavailable until the provisioning deadline ({exc.message})")
+            return "gave-up"
+        ctx.metrics.job_retries.labels("provision").inc()
+        raise Retry(defer=delay) from None
+
+
+async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str) -> str | None:
+    """The client secret to use: the one recorded by an earlier attempt while still valid,
+    else a new one (rate-limited per tenant across all workers). None: the session was stopped."""
+    now = now_ms()
+    if rec.secret_enc and rec.secret_expires_at * 1000 > now + SECRET_REUSE_MARGIN_MS:
+        return ctx.cipher.decrypt(rec.secret_enc)
+    wait = await reserve_mint(ctx.redis, tenant.id, tenant.quotas.openai_requests_per_minute, now)
+    if wait > MAX_INLINE_MINT_WAIT:
+        ctx.metrics.mint_deferred.inc()
+        raise Retry(defer=wait)
+    if wait > 0:
+        await asyncio.sleep(wait)
+    config = msgspec.json.decode(rec.config)
+    minted = await timed(ctx, "openai", "mint", ctx.minter.mint(api_key, config, expires_seconds=_secret_ttl(rec)))
+    saved = await ctx.repo.transition(
+        rec,
+        allowed="provisioning",
+        fields={"secret_enc": ctx.cipher.encrypt(minted.value), "secret_expires_at": minted.expires_at},
+    )
+    return minted.value if saved.applied else None
+
+
+async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str, secret: str) -> str:
+    if rec.create_state in ("inflight", "unknown"):
+        # An earlier attempt may have created an Avaturn session we never heard back from.
+        # Avaturn has no idempotency key and no list endpoint: we create again; the possible
+        # orphan has no token holder and ends by itself (user_absent_timeout, max_duration).
+        ctx.metrics.possible_orphans.inc()
+    marked = await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": "inflight"})
+    if not marked.applied:
+        return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
+    max_duration = max(60, rec.ttl_seconds)
+    try:
+        created = await timed(ctx, "avaturn", "create", ctx.avaturn.create_session(
+            api_key,
+            secret,
+            avatar_id=tenant.avaturn.avatar_id,
+            background=tenant.avaturn.background,
+            user_absent_timeout=tenant.avaturn.user_absent_timeout,
+            max_duration=max_duration,
+        ))
+    except UpstreamUnavailable as exc:
+        state = "unknown" if exc.maybe_applied else ""
+        await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": state})
+        raise
+    except UpstreamRejected:
+        await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": ""})
+        raise
+    now = now_ms()
+    expires_at = now + rec.ttl_seconds * 1000
+    ready = await ctx.repo.transition(
+        rec,
+        allowed="provisioning",
+        status="ready",
+        lease=expires_at + TERMINATION_GRACE_MS,
+        due_expiry=expires_at,
+        due_provision="del",
+        fields={
+            "avaturn_session_id": created.session_id,
+            "avaturn_token": created.token,
+            "ready_at": now,
+            "expires_at": expires_at,
+            "create_state": "done",
+        },
+        drop=("secret_enc",),
+        publish=True,
+    )
+    if ready.applied:
+        await ctx.queue.terminate(rec.tenant_id, rec.id, at_ms=expires_at, tag="expire")
+        ctx.metrics.provisions.labels("ready", "").inc()
+        ctx.metrics.time_to_ready.observe(max(0.0, (now - rec.created_at) / 1000))
+        return "ready"
+    # Stopped (or reaped) while the create was in flight: the upstream session must not live on.
+    await ctx.repo.transition(
+        rec,
+        allowed="terminating",
+        fields={"avaturn_session_id": created.session_id, "create_state": "done"},
+    )
+    fresh = await ctx.repo.get(rec.tenant_id, rec.id)
+    if fresh is not None and fresh.status == "terminating":
+        await stop_upstream_and_finish(ctx, fresh)
+    else:
+        await _delete_orphan(ctx, api_key, created.session_id)
+    return "stopped"
+
+
+async def _stopped_meanwhile(ctx: WorkerContext, tenant_id: str, session_id: str) -> str:
+    fresh = await ctx.repo.get(tenant_id, session_id)
+    if fresh is not None and fresh.status == "terminating":
+        await stop_upstream_and_finish(ctx, fresh)
+    return "stopped"
+
+
+async def _delete_orphan(ctx: WorkerContext, api_key: str, upstream_id: str) -> None:
+    try:
+        await timed(ctx, "avaturn", "delete", ctx.avaturn.delete_session(api_key, upstream_id))
+    except UpstreamError as exc:
+        log.warning("could not delete orphan upstream session: %s", exc.code)
+        ctx.metrics.possible_orphans.inc()
+
+
+def _credentials(ctx: WorkerContext, tenant: Tenant) -> tuple[str | None, str | None]:
+    openai_key, avaturn_key = ctx.tenants.credentials(tenant)
+    return openai_key or ctx.settings.openai_api_key, avaturn_key or ctx.settings.avaturn_api_key
+
+
+def _secret_ttl(rec: SessionRecord) -> int:
+    return max(10, min(7200, rec.ttl_seconds))
