@@ -19,6 +19,7 @@ from arq import Retry
 
 from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
+from tenants.crypto import CredentialError
 from tenants.mint_rate import reserve_mint
 from tenants.models import Tenant
 
@@ -64,7 +65,12 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
     if rec.status == "queued":
         ctx.metrics.queue_wait.observe(max(0.0, (now_ms() - rec.created_at) / 1000))
 
-    openai_key, avaturn_key = _credentials(ctx, tenant)
+    try:
+        openai_key, avaturn_key = _credentials(ctx, tenant)
+    except CredentialError:
+        await fail_session(ctx, rec, "credential_decrypt_failed",
+                           "The tenant's stored upstream credentials cannot be decrypted with BROKER_SECRET_KEY.")
+        return "credentials"
     if openai_key is None or avaturn_key is None:
         which = "OpenAI" if openai_key is None else "Avaturn"
         await fail_session(ctx, rec, "upstream_not_configured",

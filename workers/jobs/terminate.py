@@ -14,7 +14,9 @@ from typing import Any
 
 from arq import Retry
 
+from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
+from tenants.crypto import CredentialError
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError
@@ -25,6 +27,21 @@ log = logging.getLogger("workers.terminate")
 EARLY_TOLERANCE_MS = 50
 # A create whose outcome we wait for before declaring a stopped session gone.
 INFLIGHT_WAIT_MS = 45_000
+
+
+class MissingCredentials(Exception):
+    code = "upstream_not_configured"
+
+
+async def _avaturn_key(ctx: WorkerContext, tenant_id: str) -> str:
+    try:
+        tenant = await ctx.tenants.get(tenant_id)
+        key = ctx.tenants.credentials(tenant)[1] or ctx.settings.avaturn_api_key
+    except (NotFound, CredentialError):
+        key = ctx.settings.avaturn_api_key
+    if key is None:
+        raise MissingCredentials("no Avaturn key for this tenant or the platform")
+    return key
 
 
 class TerminationPending(Exception):
@@ -73,15 +90,11 @@ async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord) -> st
             raise TerminationPending(2.0)
         await finish_terminated(ctx, rec, "requested")
         return "terminated"
-    tenant = await ctx.tenants.get(rec.tenant_id)
-    _, avaturn_key = ctx.tenants.credentials(tenant)
-    avaturn_key = avaturn_key or ctx.settings.avaturn_api_key
     attempt = rec.delete_attempts + 1
     try:
-        if avaturn_key is None:
-            raise RuntimeError("no Avaturn key")
+        avaturn_key = await _avaturn_key(ctx, rec.tenant_id)
         await timed(ctx, "avaturn", "delete", ctx.avaturn.delete_session(avaturn_key, rec.avaturn_session_id))
-    except (UpstreamError, RuntimeError) as exc:
+    except (UpstreamError, MissingCredentials) as exc:
         code = getattr(exc, "code", "no_credentials")
         if _upstream_certainly_over(rec):
             # Avaturn ended it itself (max_duration backstop): record it instead of retrying for ever.
