@@ -1,0 +1,5 @@
+"""``python -m workers.sandbox --port P [--host H]``."""
+
+from workers.sandbox.server import main
+
+main()
