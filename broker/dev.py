@@ -133,8 +133,14 @@ def _interrupt(*_: object) -> None:
 def _demo_key(api: str, admin_token: str) -> str:
     headers = {"Authorization": f"Bearer {admin_token}"}
     with httpx.Client(base_url=api, headers=headers, timeout=10) as client:
-        tenants = client.get("/admin/v1/tenants", params={"limit": 500}).json()["data"]
-        demo = next((t for t in tenants if t["name"] == DEMO_TENANT), None)
+        demo, cursor = None, None
+        while demo is None:
+            page = client.get("/admin/v1/tenants", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+            page.raise_for_status()
+            demo = next((t for t in page.json()["data"] if t["name"] == DEMO_TENANT), None)
+            cursor = page.json()["next_cursor"]
+            if not cursor:
+                break
         if demo is None:
             demo = client.post("/admin/v1/tenants", json={
                 "name": DEMO_TENANT,

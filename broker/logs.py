@@ -51,5 +51,7 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+    # arq logs every job start/end at INFO (hundreds of lines a second under load); our
+    # jobs log their own events.
+    for noisy in ("uvicorn.access", "httpx", "httpcore", "arq.worker", "arq.jobs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

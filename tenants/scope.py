@@ -21,6 +21,7 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:mint                 hash  worker-side OpenAI mint bucket
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
+    sb:stats:live                   hash  status -> count of sessions in that live status
     sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
     sb:keys:revoked                 pub/sub channel: a key hash was revoked or its not_after changed
     sb:tenants:changed              pub/sub channel: a tenant record changed (quotas, status, config)
@@ -33,6 +34,7 @@ PREFIX = "sb:"
 TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
 DUE_PROVISION = PREFIX + "due:provision"
+STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 EVENTS_PATTERN = PREFIX + "events:*"
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
 TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"

@@ -38,11 +38,9 @@ async def create_tenant(request: Request, state: State) -> Response[Any]:
 @get("/tenants")
 async def list_tenants(request: Request, state: State) -> Response[Any]:
     try:
-        limit = int(request.query_params.get("limit", "50"))
+        limit = int(request.query_params.get("limit", "20"))
     except ValueError:
-        raise InvalidInput("limit must be an integer between 1 and 500", code="invalid_limit", field="limit") from None
-    if not 1 <= limit <= 500:
-        raise InvalidInput("limit must be an integer between 1 and 500", code="invalid_limit", field="limit")
+        raise InvalidInput("limit must be an integer between 1 and 100", code="invalid_limit", field="limit") from None
     tenants, next_cursor = await state.tenants.list(limit=limit, cursor=request.query_params.get("cursor"))
     return Response(content={"data": [TenantView.of(t) for t in tenants], "next_cursor": next_cursor})
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION, TenantScope, due_member
+from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
 
 from .models import SessionRecord
 
@@ -92,6 +92,7 @@ class SessionRepository:
             scope.end_user(rec.end_user) if rec.end_user else scope.end_user("-"),
             DUE_EXPIRY,
             DUE_PROVISION,
+            STATS_LIVE,
         ]
         pairs: list[str | int] = []
         for k, v in (fields or {}).items():

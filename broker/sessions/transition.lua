@@ -1,6 +1,6 @@
 -- Atomic state transition of one session, with its indexes.
 -- KEYS: 1 session hash, 2 live zset (leases), 3 end-user zset (or ""-named dummy),
---       4 due:expiry zset, 5 due:provision zset
+--       4 due:expiry zset, 5 due:provision zset, 6 stats hash (live status -> count)
 -- ARGV: 1 allowed from-statuses, comma separated, or "*" for any live status
 --       2 new status, or "" to keep it
 --       3 lease: "" keep | "del" release (also from the end-user zset) | score (ms)
@@ -23,6 +23,12 @@ if not allowed then return {0, st} end
 
 local new = ARGV[2]
 if new ~= '' then redis.call('HSET', KEYS[1], 'status', new) else new = st end
+if new ~= st then
+  redis.call('HINCRBY', KEYS[6], st, -1)
+  if new == 'queued' or new == 'provisioning' or new == 'ready' or new == 'terminating' then
+    redis.call('HINCRBY', KEYS[6], new, 1)
+  end
+end
 
 local n = tonumber(ARGV[10])
 local i = 11
