@@ -108,6 +108,13 @@ async def get_usage(request: Request, state: State, tenant: NamedDependency[Tena
     body = {
         "tenant_id": tenant.id,
         "quotas": msgspec.to_builtins(tenant.quotas),
+        "active_sessions": snap.concurrency.used,
+        "sessions_today": snap.day.used,
+        "rate_limit": {
+            "limit": snap.minute.limit,
+            "remaining": snap.minute.remaining,
+            "reset_seconds": snap.minute.reset_s,
+        },
         "usage": msgspec.to_builtins(snap),
     }
     return Response(content=body, status_code=200, headers=ratelimit_headers(snap))
