@@ -141,10 +141,15 @@ async def test_client_cache_is_bounded_lru(sandbox: SandboxServer) -> None:
         await minter.aclose()
 
 
-async def test_concurrent_mints_never_mix_keys(sandbox: SandboxServer, minter: OpenAIMinter) -> None:
+async def test_concurrent_mints_never_mix_keys(sandbox: SandboxServer) -> None:
     """200 concurrent mints over 20 keys on the shared pool: every secret is minted under its own key."""
+    # A generous timeout: the sandbox shares this process's GIL; the point is key isolation.
+    minter = OpenAIMinter(sandbox.openai_base_url, 10.0)
     keys = [f"sk-concurrent-{i:02d}" for i in range(20)]
-    results = await asyncio.gather(*(minter.mint(keys[i % 20], SESSION, 60) for i in range(200)))
+    try:
+        results = await asyncio.gather(*(minter.mint(keys[i % 20], SESSION, 60) for i in range(200)))
+    finally:
+        await minter.aclose()
     by_secret = {s["secret_fingerprint"]: s["key_fingerprint"] for s in sandbox.audit()["secrets"]}
     assert len(by_secret) == 200
     assert all(by_secret[sha(r.value)] == sha(keys[i % 20]) for i, r in enumerate(results))
