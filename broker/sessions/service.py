@@ -11,7 +11,7 @@ import msgspec
 
 from broker.api.ratelimit import refusal_headers
 from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
-from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
+from tenants.admission import AdmissionRequest, Admitted, KeyReused, QueuedJob, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
 
@@ -58,7 +58,7 @@ class SessionService:
                         f"metadata keys must be 1..{MAX_METADATA_KEY_LEN} characters and values at most "
                         f"{MAX_METADATA_VALUE_LEN}",
                         code="invalid_metadata",
-                        field=f"metadata.{key[:64]}",
+                        field=f"metadata.{key[:64]}" if key else "metadata",
                     )
         return config, ttl
 
@@ -83,6 +83,7 @@ class SessionService:
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
+        job = self.queue.provision_job(tenant.id, sid)
         outcome = await admit(
             self.repo.redis,
             AdmissionRequest(
@@ -96,6 +97,7 @@ class SessionService:
                 session_fields=fields,
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
                 provision_deadline_ms=now + self.provision_deadline_ms,
+                job=QueuedJob(keys=job.keys(), args=job.args()),  # enqueued by the same script
             ),
         )
         if isinstance(outcome, Refused):
@@ -115,12 +117,10 @@ class SessionService:
             if rec is None:  # admitted by a request that has not finished writing: impossible with one script
                 raise Conflict("a request with this Idempotency-Key is still being admitted; retry shortly")
             return rec, outcome
-        await self.queue.provision(tenant.id, sid)
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
-        rec = await self.repo.get(tenant.id, sid)
-        assert rec is not None
-        return rec, outcome
+        # The record as the script wrote it (no read back: a worker may already be on it).
+        return msgspec.convert(fields, SessionRecord, strict=False), outcome
 
     # ---- read -----------------------------------------------------------------------------
 

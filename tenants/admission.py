@@ -1,0 +1,190 @@
+"""Exact, atomic admission of a new session: every quota of one request is checked and
+taken in ONE Redis Lua step (``admission.lua``), so N parallel requests against a limit L
+admit exactly min(N, L), across any number of API processes, and a refusal consumes (and
+writes) nothing.
+
+The step, in order:
+
+1. **Idempotency** (``idem:{sha256(key)}``, 24 h): a recorded key with the same body digest
+   answers :class:`Replayed` (nothing consumed), with another body :class:`KeyReused`.
+   Refusals are not recorded, so a retry after ``Retry-After`` is evaluated afresh.
+2. **Checks**, computed before anything is written, first failure wins:
+
+   * ``sessions_per_minute`` - sliding-window log: at most L admissions in any rolling
+     60 s (the burst is the whole per-minute allowance); ``retry_after`` is the time until
+     the oldest admission leaves the window.
+   * ``sessions_per_day`` - counter of the UTC day; ``retry_after`` = until UTC midnight.
+   * ``max_sessions_per_end_user`` (only with an end user): the end user's sessions that
+     still hold a lease. At the cap, ``end_user_policy="reject"`` refuses
+     (``end_user_limit``); ``"replace_oldest"`` replaces the oldest ``count - cap + 1``.
+   * ``max_concurrent_sessions`` - unexpired leases in ``live`` minus the sessions this
+     request replaces (they free their slot in the same step); ``retry_after`` = 1 s (when
+     a session ends is not known in advance). Same 1 s for ``end_user_limit``.
+
+3. **Admission**: purge expired leases and rate entries, write the session hash as given,
+   index it, take a lease until ``lease_until_ms``, log the admission in the minute window,
+   count it for the day (48 h TTL), queue it in ``due:provision``, record the idempotency
+   key, and write the provisioning job given in :attr:`AdmissionRequest.job` (so admission
+   and enqueue are one round trip and cannot be separated by a crash). Each replaced
+   session still ``queued|provisioning|ready`` becomes ``terminating``
+   (``termination_reason=replaced``, ``terminating_at`` = now in ms); a replaced session
+   that is (now) ``terminating`` is put in ``due:expiry`` at now, so the sweeper ends it
+   even if the caller crashes; every replaced session leaves ``live`` and the end user's
+   set. The caller enqueues their termination (the ids are in :attr:`Admitted.replaced`).
+
+A lease is live while its deadline is strictly after ``now_ms``. ``now_ms`` is the caller's
+clock: run API processes with synchronised clocks (NTP); Redis TTLs (day counter, rate log,
+idempotency record) are in Redis's own clock.
+"""
+
+from __future__ import annotations
+
+import weakref
+from importlib import resources
+from typing import Literal
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from tenants.models import Quotas
+from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
+from tenants.usage import QuotaUsage, UsageSnapshot, seconds_to_utc_midnight, utc_day
+
+RefusalCode = Literal["rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit"]
+
+_SOURCE = resources.files(__package__).joinpath("admission.lua").read_text()
+_scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
+
+
+class QueuedJob(msgspec.Struct, kw_only=True):
+    """A job in arq's layout, written by the admission script exactly as
+    ``broker.sessions.jobs.ENQUEUE`` writes one (``JobSpec.keys()`` / ``JobSpec.args()``)."""
+
+    keys: list[str]                     # job key, result key, queue zset, wake-up list
+    args: list[str | int | bytes]       # job id, score, job key TTL ms, serialized job, wake-up cap
+
+
+class AdmissionRequest(msgspec.Struct, kw_only=True):
+    """All that one admission needs."""
+
+    tenant_id: str
+    session_id: str
+    now_ms: int
+    quotas: Quotas
+    end_user: str | None = None
+    idempotency_digest: str | None = None  # sha256 hex of the Idempotency-Key
+    body_digest: str | None = None         # sha256 hex of the canonical request body
+    session_fields: dict[str, str] = msgspec.field(default_factory=dict)  # initial session hash
+    lease_until_ms: int                    # concurrency lease deadline of the new session
+    provision_deadline_ms: int             # its score in DUE_PROVISION
+    job: QueuedJob | None = None           # written with the admission (not on refusal/replay)
+
+
+class Admitted(msgspec.Struct, kw_only=True):
+    session_id: str
+    replaced: list[str]
+    usage: UsageSnapshot  # after this admission
+
+
+class Replayed(msgspec.Struct, kw_only=True):
+    """Idempotent replay: the session admitted earlier with this key; nothing consumed."""
+
+    session_id: str
+
+
+class KeyReused(msgspec.Struct, kw_only=True):
+    """The Idempotency-Key was recorded with another body (the caller answers 422)."""
+
+
+class Refused(msgspec.Struct, kw_only=True):
+    code: RefusalCode
+    limit: int
+    current: int
+    retry_after_s: int
+    usage: UsageSnapshot  # at the time of the refusal (nothing was taken)
+
+
+Outcome = Admitted | Replayed | KeyReused | Refused
+
+
+def _script(redis: aioredis.Redis) -> AsyncScript:
+    script = _scripts.get(redis)
+    if script is None:
+        script = _scripts[redis] = redis.register_script(_SOURCE)
+    return script
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _snapshot(
+    quotas: Quotas, now_ms: int, minute: tuple[int, int], day_used: int, live_used: int, eu_used: int
+) -> UsageSnapshot:
+    return UsageSnapshot(
+        minute=QuotaUsage.of(quotas.sessions_per_minute, minute[0], minute[1]),
+        day=QuotaUsage.of(quotas.sessions_per_day, day_used, seconds_to_utc_midnight(now_ms)),
+        concurrency=QuotaUsage.of(quotas.max_concurrent_sessions, live_used, 0),
+        end_user=QuotaUsage.of(quotas.max_sessions_per_end_user, eu_used, 0) if eu_used >= 0 else None,
+    )
+
+
+async def admit(redis: aioredis.Redis, req: AdmissionRequest) -> Outcome:
+    """Check and take every quota of one new session in one atomic step (one EVALSHA)."""
+    if req.lease_until_ms <= req.now_ms:
+        raise ValueError("lease_until_ms must be after now_ms")
+    scope = TenantScope(req.tenant_id)
+    q = req.quotas
+    keys = [
+        scope.idempotency(req.idempotency_digest) if req.idempotency_digest else "",
+        scope.rate_bucket(),
+        scope.day_counter(utc_day(req.now_ms)),
+        scope.live(),
+        scope.sessions_index(),
+        scope.session(req.session_id),
+        DUE_PROVISION,
+        DUE_EXPIRY,
+        scope.end_user(req.end_user) if req.end_user is not None else "",
+        *(req.job.keys if req.job is not None else ("", "", "", "")),
+        STATS_LIVE,
+    ]
+    args: list[str | int] = [
+        req.now_ms,
+        req.session_id,
+        q.sessions_per_minute,
+        q.sessions_per_day,
+        q.max_concurrent_sessions,
+        q.max_sessions_per_end_user,
+        q.end_user_policy,
+        req.body_digest or "",
+        req.lease_until_ms,
+        req.provision_deadline_ms,
+        seconds_to_utc_midnight(req.now_ms),
+        scope.session(""),
+        due_member(req.tenant_id, ""),
+        *(req.job.args if req.job is not None else ("", 0, 0, "", 1)),
+    ]
+    for field, value in req.session_fields.items():
+        args += [field, value]
+    raw = await _script(redis)(keys=keys, args=args)
+    kind = _text(raw[0])
+    if kind == "replayed":
+        return Replayed(session_id=_text(raw[1]))
+    if kind == "key_reused":
+        return KeyReused()
+    if kind == "refused":
+        code, limit, current, retry, m_used, m_reset, d_used, live, eu = raw[1:]
+        return Refused(
+            code=_text(code),  # type: ignore[arg-type]
+            limit=int(limit),
+            current=int(current),
+            retry_after_s=int(retry),
+            usage=_snapshot(q, req.now_ms, (int(m_used), int(m_reset)), int(d_used), int(live), int(eu)),
+        )
+    m_used, m_reset, d_used, live, eu = (int(v) for v in raw[1:6])
+    return Admitted(
+        session_id=req.session_id,
+        replaced=[_text(sid) for sid in raw[6:]],
+        usage=_snapshot(q, req.now_ms, (m_used, m_reset), d_used, live, eu),
+    )

@@ -1,0 +1,257 @@
+"""Stateful property test: ``admit`` on a real redis-server behaves exactly like a small
+pure-Python reference model of the rules, over random sequences of admissions (random end
+users, idempotency keys and bodies, lease lengths), clock advances (across UTC midnight),
+sessions ending, and quota settings."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+from broker.embedded_redis import EmbeddedRedis
+from tenants.admission import AdmissionRequest, Admitted, KeyReused, Outcome, Refused, Replayed, admit
+from tenants.models import Quotas
+from tenants.scope import DUE_EXPIRY, TenantScope, due_member
+from tenants.usage import QuotaUsage, UsageSnapshot, seconds_to_utc_midnight, usage, utc_day
+
+T = TypeVar("T")
+TENANT = "ten_m"
+START = int(datetime(2026, 11, 23, 23, 57, 0, tzinfo=UTC).timestamp() * 1000)
+ACTIVE = ("queued", "provisioning", "ready")
+
+
+class Model:
+    """The admission rules, written plainly."""
+
+    def __init__(self, q: Quotas) -> None:
+        self.q = q
+        self.rate: list[tuple[int, str]] = []
+        self.day: dict[str, int] = {}
+        self.live: dict[str, int] = {}
+        self.eu: dict[str, dict[str, int]] = {}
+        self.status: dict[str, str] = {}
+        self.idem: dict[str, tuple[str, str]] = {}
+        self.due_expiry: dict[str, int] = {}
+
+    def eu_live(self, end_user: str, now: int) -> list[str]:
+        members = self.eu.get(end_user, {})
+        alive = [(c, s) for s, c in members.items() if self.live.get(s, -math.inf) > now]
+        return [s for _, s in sorted(alive)]
+
+    def snapshot(self, now: int, end_user: str | None, delta: int = 0, replaced: int = 0) -> UsageSnapshot:
+        q = self.q
+        window = sorted(t for t, _ in self.rate if t > now - 60_000)
+        used = len(window) + delta
+        if window:  # noqa: SIM108 - until the oldest leaves the window
+            reset = max(1, math.ceil((window[0] + 60_000 - now) / 1000))
+        else:  # nothing used before: 0, or the session just admitted (a full window)
+            reset = 60 if delta else 0
+        live = sum(1 for lease in self.live.values() if lease > now) - replaced + delta
+        snap = UsageSnapshot(
+            minute=QuotaUsage.of(q.sessions_per_minute, used, reset),
+            day=QuotaUsage.of(q.sessions_per_day, self.day.get(utc_day(now), 0) + delta, seconds_to_utc_midnight(now)),
+            concurrency=QuotaUsage.of(q.max_concurrent_sessions, live, 0),
+        )
+        if end_user is not None:
+            snap.end_user = QuotaUsage.of(
+                q.max_sessions_per_end_user, len(self.eu_live(end_user, now)) - replaced + delta, 0
+            )
+        return snap
+
+    def admit(self, r: AdmissionRequest) -> Outcome:
+        q, now, sid, eu = self.q, r.now_ms, r.session_id, r.end_user
+        if r.idempotency_digest in self.idem:
+            body, first = self.idem[r.idempotency_digest]
+            return Replayed(session_id=first) if body == (r.body_digest or "") else KeyReused()
+        snap = self.snapshot(now, eu)
+
+        def refuse(code: Any, limit: int, current: int, retry: int) -> Refused:
+            return Refused(code=code, limit=limit, current=current, retry_after_s=max(1, retry), usage=snap)
+
+        if snap.minute.used >= q.sessions_per_minute:
+            return refuse("rate_limited", q.sessions_per_minute, snap.minute.used, snap.minute.reset_s or 60)
+        if snap.day.used >= q.sessions_per_day:
+            return refuse("daily_quota_exhausted", q.sessions_per_day, snap.day.used, snap.day.reset_s)
+        replaced: list[str] = []
+        if eu is not None:
+            alive = self.eu_live(eu, now)
+            if len(alive) >= q.max_sessions_per_end_user:
+                if q.end_user_policy != "replace_oldest":
+                    return refuse("end_user_limit", q.max_sessions_per_end_user, len(alive), 1)
+                replaced = alive[: len(alive) - q.max_sessions_per_end_user + 1]
+        if snap.concurrency.used - len(replaced) >= q.max_concurrent_sessions:
+            return refuse("concurrency_limit", q.max_concurrent_sessions, snap.concurrency.used, 1)
+        after = self.snapshot(now, eu, delta=1, replaced=len(replaced))
+        # apply
+        self.live = {s: lease for s, lease in self.live.items() if lease > now}
+        self.rate = [(t, s) for t, s in self.rate if t > now - 60_000] + [(now, sid)]
+        self.day[utc_day(now)] = self.day.get(utc_day(now), 0) + 1
+        self.live[sid] = r.lease_until_ms
+        self.status[sid] = "queued"
+        if r.idempotency_digest is not None:
+            self.idem[r.idempotency_digest] = (r.body_digest or "", sid)
+        for old in replaced:
+            if self.status.get(old) in ACTIVE:
+                self.status[old] = "terminating"
+            if self.status.get(old) == "terminating":
+                self.due_expiry[old] = now
+            self.live.pop(old, None)
+        if eu is not None:
+            keep = set(self.eu_live(eu, now)) - set(replaced)
+            self.eu[eu] = {s: c for s, c in self.eu.get(eu, {}).items() if s in keep}
+            self.eu[eu][sid] = now
+        return Admitted(session_id=sid, replaced=replaced, usage=after)
+
+
+Request = tuple[str | None, str | None, str, int]  # end user, idempotency key, body, lease ms
+BATCH = st.lists(
+    st.tuples(
+        st.sampled_from([None, "u1", "u1", "u2"]),
+        st.sampled_from([None, None, None, None, "k1", "k2", "k3", "k4"]),
+        st.sampled_from(["b1", "b2"]),
+        st.integers(1, 300_000),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    def __init__(self, url: str, regime: str) -> None:
+        super().__init__()
+        self.regime = regime
+        self.loop = asyncio.new_event_loop()
+        self.redis = aioredis.Redis.from_url(url)
+        self.run(self.redis.flushall())
+        self.now = START
+        self.counter = 0
+        self.model = Model(Quotas())
+        self.scope = TenantScope(TENANT)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        self.run(self.redis.aclose())
+        self.loop.close()
+
+    def draw_quotas(self, data: st.DataObject) -> Quotas:
+        """Quotas for this run's regime: "mixed" (any cap may bind) or "end_user" (only the
+        end-user cap, mostly replace_oldest, and the concurrency cap bind)."""
+        concurrency = [1, 2, 3, 5, 100]
+        if self.regime == "end_user":
+            per_minute, per_day, concurrency = 100, 100, [1, 2, 3, 4]
+            policy = data.draw(st.sampled_from(["reject", "replace_oldest", "replace_oldest", "replace_oldest"]))
+        else:
+            per_minute = data.draw(st.sampled_from([0, 1, 2, 3, 5, 100, 100]))
+            per_day = data.draw(st.sampled_from([2, 10, 100, 100]))
+            policy = data.draw(st.sampled_from(["reject", "replace_oldest"]))
+        return Quotas(
+            sessions_per_minute=per_minute,
+            sessions_per_day=per_day,
+            max_concurrent_sessions=data.draw(st.sampled_from(concurrency)),
+            max_sessions_per_end_user=data.draw(st.integers(1, 3)),
+            end_user_policy=policy,  # type: ignore[arg-type]
+        )
+
+    @initialize(data=st.data(), batch=BATCH)
+    def start(self, data: st.DataObject, batch: list[Request]) -> None:
+        """Every run starts with its quotas and a first few admissions."""
+        self.model.q = self.draw_quotas(data)
+        self.do_admit(batch)
+
+    @rule(data=st.data())
+    def change_quotas(self, data: st.DataObject) -> None:
+        """The admin edits the tenant's quotas (lowering a cap below current usage included)."""
+        self.model.q = self.draw_quotas(data)
+
+    async def _dump(self) -> dict[bytes, bytes | None]:
+        return {k: await self.redis.dump(k) for k in sorted(await self.redis.keys("*"))}
+
+    @rule(batch=BATCH)
+    def do_admit(self, batch: list[Request]) -> None:
+        """A few admissions at the same instant, one after the other."""
+        for end_user, idem, body, lease_ms in batch:
+            self.counter += 1
+            sid = f"ses_{self.counter:05d}"
+            r = AdmissionRequest(
+                tenant_id=TENANT,
+                session_id=sid,
+                now_ms=self.now,
+                quotas=self.model.q,
+                end_user=end_user,
+                idempotency_digest=idem,
+                body_digest=body if idem else None,
+                session_fields={"id": sid, "status": "queued"},
+                lease_until_ms=self.now + lease_ms,
+                provision_deadline_ms=self.now + 1000,
+            )
+            before = self.run(self._dump())
+            expected = self.model.admit(r)
+            got = self.run(admit(self.redis, r))
+            assert got == expected
+            if not isinstance(got, Admitted):
+                assert self.run(self._dump()) == before  # refusals and replays write nothing
+
+    @rule(ms=st.one_of(st.integers(0, 5_000), st.integers(5_000, 90_000), st.sampled_from([1, 59_999, 60_000])))
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+    @rule(pick=st.integers(0, 1000))
+    def session_ends(self, pick: int) -> None:
+        """What the terminator does when a session ends: release its lease and end-user slot."""
+        alive = sorted(self.model.live)
+        if not alive:
+            return
+        sid = alive[pick % len(alive)]
+        self.model.live.pop(sid)
+        self.model.status[sid] = "terminated"
+        for members in self.model.eu.values():
+            members.pop(sid, None)
+        self.run(self.redis.zrem(self.scope.live(), sid))
+        for eu in ("u1", "u2"):
+            self.run(self.redis.zrem(self.scope.end_user(eu), sid))
+        self.run(self.redis.hset(self.scope.session(sid), "status", "terminated"))
+
+    @rule(pick=st.integers(0, 1000))
+    def session_ready(self, pick: int) -> None:
+        queued = sorted(s for s, v in self.model.status.items() if v == "queued")
+        if queued:
+            sid = queued[pick % len(queued)]
+            self.model.status[sid] = "ready"
+            self.run(self.redis.hset(self.scope.session(sid), "status", "ready"))
+
+    @invariant()
+    def usage_matches(self) -> None:
+        for eu in (None, "u1"):
+            got = self.run(usage(self.redis, TENANT, self.model.q, self.now, end_user=eu))
+            assert got == self.model.snapshot(self.now, eu)
+
+    @invariant()
+    def records_match(self) -> None:
+        for sid, status in self.model.status.items():
+            assert self.run(self.redis.hget(self.scope.session(sid), "status")) == status.encode()
+        due = self.run(self.redis.zrange(DUE_EXPIRY, 0, -1, withscores=True))
+        expected = sorted((due_member(TENANT, s).encode(), float(t)) for s, t in self.model.due_expiry.items())
+        assert sorted(due) == expected
+
+
+@pytest.mark.parametrize("regime", ["mixed", "end_user"])
+def test_admission_matches_reference_model(redis_server: EmbeddedRedis, regime: str) -> None:
+    """Invariant: for every generated sequence, each admit outcome (kind, session id, code,
+    limit, current, retry_after, usage snapshot, replaced ids) equals the model's; refusals
+    and replays leave every key byte-identical; usage() and the session statuses and
+    due:expiry entries equal the model's after every step."""
+    run_state_machine_as_test(
+        lambda: AdmissionMachine(redis_server.url, regime),
+        settings=settings(max_examples=40, stateful_step_count=30, deadline=None, database=None),
+    )
