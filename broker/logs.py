@@ -1,7 +1,13 @@
 """Structured logging: one JSON object per line (or a console format for humans), with
 the context that matters (request id, tenant id, session id, job id) and secrets
 redacted by construction: anything that looks like a key or client secret is masked
-before a line is written."""
+before a line is written.
+
+Context is bound with :func:`bind_log_context` / :func:`log_context` on a contextvar, so
+every line logged while a request or a job runs carries it (the API middleware binds the
+request id, the tenant guard the tenant id, the worker's job wrapper the job, tenant and
+session ids). The formatters read the contextvar at emit time (handlers here are
+synchronous, so that is the context of the code that logged)."""
 
 from __future__ import annotations
 
@@ -10,36 +16,96 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from typing import Any
 
 _SECRET = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4,}|ek_[A-Za-z0-9_\-]{4,}|sbk_[A-Za-z0-9]{8,}|Bearer\s+\S+)")
+
+CONTEXT_KEYS = ("request_id", "tenant_id", "session_id", "job_id")
+_MAX_CONTEXT_VALUE = 128
+_EMPTY: Mapping[str, str] = {}
+_context: ContextVar[Mapping[str, str]] = ContextVar("broker_log_context", default=_EMPTY)
 
 
 def redact(text: str) -> str:
     return _SECRET.sub(lambda m: m.group(0)[:4] + "***", text)
 
 
+def bind_log_context(**values: str | None) -> Token[Mapping[str, str]]:
+    """Add ``request_id``/``tenant_id``/``session_id``/``job_id`` to the current context
+    (``None`` values are ignored). Returns a token for :func:`reset_log_context`."""
+    unknown = set(values) - set(CONTEXT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown log context keys: {sorted(unknown)}")
+    merged = dict(_context.get())
+    for key, value in values.items():
+        if value is not None:
+            merged[key] = redact(str(value))[:_MAX_CONTEXT_VALUE]
+    return _context.set(merged)
+
+
+def reset_log_context(token: Token[Mapping[str, str]]) -> None:
+    _context.reset(token)
+
+
+@contextmanager
+def log_context(**values: str | None) -> Iterator[None]:
+    token = bind_log_context(**values)
+    try:
+        yield
+    finally:
+        reset_log_context(token)
+
+
+def current_log_context() -> dict[str, str]:
+    return dict(_context.get())
+
+
+def _context_of(record: logging.LogRecord) -> dict[str, str]:
+    bound = _context.get()
+    out: dict[str, str] = {}
+    for key in CONTEXT_KEYS:
+        value = getattr(record, key, None)  # an explicit extra={...} wins
+        if value is None:
+            value = bound.get(key)
+        if value is not None:
+            out[key] = redact(str(value))
+    return out
+
+
+def _fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return dict(fields) if isinstance(fields, Mapping) else {}
+
+
 class JsonFormatter(logging.Formatter):
-    CONTEXT = ("request_id", "tenant_id", "session_id", "job_id")
+    CONTEXT = CONTEXT_KEYS
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": redact(record.getMessage()),
         }
-        for key in self.CONTEXT:
-            value = getattr(record, key, None)
-            if value is not None:
-                out[key] = value
+        out.update(_context_of(record))
+        for key, value in _fields_of(record).items():
+            if key not in out:
+                out[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info))
-        return json.dumps(out, separators=(",", ":"))
+        return json.dumps(out, separators=(",", ":"), default=str)
 
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        line = super().format(record)
+        extra = {**_context_of(record), **_fields_of(record)}
+        if extra:
+            line += " [" + " ".join(f"{k}={v}" for k, v in extra.items()) + "]"
+        return redact(line)
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
@@ -51,7 +117,5 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # arq logs every job start/end at INFO (hundreds of lines a second under load); our
-    # jobs log their own events.
-    for noisy in ("uvicorn.access", "httpx", "httpcore", "arq.worker", "arq.jobs"):
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,63 +1,151 @@
 """Every metric of the API process, declared in one place, on a registry owned by the app
 (one process = one /metrics; no multiprocess mode). Labels are bounded: route templates,
-methods, status codes; tenant labels go through ``TenantLabels`` (top N + "other")."""
+methods, status codes, fixed outcome/reason sets; tenant labels go through
+``TenantLabels`` (at most N named tenants, the rest ``other``)."""
 
 from __future__ import annotations
 
 import threading
-from collections import Counter as _Counter
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
+
+# No ``*_created`` series: they double the series count and nothing here uses them.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
+# Admission reasons (the admission script's refusal codes + the idempotency conflicts).
+REFUSAL_REASONS = frozenset({
+    "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit",
+    "idempotency_key_reused", "idempotency_key_in_flight",
+})
+OTHER = "other"
+PROMOTE_FACTOR = 2     # an unnamed tenant takes a named slot once it has 2x the smallest named count
+PROMOTE_MIN = 10       # ... and at least this many events (no churn on tiny numbers)
+
 
 class TenantLabels:
-    """Maps a tenant id to a bounded label: the first ``top_n`` tenants seen by volume keep
-    their id, the rest are ``other``. Exact per-tenant numbers come from GET /v1/usage."""
+    """Maps a tenant id to a bounded label value.
+
+    At most ``top_n`` tenants are named at any time; every other tenant is ``other``. Slots
+    go to the first tenants seen; an unnamed tenant whose event count (since process start)
+    grows past ``PROMOTE_FACTOR`` times the smallest named tenant's count takes that slot,
+    and the demoted tenant's series are removed (``on_demote`` callbacks), so the number of
+    tenant-labelled series stays bounded by ``top_n`` x the other labels' combinations.
+    Exact per-tenant numbers come from GET /v1/usage, not from metrics."""
 
     def __init__(self, top_n: int) -> None:
         self.top_n = top_n
-        self._counts: _Counter[str] = _Counter()
+        self._counts: dict[str, int] = {}
         self._named: set[str] = set()
         self._lock = threading.Lock()
+        self.on_demote: list[Callable[[str], None]] = []
+
+    @property
+    def named(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._named)
 
     def __call__(self, tenant_id: str) -> str:
         if self.top_n <= 0:
-            return "other"
+            return OTHER
+        demoted: str | None = None
         with self._lock:
-            self._counts[tenant_id] += 1
+            count = self._counts.get(tenant_id, 0) + 1
+            self._counts[tenant_id] = count
             if tenant_id in self._named:
                 return tenant_id
             if len(self._named) < self.top_n:
                 self._named.add(tenant_id)
                 return tenant_id
-        return "other"
+            smallest = min(self._named, key=lambda t: (self._counts.get(t, 0), t))
+            if count >= PROMOTE_MIN and count > PROMOTE_FACTOR * self._counts.get(smallest, 0):
+                self._named.discard(smallest)
+                self._named.add(tenant_id)
+                demoted = smallest
+        if demoted is None:
+            return OTHER
+        for callback in self.on_demote:
+            callback(demoted)
+        return tenant_id
 
 
 class ApiMetrics:
     def __init__(self, top_tenants: int = 20) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.tenant_label = TenantLabels(top_tenants)
+        self.tenant_label.on_demote.append(self._forget_tenant)
+        self._tenant_series: dict[str, set[tuple[str, str]]] = {}
+        self._series_lock = threading.Lock()
         self.http_requests = Counter(
             "broker_http_requests_total", "HTTP requests answered, by route template, method and status.",
-            ["route", "method", "status"], registry=self.registry,
+            ["route", "method", "status"], registry=r,
         )
         self.http_duration = Histogram(
             "broker_http_request_duration_seconds", "HTTP request duration, by route template and method.",
-            ["route", "method"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["route", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.http_in_progress = Gauge(
+            "broker_http_requests_in_progress", "HTTP requests being answered by this process.", registry=r,
         )
         self.admissions = Counter(
             "broker_admissions_total",
-            "Session admission outcomes by tenant (top N, else 'other') and outcome "
-            "(admitted, replayed, rate_limited, concurrency_limit, daily_quota_exhausted, end_user_limit, rejected).",
-            ["tenant", "outcome"], registry=self.registry,
+            "POST /v1/sessions outcomes by tenant (top N, else 'other'), outcome (admitted, replayed, "
+            "refused, rejected, error) and reason (refusal code, invalid_request, redis_unavailable, internal, none).",
+            ["tenant", "outcome", "reason"], registry=r,
         )
         self.redis_errors = Counter(
-            "broker_redis_errors_total", "Requests that failed because Redis was unreachable.",
-            ["process"], registry=self.registry,
+            "broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
+            ["source"], registry=r,
         )
+        for source in ("request", "readyz"):
+            self.redis_errors.labels(source)
+
+    # ---- admissions ----------------------------------------------------------------------
+
+    def count_admission(self, tenant_id: str, outcome: str, reason: str = "none") -> None:
+        label = self.tenant_label(tenant_id)
+        self.admissions.labels(label, outcome, reason).inc()
+        if label != OTHER:
+            with self._series_lock:
+                self._tenant_series.setdefault(label, set()).add((outcome, reason))
+
+    def admission_result(self, tenant_id: str, replayed: bool) -> None:
+        self.count_admission(tenant_id, "replayed" if replayed else "admitted")
+
+    def admission_failed(self, tenant_id: str, exc: BaseException) -> None:
+        """Classify an exception raised while admitting a session (then re-raised)."""
+        status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+        code = getattr(exc, "code", None)
+        if isinstance(status, int) and 400 <= status < 500:
+            if code in REFUSAL_REASONS:
+                self.count_admission(tenant_id, "refused", str(code))
+            elif status == 429:
+                self.count_admission(tenant_id, "refused", OTHER)
+            else:
+                self.count_admission(tenant_id, "rejected", "invalid_request")
+        elif _is_redis_error(exc):
+            self.count_admission(tenant_id, "error", "redis_unavailable")
+        else:
+            self.count_admission(tenant_id, "error", "internal")
+
+    def _forget_tenant(self, tenant_id: str) -> None:
+        with self._series_lock:
+            combos = self._tenant_series.pop(tenant_id, set())
+        for outcome, reason in combos:
+            try:
+                self.admissions.remove(tenant_id, outcome, reason)
+            except KeyError:
+                pass
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ConnectionError))

@@ -1,12 +1,33 @@
 """Every metric of a worker process, declared in one place on the worker's own registry,
-served with /healthz on ``--metrics-port`` (one port per process: no multiprocess mode)."""
+served with /healthz on ``--metrics-port`` (one port per process: no multiprocess mode).
+
+Per-process counters/histograms are summed across workers in dashboards; the shared-state
+gauges (``workers/gauges.py``: queue depth, due terminations, live sessions) describe Redis,
+are exported identically by every worker, and are aggregated with ``max()``."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector
+import asyncio
+import time
+from typing import Any
+
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector, disable_created_metrics)
+
+from .gauges import SharedStateCollector
+
+# No ``*_created`` series: they double the series count and nothing here uses them.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60)
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+JOB_FUNCTIONS = ("provision", "terminate", "sweep")
+JOB_OUTCOMES = ("ok", "retry", "error", "cancelled")
+UPSTREAM_OPERATIONS = (("openai", "mint"), ("avaturn", "create"), ("avaturn", "delete"))
+TERMINATION_REASONS = ("requested", "expired", "replaced", "tenant_disabled")
+SWEEPER_ACTIONS = ("terminations", "requeued", "reaped", "dropped")
+REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state")
 
 
 class WorkerMetrics:
@@ -21,6 +42,8 @@ class WorkerMetrics:
                                       ["function"], buckets=LATENCY_BUCKETS, registry=r)
         self.job_retries = Counter("broker_worker_job_retries_total", "Jobs deferred for a retry, by function.",
                                    ["function"], registry=r)
+        self.jobs_in_progress = Gauge("broker_worker_jobs_in_progress", "Jobs running in this worker, by function.",
+                                      ["function"], registry=r)
         self.provisions = Counter("broker_provisions_total",
                                   "Provisioning outcomes (ready or failed) with the error code of failures.",
                                   ["outcome", "code"], registry=r)
@@ -29,8 +52,9 @@ class WorkerMetrics:
         self.time_to_ready = Histogram("broker_time_to_ready_seconds", "Time from admission to ready.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_calls = Counter("broker_upstream_requests_total",
-                                      "Upstream calls by upstream, operation and result ('ok' or an error code).",
-                                      ["upstream", "operation", "result"], registry=r)
+                                      "Upstream calls by upstream, operation, outcome (ok, rejected = permanent, "
+                                      "unavailable = transient, error = not an upstream answer) and error code.",
+                                      ["upstream", "operation", "outcome", "code"], registry=r)
         self.upstream_latency = Histogram("broker_upstream_request_duration_seconds",
                                           "Upstream call latency by upstream and operation.",
                                           ["upstream", "operation"], buckets=LATENCY_BUCKETS, registry=r)
@@ -50,5 +74,76 @@ class WorkerMetrics:
                                         "Avaturn creates whose outcome was unknown and were created again, or "
                                         "orphans whose delete failed (each bounded by user_absent_timeout/max_duration).",
                                         registry=r)
-        self.redis_errors = Counter("broker_redis_errors_total", "Redis errors seen by this process.",
-                                    ["process"], registry=r)
+        self.redis_errors = Counter("broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
+                                    ["source"], registry=r)
+        self.shared = SharedStateCollector(on_error=lambda: self.redis_errors.labels("shared_state").inc())
+        r.register(self.shared)
+        self._initialise_series()
+
+    def _initialise_series(self) -> None:
+        """Known label sets start at 0, so rate() sees their first increment and dashboards
+        show 0 rather than "no data"."""
+        for fn in JOB_FUNCTIONS:
+            self.job_retries.labels(fn)
+            self.job_duration.labels(fn)
+            self.jobs_in_progress.labels(fn)
+            for outcome in JOB_OUTCOMES:
+                self.jobs.labels(fn, outcome)
+        for upstream, op in UPSTREAM_OPERATIONS:
+            self.upstream_calls.labels(upstream, op, "ok", "none")
+            self.upstream_latency.labels(upstream, op)
+        for reason in TERMINATION_REASONS:
+            self.terminations.labels(reason)
+        for action in SWEEPER_ACTIONS:
+            self.sweeper_actions.labels(action)
+        for source in REDIS_ERROR_SOURCES:
+            self.redis_errors.labels(source)
+
+    # ---- helpers called by the job code ---------------------------------------------------
+
+    def observe_upstream(self, upstream: str, operation: str, seconds: float, exc: BaseException | None = None) -> None:
+        if exc is None:
+            outcome, code = "ok", "none"
+        else:
+            code = getattr(exc, "code", None) or "none"
+            if getattr(exc, "upstream", None) is None:       # not an UpstreamError
+                outcome, code = ("cancelled", "cancelled") if isinstance(exc, asyncio.CancelledError) else ("error", "internal")
+            else:
+                outcome = "unavailable" if getattr(exc, "retryable", False) else "rejected"
+        self.upstream_calls.labels(upstream, operation, outcome, code).inc()
+        self.upstream_latency.labels(upstream, operation).observe(seconds)
+
+    def job_started(self, function: str) -> float:
+        self.jobs_in_progress.labels(function).inc()
+        return time.perf_counter()
+
+    def job_finished(self, function: str, started: float, exc: BaseException | None) -> None:
+        """Count one job run: outcome ok / retry (arq ``Retry``: also counted in
+        ``job_retries``) / cancelled / error (a Redis error is also counted in ``redis_errors``)."""
+        self.jobs_in_progress.labels(function).dec()
+        outcome = _job_outcome(exc)
+        if outcome == "retry":
+            self.job_retries.labels(function).inc()
+        elif outcome == "error" and exc is not None and _is_redis_error(exc):
+            self.redis_errors.labels("job").inc()
+        self.jobs.labels(function, outcome).inc()
+        self.job_duration.labels(function).observe(time.perf_counter() - started)
+
+
+def _job_outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    from arq.worker import Retry
+
+    if isinstance(exc, Retry):
+        return "retry"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
+
+
+def _is_redis_error(exc: Any) -> bool:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ConnectionError))

@@ -13,6 +13,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from broker.errors import NotFound, Unauthorized
+from broker.logs import bind_log_context
 from tenants.models import Tenant
 
 
@@ -34,6 +35,9 @@ async def tenant_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
     tenant: Tenant = await connection.app.state.auth.authenticate(key)
     connection.state.tenant = tenant
     connection.scope["tenant_id"] = tenant.id  # type: ignore[typeddict-unknown-key]
+    sid = connection.path_params.get("session_id")
+    # Log context of the rest of the request (reset by the middleware when it ends).
+    bind_log_context(tenant_id=tenant.id, session_id=sid if isinstance(sid, str) and sid.startswith("ses_") else None)
 
 
 async def provide_tenant(request: Request) -> Tenant:

@@ -43,11 +43,15 @@ def handle_http_exception(_: Request, exc: HTTPException) -> Response[dict[str, 
     status = exc.status_code
     code, message = _HTTP_CODES.get(status, ("http_error", "The request could not be processed."))
     headers = dict(exc.headers or {})
-    return Response(content={"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    error = {"code": code, "message": message}
+    if status == 413:  # every input violation names its field
+        error["field"] = "body"
+    return Response(content={"error": error}, status_code=status, headers=headers)
 
 
 def handle_redis_down(request: Request, exc: Exception) -> Response[dict[str, object]]:
     log.warning("redis unavailable: %s", type(exc).__name__)
+    request.app.state.metrics.redis_errors.labels("request").inc()
     return error_response(
         ServiceUnavailable(
             "The broker's datastore is unreachable; retry shortly.",

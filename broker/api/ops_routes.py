@@ -19,6 +19,7 @@ async def readyz(state: State) -> Response[Any]:
     try:
         await state.redis.ping()
     except Exception:
+        state.metrics.redis_errors.labels("readyz").inc()
         return Response(
             {"error": {"code": "redis_unavailable", "message": "Redis is unreachable."}},
             status_code=503,

@@ -1,0 +1,127 @@
+"""Real processes for the live observability test: ``session-broker api`` / ``worker``
+(started through the CLI, JSON logs to files) and a real Prometheus scraping them on
+loopback with the project's own scrape config and rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from broker.embedded_redis import free_port
+from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
+from tenants.crypto import generate_secret_key
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM_DIR = ROOT / "deploy" / "prometheus"
+API_JOB, WORKER_JOB = "session-broker-api", "session-broker-worker"
+
+
+def broker_env(redis_url: str, sandbox: Any) -> dict[str, str]:
+    import os
+
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+        "BROKER_REDIS_URL": redis_url,
+        "BROKER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "BROKER_SECRET_KEY": generate_secret_key(),
+        "BROKER_OPENAI_BASE_URL": sandbox.openai_base_url,
+        "BROKER_AVATURN_BASE_URL": sandbox.avaturn_base_url,
+        "BROKER_OPENAI_API_KEY": PLATFORM_OPENAI_KEY,
+        "BROKER_AVATURN_API_KEY": PLATFORM_AVATURN_KEY,
+        "BROKER_UPSTREAM_TIMEOUT_SECONDS": "2",
+        "BROKER_PROVISION_DEADLINE_SECONDS": "20",
+        "BROKER_LOG_FORMAT": "json",
+    }
+
+
+class Proc:
+    """One child process, its stderr in a file; stopped by its own handle only."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, cwd=ROOT)
+
+    def wait_http(self, url: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.proc.args} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{url} did not answer 200 within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def broker(command: list[str], env: dict[str, str], log: Path) -> Proc:
+    return Proc([sys.executable, "-m", "broker.cli", *command], log, env)
+
+
+def prometheus_config(tmp: Path, api: str, workers: list[str]) -> Path:
+    """deploy/prometheus/prometheus.yml with loopback targets, 1 s scrapes and evaluations,
+    and the absolute path of the project's rules (job names kept: rules and panels use them)."""
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROM_DIR / "rules" / "*.yml")]
+    targets = {API_JOB: [api], WORKER_JOB: workers}
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Prometheus:
+    def __init__(self, binary: str, config: Path, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = Proc([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                          f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], tmp / "prometheus.log")
+
+    def ready(self) -> Prometheus:
+        self.proc.wait_http(f"{self.url}/-/ready", timeout=30)
+        return self
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = r.json()
+        assert r.status_code == 200 and body.get("status") == "success", f"query failed: {expr}\n{body}"
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def scalar(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_value(self, expr: str, expected: float, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        got = None
+        while time.monotonic() < deadline:
+            got = self.scalar(expr)
+            if got == expected:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"{expr} = {got}, expected {expected}")
+
+    def stop(self) -> None:
+        self.proc.stop()

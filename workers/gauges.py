@@ -1,0 +1,159 @@
+"""Gauges that describe shared state in Redis (not this process): queue depth, the oldest
+waiting job, due terminations, the provisioning backlog and live sessions by state.
+
+A background task (started in the worker's ``on_startup``) refreshes a snapshot every
+``interval`` seconds with a few cheap reads; a scrape only formats the snapshot, so a slow
+Redis never slows /metrics. Every worker exports the same values: dashboards and alerts
+aggregate them with ``max()`` (never ``sum()``, which would multiply them by the number of
+workers). Nothing is exported before the first successful read, and
+``broker_shared_state_age_seconds`` says how old the numbers are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq.constants import in_progress_key_prefix
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.sessions.jobs import QUEUE_NAME
+from tenants import scope
+
+log = logging.getLogger("workers.gauges")
+
+# Maintained by the session state-transition scripts (field = status, value = count).
+LIVE_STATS_KEY: str = getattr(scope, "STATS_LIVE", scope.PREFIX + "stats:live")
+OLDEST_SCAN = 100          # due jobs looked at to find the oldest one no worker has started
+DEFAULT_INTERVAL = 2.0
+WARN_EVERY_S = 60.0
+_STATE = re.compile(r"^[a-z_]{1,32}$")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float                      # wall clock, seconds
+    queue_due: int                       # jobs whose time has come (running ones included)
+    queue_deferred: int                  # jobs scheduled for later (expiry terminations, retries)
+    queue_oldest_due_age: float          # seconds the oldest due job not yet started has waited
+    due_terminations: int                # sessions past expires_at / retry time, not terminated
+    due_terminations_oldest_age: float   # seconds since the oldest of them was due
+    provisioning_backlog: int            # sessions queued or provisioning (tracked to their deadline)
+    live: dict[str, int] = field(default_factory=dict)
+
+
+async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
+    now = time.time() if now is None else now
+    now_ms = int(now * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(QUEUE_NAME, "-inf", now_ms)
+        pipe.zcount(QUEUE_NAME, f"({now_ms}", "+inf")
+        pipe.zrangebyscore(QUEUE_NAME, "-inf", now_ms, start=0, num=OLDEST_SCAN, withscores=True)
+        pipe.zcount(scope.DUE_EXPIRY, "-inf", now_ms)
+        pipe.zrangebyscore(scope.DUE_EXPIRY, "-inf", now_ms, start=0, num=1, withscores=True)
+        pipe.zcard(scope.DUE_PROVISION)
+        pipe.hgetall(LIVE_STATS_KEY)
+        due, deferred, oldest_jobs, due_terms, oldest_term, backlog, live_raw = await pipe.execute()
+    oldest_age = 0.0
+    if oldest_jobs:
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in oldest_jobs:
+                pipe.exists(in_progress_key_prefix + _text(job_id))
+            running = await pipe.execute()
+        for (_, score), busy in zip(oldest_jobs, running, strict=True):
+            if not busy:
+                oldest_age = max(0.0, now - float(score) / 1000)
+                break
+    term_age = max(0.0, now - float(oldest_term[0][1]) / 1000) if oldest_term else 0.0
+    live: dict[str, int] = {}
+    for key, value in (live_raw or {}).items():
+        state = _text(key)
+        try:
+            count = int(_text(value))
+        except ValueError:
+            continue
+        if _STATE.match(state):
+            live[state] = count
+    return Snapshot(
+        taken_at=now, queue_due=int(due), queue_deferred=int(deferred), queue_oldest_due_age=oldest_age,
+        due_terminations=int(due_terms), due_terminations_oldest_age=term_age,
+        provisioning_backlog=int(backlog), live=live,
+    )
+
+
+class SharedStateCollector(Collector):
+    def __init__(self, on_error: Callable[[], None] | None = None, interval: float = DEFAULT_INTERVAL) -> None:
+        self.interval = interval
+        self.snapshot: Snapshot | None = None
+        self._on_error = on_error
+
+    async def refresh(self, redis: Any) -> Snapshot:
+        self.snapshot = await read_snapshot(redis)
+        return self.snapshot
+
+    def start(self, redis: Any) -> asyncio.Task[None]:
+        return asyncio.create_task(self._run(redis), name="shared-state-gauges")
+
+    async def _run(self, redis: Any) -> None:
+        failing_since: float | None = None
+        last_warning = 0.0
+        while True:
+            try:
+                await self.refresh(redis)
+                if failing_since is not None:
+                    log.info("shared-state gauges: Redis readable again after %.0f s", time.monotonic() - failing_since)
+                    failing_since = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep refreshing; the age gauge shows staleness
+                if self._on_error is not None:
+                    self._on_error()      # every failure is counted ...
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - last_warning >= WARN_EVERY_S:   # ... but logged at most once a minute
+                    last_warning = now
+                    log.warning("shared-state gauges: read failed (%s)", type(exc).__name__)
+            await asyncio.sleep(self.interval)
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self.snapshot))
+
+    def _families(self, snap: Snapshot | None) -> Iterable[Metric]:
+        queue = GaugeMetricFamily("broker_queue_jobs", "Jobs in the arq queue: due now (running ones included) "
+                                  "or deferred. Shared state: aggregate with max().", labels=["state"])
+        oldest = GaugeMetricFamily("broker_queue_oldest_due_age_seconds",
+                                   "How long the oldest due job that no worker has started has waited. Shared state: max().")
+        due = GaugeMetricFamily("broker_due_terminations",
+                                "Sessions past their expiry (or retry) time and not yet terminated. Shared state: max().")
+        due_age = GaugeMetricFamily("broker_due_terminations_oldest_seconds",
+                                    "Seconds since the oldest due termination was due. Shared state: max().")
+        backlog = GaugeMetricFamily("broker_provisioning_backlog",
+                                    "Sessions queued or provisioning. Shared state: max().")
+        live = GaugeMetricFamily("broker_live_sessions", "Sessions by state (from sb:stats:live). Shared state: max().",
+                                 labels=["state"])
+        age = GaugeMetricFamily("broker_shared_state_age_seconds",
+                                "Age of the shared-state snapshot this worker exports.")
+        if snap is not None:
+            queue.add_metric(["due"], snap.queue_due)
+            queue.add_metric(["deferred"], snap.queue_deferred)
+            oldest.add_metric([], snap.queue_oldest_due_age)
+            due.add_metric([], snap.due_terminations)
+            due_age.add_metric([], snap.due_terminations_oldest_age)
+            backlog.add_metric([], snap.provisioning_backlog)
+            for state, count in sorted(snap.live.items()):
+                live.add_metric([state], count)
+            age.add_metric([], max(0.0, time.time() - snap.taken_at))
+        return (queue, oldest, due, due_age, backlog, live, age)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
