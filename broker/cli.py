@@ -98,8 +98,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         settings.require_secret_key()
         from .cli_tenants import rotate_secrets
+        from .errors import BrokerError
 
-        print(f"re-encrypted credentials of {asyncio.run(rotate_secrets(settings))} tenant(s)")
+        try:
+            count = asyncio.run(rotate_secrets(settings))
+        except BrokerError as exc:
+            print(f"session-broker: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"re-encrypted credentials of {count} tenant(s)")
         return 0
     from .cli_tenants import run_tenant_command
 

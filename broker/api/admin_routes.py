@@ -12,6 +12,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath
 
 from broker.errors import InvalidInput
+from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
 from tenants.models import TenantView
 from tenants.service import decode_create, decode_patch
 
@@ -37,10 +38,10 @@ async def create_tenant(request: Request, state: State) -> Response[Any]:
 
 @get("/tenants")
 async def list_tenants(request: Request, state: State) -> Response[Any]:
-    try:
-        limit = int(request.query_params.get("limit", "20"))
-    except ValueError:
-        raise InvalidInput("limit must be an integer between 1 and 100", code="invalid_limit", field="limit") from None
+    raw_limit = request.query_params.get("limit", "20")
+    if not (raw_limit.isascii() and raw_limit.isdigit()):  # int() would take " 5", "1_0", "+5"
+        raise InvalidInput("limit must be an integer between 1 and 100", code="invalid_limit", field="limit")
+    limit = int(raw_limit)
     tenants, next_cursor = await state.tenants.list(limit=limit, cursor=request.query_params.get("cursor"))
     return Response(content={"data": [TenantView.of(t) for t in tenants], "next_cursor": next_cursor})
 
@@ -103,8 +104,9 @@ class _Rotate(msgspec.Struct, forbid_unknown_fields=True):
 @post("/tenants/{tenant_id:str}/keys/{key_id:str}/rotate", status_code=201)
 async def rotate_key(request: Request, state: State, tenant_id: FromPath[str], key_id: FromPath[str]) -> Response[Any]:
     req, _ = await read_json(request, _Rotate, empty_ok=True)
-    if not 0 <= req.overlap_seconds <= 30 * 86400:
-        raise InvalidInput("overlap_seconds must be 0..2592000", code="invalid_overlap", field="overlap_seconds")
+    if not 0 <= req.overlap_seconds <= MAX_ROTATION_OVERLAP_SECONDS:
+        raise InvalidInput(f"overlap_seconds must be 0..{MAX_ROTATION_OVERLAP_SECONDS}", code="invalid_overlap",
+                           field="overlap_seconds")
     return Response(content=await state.tenants.rotate_key(tenant_id, key_id, req.overlap_seconds), status_code=201)
 
 

@@ -25,6 +25,7 @@ from tenants.service import TenantService
 from .admin_routes import admin_router
 from .errors import EXCEPTION_HANDLERS
 from .middleware import metrics_middleware
+from .openapi import document_openapi
 from .ops_routes import ops_handlers
 from .tenant_routes import tenant_router
 
@@ -78,7 +79,9 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(title="Session Broker", version="1.0.0", path="/schema"),
         debug=False,
+        logging_config=None,  # Litestar's default would replace our JSON root handler (broker/logs.py)
     )
+    document_openapi(app)  # request bodies, query params, errors, security (handlers read raw input)
     app.state.metrics = metrics
     app.state.settings = settings
     return app

@@ -11,6 +11,7 @@ from litestar import Request
 from broker.errors import InvalidInput, UnsupportedMediaType
 
 T = TypeVar("T")
+MAX_DEPTH = 64  # nesting of objects/arrays in a body: deeper input is refused before any recursive code sees it
 _PATH = re.compile(r"at `\$((?:\.[A-Za-z0-9_\-]+|\[\d+\]|\[\.\.\.\])*)`")
 
 
@@ -23,13 +24,36 @@ async def read_json(request: Request, model: type[T], *, empty_ok: bool) -> tupl
     ctype = request.headers.get("content-type", "")
     media = ctype.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType("Send the body as JSON with Content-Type: application/json", code="unsupported_media_type")
+        raise UnsupportedMediaType(
+            "Send the body as JSON with Content-Type: application/json", code="unsupported_media_type",
+            field="Content-Type",
+        )
     try:
+        _check_depth(msgspec.json.decode(body))
         return msgspec.json.decode(body, type=model), body
+    except RecursionError:
+        raise _too_deep() from None
     except msgspec.ValidationError as exc:
         raise InvalidInput(_clean(str(exc)), code="invalid_field", field=field_of(str(exc))) from None
     except msgspec.DecodeError:
         raise InvalidInput("the body is not valid JSON", code="invalid_json", field="body") from None
+
+
+def _too_deep() -> InvalidInput:
+    return InvalidInput(f"the body is nested more than {MAX_DEPTH} levels deep", code="body_too_deep", field="body")
+
+
+def _check_depth(value: object) -> None:
+    """Iterative (no recursion of our own): refuses objects/arrays nested deeper than MAX_DEPTH."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_DEPTH:
+            raise _too_deep()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def field_of(message: str) -> str | None:

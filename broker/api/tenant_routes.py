@@ -3,6 +3,7 @@ passes its id down: a session of another tenant is simply not found."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -12,6 +13,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 
 from broker.errors import InvalidInput
+from broker.logs import bind_log_context
 from broker.sessions.models import CreateSessionRequest, SessionRecord, SessionView, now_ms
 from tenants.admission import Admitted
 from tenants.models import Tenant
@@ -22,6 +24,8 @@ from .deps import provide_tenant, tenant_guard
 from .ratelimit import ratelimit_headers
 
 MAX_WAIT = 30.0
+# what a query number may look like (JSON's grammar): no "1_0", " 1", "nan", "inf" (Python's float/int accept them)
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
 def _session_response(rec: SessionRecord, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
@@ -32,10 +36,7 @@ def _wait_param(request: Request) -> float | None:
     raw = request.query_params.get("wait")
     if raw is None:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
+    value = float(raw) if _NUMBER.fullmatch(raw) else -1.0
     if not 0 <= value <= MAX_WAIT or value != value:
         raise InvalidInput("wait must be a number of seconds between 0 and 30", code="invalid_wait", field="wait")
     return value
@@ -54,10 +55,16 @@ def _idempotency_key(request: Request) -> str | None:
 
 @post("/sessions", status_code=202)
 async def create_session(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
-    wait = _wait_param(request)
-    idem = _idempotency_key(request)
-    req, body = await read_json(request, CreateSessionRequest, empty_ok=True)
-    rec, outcome = await state.sessions.create(tenant, req, body=body, idempotency_key=idem)
+    try:
+        wait = _wait_param(request)
+        idem = _idempotency_key(request)
+        req, body = await read_json(request, CreateSessionRequest, empty_ok=True)
+        rec, outcome = await state.sessions.create(tenant, req, body=body, idempotency_key=idem)
+    except Exception as exc:
+        state.metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
+        raise
+    state.metrics.admission_result(tenant.id, replayed=not isinstance(outcome, Admitted))
+    bind_log_context(session_id=rec.id)
     headers = {"Location": f"/v1/sessions/{rec.id}"}
     if isinstance(outcome, Admitted):
         headers.update(ratelimit_headers(outcome.usage))
@@ -85,10 +92,9 @@ async def get_session(state: State, tenant: NamedDependency[Tenant], session_id:
 async def list_sessions(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
     q = request.query_params
     raw_limit = q.get("limit", "20")
-    try:
-        limit = int(raw_limit)
-    except ValueError:
-        raise InvalidInput("limit must be an integer between 1 and 100", code="invalid_limit", field="limit") from None
+    if not (raw_limit.isascii() and raw_limit.isdigit()):  # int() would take " 5", "1_0", "+5"
+        raise InvalidInput("limit must be an integer between 1 and 100", code="invalid_limit", field="limit")
+    limit = int(raw_limit)
     result = await state.sessions.list(tenant.id, status=q.get("status"), limit=limit, cursor=q.get("cursor"))
     return Response(content=result, status_code=200)
 
