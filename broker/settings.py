@@ -18,6 +18,7 @@ import msgspec
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_AVATURN_BASE_URL = "https://api.avaturn.live/api/v1"
+DEFAULT_SENTINEL_SERVICE = "mymaster"
 
 
 class SettingsError(ValueError):
@@ -27,6 +28,10 @@ class SettingsError(ValueError):
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = DEFAULT_REDIS_URL
     redis_configured: bool = False       # BROKER_REDIS_URL was set (``dev`` embeds Redis otherwise)
+    # Redis Sentinel (HA): when set, the master of ``redis_sentinel_service`` is found through these
+    # sentinels; BROKER_REDIS_URL then only supplies credentials, db and TLS (``rediss://``).
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_service: str = DEFAULT_SENTINEL_SERVICE
     admin_token: str | None = None
     secret_keys: tuple[str, ...] = ()
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
@@ -62,6 +67,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             redis_url=_redis_url(env),
             redis_configured=_optional(env, "BROKER_REDIS_URL") is not None,
+            redis_sentinels=_sentinels(env),
+            redis_sentinel_service=_sentinel_service(env),
             admin_token=_optional(env, "BROKER_ADMIN_TOKEN"),
             secret_keys=_secret_keys(env),
             openai_base_url=_http_url(env, "BROKER_OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL),
@@ -91,6 +98,29 @@ def _redis_url(env: Mapping[str, str]) -> str:
         parsed.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         raise SettingsError("BROKER_REDIS_URL has a malformed port") from exc
+    return value
+
+
+def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    raw = _optional(env, "BROKER_REDIS_SENTINELS")
+    if raw is None:
+        return ()
+    found: list[tuple[str, int]] = []
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]")  # [::1]:26379
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(
+                "BROKER_REDIS_SENTINELS must be comma-separated host:port pairs, e.g. sentinel-0:26379,sentinel-1:26379"
+            )
+        found.append((host, int(port)))
+    return tuple(found)
+
+
+def _sentinel_service(env: Mapping[str, str]) -> str:
+    value = _optional(env, "BROKER_REDIS_SENTINEL_SERVICE") or DEFAULT_SENTINEL_SERVICE
+    if not all(c.isalnum() or c in "._-" for c in value):
+        raise SettingsError("BROKER_REDIS_SENTINEL_SERVICE must be a sentinel master name (letters, digits, . _ -)")
     return value
 
 

@@ -5,28 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from typing import Any
 
 from aiohttp import web
-from arq import cron
+from arq import Retry, cron
 from arq.worker import Worker, func
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.logs import bind_log_context, log_context
+from broker.redis_client import create_worker_pool
 from broker.sessions.jobs import PROVISION, QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
 from broker.settings import Settings
 
 from .context import WorkerContext
+from .jobs.common import REDIS_ERRORS
 from .jobs.provision import provision_session
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
+from .wakeup import WakeupWorker
 
 log = logging.getLogger("workers")
 
 JOB_TIMEOUT = 30          # seconds; short so a SIGKILLed job's in-progress key frees quickly
 SWEEP_EVERY_S = 2
 HEALTH_STALE_S = 15
+# Redis unreachable (restart, failover): the poll loop pauses this long and tries again; a
+# job that hit it is retried after REDIS_RETRY_DEFER_S; a finished job's bookkeeping waits
+# up to FINISH_PATIENCE_S for Redis instead of being lost.
+REDIS_DOWN_PAUSE_S = 0.5
+REDIS_RETRY_DEFER_S = 1.0
+FINISH_PATIENCE_S = 120.0
 
 
 class Health:
@@ -37,23 +48,86 @@ class Health:
         return time.monotonic() - self.last_ok < HEALTH_STALE_S
 
 
+class ResilientWorker(WakeupWorker):
+    """arq's Worker, except that losing Redis does not end the process (arq's default: the
+    poll loop raises and ``main()`` returns): the loop pauses and resumes when Redis is back,
+    and a job's final bookkeeping (re-queue, result, in-progress key) waits for Redis instead
+    of failing, so a job running through an outage is neither lost nor blocked for the
+    in-progress key's 40 s."""
+
+    metrics: WorkerMetrics | None = None
+    _last_warning = 0.0
+
+    def _redis_lost(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_errors.labels("poll").inc()
+        if time.monotonic() - self._last_warning > 5:
+            self._last_warning = time.monotonic()
+            log.warning("redis unreachable (%s); the worker keeps retrying", type(exc).__name__)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except REDIS_ERRORS as exc:
+            self._redis_lost(exc)
+            await asyncio.sleep(REDIS_DOWN_PAUSE_S)
+
+    async def finish_job(self, *args: Any) -> None:
+        await self._patiently(super().finish_job, *args)
+
+    async def finish_failed_job(self, *args: Any) -> None:
+        await self._patiently(super().finish_failed_job, *args)
+
+    async def _patiently(self, step: Any, *args: Any) -> None:
+        give_up = time.monotonic() + FINISH_PATIENCE_S
+        while True:
+            try:
+                await step(*args)
+                return
+            except REDIS_ERRORS as exc:
+                if time.monotonic() > give_up:
+                    raise
+                self._redis_lost(exc)
+                await asyncio.sleep(REDIS_DOWN_PAUSE_S)
+
+    async def close(self) -> None:
+        """arq's ``close``, except that a job task cancelled at shutdown or Redis being away
+        does not skip closing our clients (``on_shutdown``) and the pool."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        try:
+            await self.pool.delete(self.health_check_key)
+        except REDIS_ERRORS as exc:
+            self._redis_lost(exc)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
+
+
 def build_worker(
     settings: Settings, metrics: WorkerMetrics, health: Health, *, burst: bool = False, handle_signals: bool = True
 ) -> Worker:
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["wc"] = WorkerContext.build(settings, metrics)
         ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx["wc"], health))
+        ctx["shared_gauges"] = metrics.shared.start(ctx["wc"].redis)  # workers/gauges.py snapshot refresher
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
-        task = ctx.get("heartbeat")
-        if task:
-            task.cancel()
+        for name in ("heartbeat", "shared_gauges"):
+            task = ctx.get(name)
+            if task:
+                task.cancel()
         wc: WorkerContext | None = ctx.get("wc")
         if wc:
             await wc.close()
 
     async def on_job_start(ctx: dict[str, Any]) -> None:
         ctx["_t0"] = time.perf_counter()
+        bind_log_context(job_id=ctx.get("job_id"))  # arq's own job lines too (run_job is one task per job)
 
     async def after_job_end(ctx: dict[str, Any]) -> None:
         pass
@@ -62,14 +136,14 @@ def build_worker(
         func(_instrumented(provision_session, metrics, "provision"), name=PROVISION, max_tries=1000, timeout=JOB_TIMEOUT),
         func(_instrumented(terminate_session, metrics, "terminate"), name=TERMINATE, max_tries=1000, timeout=JOB_TIMEOUT),
     ]
-    from arq.connections import RedisSettings
-
-    return Worker(
+    worker = ResilientWorker(
         functions=functions,  # type: ignore[arg-type]
         cron_jobs=[cron(_instrumented(sweep, metrics, "sweep"), name="sweep",  # type: ignore[arg-type]
                         second=set(range(0, 60, SWEEP_EVERY_S)), run_at_startup=True, timeout=20, unique=True)],
         queue_name=QUEUE_NAME,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
+        redis_pool=create_worker_pool(settings, job_serializer=job_serializer,
+                                      job_deserializer=job_deserializer, default_queue_name=QUEUE_NAME),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         on_job_start=on_job_start,
@@ -77,32 +151,41 @@ def build_worker(
         max_jobs=settings.worker_max_jobs,
         job_timeout=JOB_TIMEOUT,
         keep_result=10,
-        poll_delay=0.05,
+        poll_delay=1.0,  # only the fallback: an idle worker blocks on the wake-up list (workers/wakeup.py)
         max_tries=1000,
         health_check_interval=5,
         job_serializer=job_serializer,
         job_deserializer=job_deserializer,
-        job_completion_wait=20,
+        # SIGTERM: stop taking jobs and let running ones end by themselves (a job never runs
+        # longer than JOB_TIMEOUT), so none is cancelled mid-create (deploy/ grace: 75 s).
+        job_completion_wait=JOB_TIMEOUT + 5,
         burst=burst,
         handle_signals=handle_signals,
         retry_jobs=True,
     )
+    worker.metrics = metrics
+    return worker
 
 
 def _instrumented(fn: Any, metrics: WorkerMetrics, label: str) -> Any:
     async def run(ctx: dict[str, Any], *args: Any) -> Any:
-        start = time.perf_counter()
-        outcome = "error"
-        try:
-            result = await fn(ctx, *args)
-            outcome = "ok"
-            return result
-        except BaseException as exc:
-            outcome = "retry" if type(exc).__name__ == "Retry" else ("cancelled" if isinstance(exc, asyncio.CancelledError) else "error")
-            raise
-        finally:
-            metrics.jobs.labels(label, outcome).inc()
-            metrics.job_duration.labels(label).observe(time.perf_counter() - start)
+        started = metrics.job_started(label)
+        error: BaseException | None = None
+        ids = {"tenant_id": str(args[0]), "session_id": str(args[1])} if len(args) == 2 else {}
+        with log_context(job_id=ctx.get("job_id"), **ids):  # every log line of the job carries them
+            try:
+                return await fn(ctx, *args)
+            except REDIS_ERRORS:
+                # Redis went away mid-job: run the job again (it stays queued) rather than let arq
+                # record a final failure and drop it. Every step of our jobs is safe to repeat.
+                metrics.redis_errors.labels("job").inc()
+                error = Retry(defer=REDIS_RETRY_DEFER_S)
+                raise error from None
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                metrics.job_finished(label, started, error)  # outcome, duration, retries
 
     run.__name__ = fn.__name__
     run.__qualname__ = fn.__qualname__
@@ -115,7 +198,7 @@ async def _heartbeat(wc: WorkerContext, health: Health) -> None:
             await wc.redis.ping()
             health.last_ok = time.monotonic()
         except Exception:
-            wc.metrics.redis_errors.labels("worker").inc()
+            wc.metrics.redis_errors.labels("heartbeat").inc()
         await asyncio.sleep(2)
 
 
@@ -144,6 +227,14 @@ async def run_worker(settings: Settings, metrics_port: int | None, metrics_host:
     worker = build_worker(settings, metrics, health)
     try:
         await worker.async_run()
+    except asyncio.CancelledError:
+        # After SIGTERM/SIGINT arq ends its main task by cancelling it, once the running jobs
+        # finished (or job_completion_wait ran out): a clean stop (exit 0), unless this task
+        # itself is being cancelled.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.info("worker stopped by a signal")
     finally:
         await worker.close()
         if runner:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
 
 from ..context import WorkerContext
-from ..upstreams.errors import UpstreamError
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
 TERMINATION_GRACE_MS = 120_000
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # Redis unreachable (restart, failover)
+RECORD_PATIENCE_S = 10.0
+
+T = TypeVar("T")
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
@@ -24,6 +32,22 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay
+
+
+async def patiently(write: Callable[[], Awaitable[T]], patience: float = RECORD_PATIENCE_S) -> T:
+    """Run a Redis write that records an upstream side effect, retrying it through a short
+    Redis outage (restart, failover): if it were given up, a re-run would repeat the side
+    effect (a second Avaturn session). Raises the Redis error after ``patience`` seconds."""
+    give_up = time.monotonic() + patience
+    delay = 0.1
+    while True:
+        try:
+            return await write()
+        except REDIS_ERRORS:
+            if time.monotonic() + delay > give_up:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
 
 async def finish_terminated(ctx: WorkerContext, rec: SessionRecord, reason: str) -> TransitionResult:
@@ -75,10 +99,8 @@ async def timed(ctx: WorkerContext, upstream: str, op: str, coro: Any) -> Any:
     start = loop.time()
     try:
         result = await coro
-    except UpstreamError as exc:
-        ctx.metrics.upstream_calls.labels(upstream, op, exc.code).inc()
-        ctx.metrics.upstream_latency.labels(upstream, op).observe(loop.time() - start)
+    except BaseException as exc:  # count, latency, outcome (rejected/unavailable/error) and code
+        ctx.metrics.observe_upstream(upstream, op, loop.time() - start, exc)
         raise
-    ctx.metrics.upstream_calls.labels(upstream, op, "ok").inc()
-    ctx.metrics.upstream_latency.labels(upstream, op).observe(loop.time() - start)
+    ctx.metrics.observe_upstream(upstream, op, loop.time() - start)
     return result

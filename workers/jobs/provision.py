@@ -19,14 +19,15 @@ from arq import Retry
 
 from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
+from broker.sessions.repository import TransitionResult
 from tenants.crypto import CredentialError
 from tenants.mint_rate import reserve_mint
 from tenants.models import Tenant
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
-from .common import TERMINATION_GRACE_MS, backoff, fail_session, timed
-from .terminate import stop_upstream_and_finish
+from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, fail_session, patiently, timed
+from .terminate import TerminationPending, stop_upstream_and_finish
 
 log = logging.getLogger("workers.provision")
 
@@ -41,8 +42,7 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
     if rec is None or rec.status in ("ready", "terminated", "failed"):
         return "noop"
     if rec.status == "terminating":
-        await stop_upstream_and_finish(ctx, rec)
-        return "stopped"
+        return await _stop(ctx, rec)
     deadline = rec.created_at + int(ctx.settings.provision_deadline_seconds * 1000)
     if now_ms() >= deadline:
         await fail_session(ctx, rec, "provision_deadline_exceeded",
@@ -92,7 +92,6 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
             await fail_session(ctx, rec, code,
                                f"{exc.upstream} stayed unavailable until the provisioning deadline ({exc.message})")
             return "gave-up"
-        ctx.metrics.job_retries.labels("provision").inc()
         raise Retry(defer=delay) from None
 
 
@@ -138,7 +137,8 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
             max_duration=max_duration,
         ))
     except UpstreamUnavailable as exc:
-        state = "unknown" if exc.maybe_applied else ""
+        # A 500 may come from an origin that failed after creating the session: unknown too.
+        state = "unknown" if exc.maybe_applied or exc.status == 500 else ""
         await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": state})
         raise
     except UpstreamRejected:
@@ -146,25 +146,37 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         raise
     now = now_ms()
     expires_at = now + rec.ttl_seconds * 1000
-    ready = await ctx.repo.transition(
-        rec,
-        allowed="provisioning",
-        status="ready",
-        lease=expires_at + TERMINATION_GRACE_MS,
-        due_expiry=expires_at,
-        due_provision="del",
-        fields={
-            "avaturn_session_id": created.session_id,
-            "avaturn_token": created.token,
-            "ready_at": now,
-            "expires_at": expires_at,
-            "create_state": "done",
-        },
-        drop=("secret_enc",),
-        publish=True,
-    )
-    if ready.applied:
-        await ctx.queue.terminate(rec.tenant_id, rec.id, at_ms=expires_at, tag="expire")
+    expiry_job = ctx.queue.terminate_job(rec.tenant_id, rec.id, at_ms=expires_at, tag="expire")
+
+    async def record_ready() -> TransitionResult:
+        return await ctx.repo.transition(
+            rec,
+            allowed="provisioning",
+            status="ready",
+            lease=expires_at + TERMINATION_GRACE_MS,
+            due_expiry=expires_at,
+            due_provision="del",
+            fields={
+                "avaturn_session_id": created.session_id,
+                "avaturn_token": created.token,
+                "ready_at": now,
+                "expires_at": expires_at,
+                "create_state": "done",
+            },
+            drop=("secret_enc",),
+            publish=True,
+            job=expiry_job,  # the termination at expires_at, written with the ready state
+        )
+
+    try:
+        ready = await patiently(record_ready)
+    except REDIS_ERRORS:
+        # Redis stayed away: end the session nobody can be told about; the job is retried.
+        await _delete_orphan(ctx, api_key, created.session_id)
+        raise
+    if ready.applied or await _recorded_ready(ctx, rec, created.session_id):
+        if not ready.applied:  # applied by an attempt whose answer was lost: make sure of its job
+            await ctx.queue.submit(expiry_job)
         ctx.metrics.provisions.labels("ready", "").inc()
         ctx.metrics.time_to_ready.observe(max(0.0, (now - rec.created_at) / 1000))
         return "ready"
@@ -176,16 +188,31 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
     )
     fresh = await ctx.repo.get(rec.tenant_id, rec.id)
     if fresh is not None and fresh.status == "terminating":
-        await stop_upstream_and_finish(ctx, fresh)
-    else:
-        await _delete_orphan(ctx, api_key, created.session_id)
+        return await _stop(ctx, fresh)
+    await _delete_orphan(ctx, api_key, created.session_id)
     return "stopped"
+
+
+async def _recorded_ready(ctx: WorkerContext, rec: SessionRecord, upstream_id: str) -> bool:
+    """The ready transition applied although its answer was lost (a write retried by the
+    Redis client or by ``patiently``): the session is ours, not an orphan to delete."""
+    fresh = await ctx.repo.get(rec.tenant_id, rec.id)
+    return fresh is not None and fresh.status == "ready" and fresh.avaturn_session_id == upstream_id
+
+
+async def _stop(ctx: WorkerContext, rec: SessionRecord) -> str:
+    """Finish a stopped session; an upstream DELETE that fails now is retried with backoff by
+    the termination job (and the sweeper), not by failing this job."""
+    try:
+        return await stop_upstream_and_finish(ctx, rec)
+    except TerminationPending:
+        return "stop-pending"
 
 
 async def _stopped_meanwhile(ctx: WorkerContext, tenant_id: str, session_id: str) -> str:
     fresh = await ctx.repo.get(tenant_id, session_id)
     if fresh is not None and fresh.status == "terminating":
-        await stop_upstream_and_finish(ctx, fresh)
+        return await _stop(ctx, fresh)
     return "stopped"
 
 

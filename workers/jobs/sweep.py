@@ -2,8 +2,9 @@
 
 - Sessions past ``expires_at`` (or whose retry time has come) that are not terminated:
   a lost expiry job, a Redis failover, a crashed worker → enqueue a termination.
-- Sessions still queued a few seconds after admission with no job in the queue (a crash
-  between admission and enqueue) → enqueue the provisioning again.
+- Sessions still queued or provisioning a few seconds after admission with no job in the
+  queue (a crash between admission and enqueue, a job that timed out or crashed, a Redis
+  failover) → enqueue the provisioning again.
 - Sessions stuck in queued/provisioning past the provisioning deadline → failed
   (reason ``reaped``); a create that lands later is deleted by the provisioning job.
 """
@@ -51,8 +52,9 @@ async def sweep(arq_ctx: dict[str, Any]) -> dict[str, int]:
                 "The session could not be provisioned in time; create a new one.", reason="reaped",
             )
             counts["reaped"] += int(res.applied)
-        elif rec.status == "queued" and await ctx.queue.provision(tid, sid):
-            # arq refuses a job id that is still queued or running, so this only
+        elif await ctx.queue.provision(tid, sid):
+            # arq refuses a job id that is still queued, running (or SIGKILLed: its job key
+            # stays until it is re-run) or finished less than keep_result ago, so this only
             # re-creates a job that was lost.
             counts["requeued"] += 1
     for action, n in counts.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 from arq import Retry
 
 from broker.errors import NotFound
@@ -65,7 +66,10 @@ async def terminate_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
             rec, allowed="ready", status="terminating", lease=now + TERMINATION_GRACE_MS,
             due_expiry=now, fields={"termination_reason": "expired", "terminating_at": now}, publish=True,
         )
-        rec = await ctx.repo.get(tenant_id, session_id) if moved.applied or moved.status != "ready" else rec
+        if moved.applied:  # what the transition wrote (a ready record changes no other field)
+            rec = msgspec.structs.replace(rec, status="terminating", termination_reason="expired", terminating_at=now)
+        elif moved.status != "ready":
+            rec = await ctx.repo.get(tenant_id, session_id)
         if rec is None:
             return "noop"
     if rec.status in ("queued", "provisioning"):
@@ -75,7 +79,6 @@ async def terminate_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
     try:
         return await stop_upstream_and_finish(ctx, rec)
     except TerminationPending as pending:
-        ctx.metrics.job_retries.labels("terminate").inc()
         raise Retry(defer=pending.delay) from None
 
 

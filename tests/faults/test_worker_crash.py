@@ -1,0 +1,162 @@
+"""Worker processes that die: SIGKILL inside the OpenAI mint, inside the Avaturn create and
+inside the Avaturn DELETE (the sandbox holds the call with injected latency), SIGTERM with
+jobs running, and sessions stuck past the provisioning deadline."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from broker.sessions.jobs import QUEUE_NAME
+
+from .harness import counter, wait_until
+from .ledger import FINAL, assert_orphans_end_by_backstop, check_invariants
+
+pytestmark = pytest.mark.fault
+
+IN_PROGRESS_S = 30 + 10  # arq job timeout + 10 s: how long a SIGKILLed job's in-progress key blocks it
+SWEEP_S = 2
+
+
+def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_ledger, sandbox: Any) -> None:
+    """Invariant: a worker SIGKILLed while one session is inside the OpenAI mint, one inside the
+    Avaturn create, one inside the DELETE at its expiry and one inside the DELETE the tenant
+    asked for leaves nothing stuck: another worker finishes the two provisionings (ready) at
+    the latest when the killed jobs' arq in-progress keys expire (job start + 40 s) and the
+    two terminations at once (the sweeper re-enqueues them under a new job id), reasons kept;
+    the recorded secret is reused, not minted again; the only upstream session created twice
+    is the one whose create outcome was unknown (the named window), counted in
+    broker_upstream_possible_orphans_total and bounded by max_duration; every upstream session
+    is ended by expires_at (or the DELETE request) + 8 s; every slot is released."""
+    h = make_harness(BROKER_PROVISION_DEADLINE_SECONDS=60, BROKER_UPSTREAM_TIMEOUT_SECONDS=10)
+    w1 = h.worker()
+    led = make_ledger(h)
+    expiring = led.create(ttl=10, wait=10)
+    requested = led.create(ttl=120, wait=10)
+    sandbox.configure({op: {"latency_ms": 5000} for op in ("mint", "create", "delete")})
+    expires_at = led.record(expiring).expires_at / 1000
+    time.sleep(max(0.0, expires_at - time.time() - 6.0))
+    in_create = led.create(ttl=120)  # mint [e-6, e-1], create [e-1, e+4]
+    wait_until(lambda: counter(sandbox, "create") == 3, 10, "a session inside the Avaturn create")
+    in_mint = led.create(ttl=120)  # mint [e-1, e+4]
+    assert led.client.delete(f"/v1/sessions/{requested}").status_code == 202  # DELETE [e-1, e+4]
+    wait_until(lambda: counter(sandbox, "mint") == 4 and counter(sandbox, "delete") == 2, 10,
+               "mint and both DELETEs in flight")  # the expiry DELETE [e, e+5]
+    w1.kill()
+    killed_at = time.time()
+    rec_c, rec_m = led.record(in_create), led.record(in_mint)
+    assert (rec_c.status, rec_c.create_state, bool(rec_c.secret_enc)) == ("provisioning", "inflight", True)
+    assert (rec_m.status, rec_m.create_state, bool(rec_m.secret_enc)) == ("provisioning", "", False)
+    assert led.record(expiring).status == led.record(requested).status == "terminating"
+    sandbox.configure({})
+    queued = led.create(ttl=120)  # admitted while no worker runs
+    w2 = h.thread_worker()
+    led.wait_for([expiring, requested], {"terminated"}, timeout=SWEEP_S + 8)
+    terminated_after = max(led.record(sid).terminated_at / 1000 - killed_at for sid in (expiring, requested))
+    assert led.record(expiring).termination_reason == "expired"
+    assert led.record(requested).termination_reason == "requested"
+    led.wait_for([queued], {"ready"}, timeout=10)
+    assert led.record(in_create).status == led.record(in_mint).status == "provisioning"  # not run twice
+    led.wait_for([in_create, in_mint], {"ready"}, timeout=IN_PROGRESS_S + 10)
+    recovered_after = max(led.record(sid).ready_at / 1000 - killed_at for sid in (in_create, in_mint))
+    assert recovered_after <= IN_PROGRESS_S + 3, recovered_after
+
+    up = led.upstream(sandbox.audit())
+    assert up.secrets_by_sid[in_create] == 1, "the recorded secret was minted again instead of reused"
+    assert up.secrets_by_sid[in_mint] == 2  # its secret was never recorded: a second mint (unused, it expires)
+    assert [len(up.by_sid[sid]) for sid in (in_create, in_mint, queued)] == [2, 1, 1]
+    assert len({u["secret_fingerprint"] for u in up.by_sid[in_create]}) == 1
+    orphans = w2.metrics.registry.get_sample_value("broker_upstream_possible_orphans_total")
+    assert orphans == 1
+
+    for sid in (in_create, in_mint, queued):
+        assert led.client.delete(f"/v1/sessions/{sid}").status_code == 202
+    led.wait_for(None, FINAL, timeout=15)
+    report = check_invariants(led, sandbox.audit(), lateness_bound_s=8, max_duplicates=1)
+    assert report.duplicates == 1 and report.statuses == {"terminated": 5}
+    assert_orphans_end_by_backstop(sandbox, report)
+    h.assert_no_secret_logged()
+    print(f"SIGKILL: terminations done {terminated_after:.1f}s and provisionings ready {recovered_after:.1f}s "
+          f"after the kill; {report}")
+
+
+def test_sigterm_lets_running_jobs_finish_and_leaves_the_rest_queued(make_harness, make_ledger,
+                                                                     sandbox: Any) -> None:
+    """Invariant: SIGTERM stops a worker without half-done sessions: the provisioning jobs it
+    is running (inside a 1.5 s Avaturn create) finish to ready with one upstream session each,
+    a session admitted after the signal stays queued with its job in the queue (not picked,
+    not half-started), the process exits 0 as soon as its jobs are done, and
+    another worker then provisions the queued session; all end terminated, slots released."""
+    h = make_harness()
+    w1 = h.worker()
+    led = make_ledger(h)
+    sandbox.configure({"create": {"latency_ms": 1500}})
+    running = [led.create(ttl=60), led.create(ttl=60)]
+    wait_until(lambda: counter(sandbox, "create") == 2, 10, "two creates in flight")
+    w1.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    wait_until(lambda: "allow_pick_jobs to `False`" in w1.log_text(), 10, "the worker taking the signal")
+    queued = led.create(ttl=60)
+    assert w1.wait(25) == 0, w1.log_text()[-3000:]
+    stopped_after = time.monotonic() - signalled
+    assert stopped_after < 10, stopped_after
+    for sid in running:
+        rec = led.record(sid)
+        assert (rec.status, rec.create_state, rec.attempts) == ("ready", "done", 1)
+    rec = led.record(queued)
+    assert (rec.status, rec.attempts) == ("queued", 0)
+    assert led.redis.zscore(QUEUE_NAME, f"prov:{queued}") is not None
+    up = led.upstream(sandbox.audit())
+    assert [len(up.by_sid[sid]) for sid in running] == [1, 1] and not up.by_sid.get(queued)
+
+    sandbox.configure({})
+    h.thread_worker()
+    led.wait_for([queued], {"ready"}, timeout=10)
+    for sid in led.sessions:
+        led.client.delete(f"/v1/sessions/{sid}")
+    led.wait_for(None, FINAL, timeout=15)
+    report = check_invariants(led, sandbox.audit(), lateness_bound_s=5)
+    assert report.statuses == {"terminated": 3}
+    print(f"SIGTERM: worker exited {stopped_after:.1f}s after the signal; {report}")
+
+
+def test_sessions_stuck_past_the_deadline_are_failed(make_harness, make_ledger, sandbox: Any) -> None:
+    """Invariant: while a worker runs, no session stays queued or provisioning past the
+    provisioning deadline (6 s here) + one sweep (2 s) + 1 s: a session whose worker was
+    SIGKILLed mid-mint (its job blocked by arq for 40 s) and one that waited in the queue
+    while no worker ran are failed as soon as a worker is up again, one whose OpenAI mint
+    hangs by its deadline; all with a clear code (reason ``reaped`` for the first two);
+    nothing is created upstream and every slot is released."""
+    deadline_s = 6
+    h = make_harness(BROKER_PROVISION_DEADLINE_SECONDS=deadline_s, BROKER_UPSTREAM_TIMEOUT_SECONDS=3)
+    w1 = h.worker()
+    led = make_ledger(h)
+    sandbox.configure({"mint": {"fail": [{"hang": True, "hang_seconds": 60}]}})
+    killed = led.create(ttl=10)
+    wait_until(lambda: counter(sandbox, "mint") == 1, 10, "mint in flight")
+    w1.kill()
+    waited = led.create(ttl=10)
+    time.sleep(max(0.0, led.record(waited).created_at / 1000 + deadline_s + 0.5 - time.time()))
+    h.thread_worker()
+    worker_up_ms = time.time() * 1000
+    led.create(ttl=10)  # its mint hangs
+    led.wait_for(None, {"failed"}, timeout=deadline_s + SWEEP_S + 6)
+    lates = []
+    for sid in led.sessions:
+        rec = led.record(sid)
+        late = rec.terminated_at - max(rec.created_at + deadline_s * 1000, worker_up_ms)
+        lates.append(late / 1000)
+        assert late <= (SWEEP_S + 1) * 1000, f"{sid} failed {late} ms after its deadline"
+        assert rec.error_code in ("provision_deadline_exceeded", "upstream_timeout"), rec.error_code
+    for sid in (killed, waited):
+        rec = led.record(sid)
+        assert (rec.error_code, rec.termination_reason) == ("provision_deadline_exceeded", "reaped")
+    report = check_invariants(led, sandbox.audit(), lateness_bound_s=0)
+    assert report.statuses == {"failed": 3}
+    assert sandbox.audit()["sessions"] == []
+    view = led.view(killed)
+    assert view["error"]["code"] == "provision_deadline_exceeded" and view["avaturn"] is None
+    print(f"deadline: stuck sessions failed at most {max(lates):.1f}s after their deadline (or worker start)")
