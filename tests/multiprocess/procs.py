@@ -1,0 +1,105 @@
+"""Broker processes started with the project's own commands (``python -m broker.cli api|worker``),
+each logging to its own file, with health waits and signals by process id."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from broker.embedded_redis import free_port
+from tenants.crypto import generate_secret_key
+from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
+
+
+def broker_env(redis_url: str, sandbox: Any, **overrides: str) -> dict[str, str]:
+    """The environment of every process of one deployment (as tests/fixtures/stack.make_settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        BROKER_REDIS_URL=redis_url,
+        BROKER_ADMIN_TOKEN=ADMIN_TOKEN,
+        BROKER_SECRET_KEY=generate_secret_key(),
+        BROKER_OPENAI_BASE_URL=sandbox.openai_base_url,
+        BROKER_AVATURN_BASE_URL=sandbox.avaturn_base_url,
+        BROKER_OPENAI_API_KEY=PLATFORM_OPENAI_KEY,
+        BROKER_AVATURN_API_KEY=PLATFORM_AVATURN_KEY,
+        BROKER_UPSTREAM_TIMEOUT_SECONDS="2",
+        BROKER_LOG_FORMAT="json",
+        BROKER_LOG_LEVEL="WARNING",
+    )
+    env.update(overrides)
+    return env
+
+
+class BrokerProcess:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, health_url: str) -> None:
+        self.name, self.argv, self.env, self.health_url = name, argv, env, health_url
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def api(cls, name: str, env: dict[str, str], log_dir: Path) -> BrokerProcess:
+        port = free_port()
+        proc = cls(name, ["api", "--port", str(port)], env, log_dir, f"http://127.0.0.1:{port}/readyz")
+        proc.url = f"http://127.0.0.1:{port}"
+        return proc
+
+    @classmethod
+    def worker(cls, name: str, env: dict[str, str], log_dir: Path) -> BrokerProcess:
+        port = free_port()
+        argv = ["worker", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+        return cls(name, argv, env, log_dir, f"http://127.0.0.1:{port}/healthz")
+
+    url: str = ""
+
+    def start(self) -> BrokerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "broker.cli", *self.argv], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.health_url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not healthy within {timeout}s:\n{self.tail()}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (a crash, an OOM kill, a lost node)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
