@@ -139,7 +139,8 @@ def build_worker(
     worker = ResilientWorker(
         functions=functions,  # type: ignore[arg-type]
         cron_jobs=[cron(_instrumented(sweep, metrics, "sweep"), name="sweep",  # type: ignore[arg-type]
-                        second=set(range(0, 60, SWEEP_EVERY_S)), run_at_startup=True, timeout=20, unique=True)],
+                        second=set(range(0, 60, SWEEP_EVERY_S)), run_at_startup=True, timeout=20, unique=True,
+                        max_tries=3)],  # a sweep cut off by a killed worker is simply run again
         queue_name=QUEUE_NAME,
         # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
         redis_pool=create_worker_pool(settings, job_serializer=job_serializer,
