@@ -56,9 +56,8 @@ if nxt[2] then out[1] = nxt[2] end
 return out
 """
 
-# Redis checks blocked clients' timeouts about every 100 ms (hz 10): a wait for a deferred job
-# blocks until shortly before it is due, then sleeps the rest on the event loop.
-TIMER_SLACK_S = 0.1
+# Shortest blocking pop: shorter waits (a deferred job due within 10 ms) sleep on the loop.
+MIN_BLOCK_S = 0.01
 
 
 def _text(value: bytes | str) -> str:
@@ -121,17 +120,17 @@ class WakeupWorker(Worker):
         if not self.allow_pick_jobs:
             await asyncio.sleep(self.fallback_s)
             return
-        until_due = (next_due - timestamp_ms()) / 1000 if next_due is not None else None
-        deferred = until_due is not None and until_due < self.fallback_s
-        wait = until_due if deferred and until_due is not None else self.fallback_s
-        if wait <= 0:
+        wait = self.fallback_s
+        if next_due is not None:
+            wait = min(wait, (next_due - timestamp_ms()) / 1000)
+        if wait < MIN_BLOCK_S:
+            # Redis truncates a BLPOP timeout to whole ms: "0.001" can become 0, i.e. forever.
+            await asyncio.sleep(max(0.0, wait))
             return
-        block = wait - TIMER_SLACK_S if deferred else wait
-        if block >= 0.001 and await self.pool.blpop([WAKE_LIST], timeout=round(block, 3)) is not None:
+        # Never deaf to tokens: a deferred job is started when the pop times out, which Redis
+        # (checking blocked clients' timeouts at its hz, 10/s by default) may do up to ~100 ms late.
+        if await self.pool.blpop([WAKE_LIST], timeout=round(wait, 3)) is not None:
             self.wakeups += 1
-            return
-        if deferred and next_due is not None:
-            await asyncio.sleep(max(0.0, (next_due - timestamp_ms()) / 1000))
 
     async def finish_job(  # noqa: PLR0913 - arq's signature
         self,

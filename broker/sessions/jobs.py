@@ -85,9 +85,12 @@ class JobQueue:
     async def provision(self, tenant_id: str, session_id: str, *, defer_ms: int = 0) -> bool:
         return await self.submit(self.provision_job(tenant_id, session_id, defer_ms=defer_ms))
 
+    @staticmethod
+    def terminate_job(tenant_id: str, session_id: str, *, at_ms: int | None = None, tag: str = "stop") -> JobSpec:
+        return job_spec(TERMINATE, tenant_id, session_id, job_id=f"term:{session_id}:{tag}", due_ms=at_ms)
+
     async def terminate(self, tenant_id: str, session_id: str, *, at_ms: int | None = None, tag: str = "stop") -> bool:
-        return await self.submit(job_spec(TERMINATE, tenant_id, session_id, job_id=f"term:{session_id}:{tag}",
-                                          due_ms=at_ms))
+        return await self.submit(self.terminate_job(tenant_id, session_id, at_ms=at_ms, tag=tag))
 
 
 def new_arq_redis(pool: Any) -> ArqRedis:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
 
+from .jobs import JobSpec
 from .models import SessionRecord
 
 RETENTION_SECONDS = 7 * 24 * 3600
@@ -84,7 +85,9 @@ class SessionRepository:
         drop: tuple[str, ...] = (),
         publish: bool = False,
         retain: bool = False,
+        job: JobSpec | None = None,
     ) -> TransitionResult:
+        """``job`` is enqueued in the same step, only if the transition applies."""
         scope = TenantScope(rec.tenant_id)
         keys = [
             scope.session(rec.id),
@@ -93,11 +96,12 @@ class SessionRepository:
             DUE_EXPIRY,
             DUE_PROVISION,
             STATS_LIVE,
+            *(job.keys() if job is not None else ("", "", "", "")),
         ]
         pairs: list[str | int] = []
         for k, v in (fields or {}).items():
             pairs += [k, v]
-        args: list[str | int] = [
+        args: list[str | int | bytes] = [
             allowed,
             status,
             lease,
@@ -108,6 +112,7 @@ class SessionRepository:
             scope.events_channel(rec.id) if publish else "",
             RETENTION_SECONDS if retain else "",
             len(fields or {}),
+            *(job.args() if job is not None else ("", 0, 0, "", 1)),
             *pairs,
             *drop,
         ]

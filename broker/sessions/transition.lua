@@ -1,13 +1,17 @@
 -- Atomic state transition of one session, with its indexes.
 -- KEYS: 1 session hash, 2 live zset (leases), 3 end-user zset (or ""-named dummy),
 --       4 due:expiry zset, 5 due:provision zset, 6 stats hash (live status -> count)
+--       7..10 a job to enqueue when applied (job key, result key, queue, wake-up list:
+--       broker/sessions/jobs.py ENQUEUE), or "" when none
 -- ARGV: 1 allowed from-statuses, comma separated, or "*" for any live status
 --       2 new status, or "" to keep it
 --       3 lease: "" keep | "del" release (also from the end-user zset) | score (ms)
 --       4 due expiry: "" | "del" | score      5 due provision: "" | "del" | score
 --       6 due member "{tid}:{sid}"             7 session id
 --       8 pub/sub channel or ""                9 retention seconds on terminal or ""
---       10 n: number of field/value pairs to HSET, then the pairs, then fields to HDEL
+--       10 n: number of field/value pairs to HSET
+--       11..15 the job: id, score, job key TTL ms, serialized job, wake-up cap (unused without one)
+--       16.. the pairs, then fields to HDEL
 -- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
@@ -31,7 +35,7 @@ if new ~= st then
 end
 
 local n = tonumber(ARGV[10])
-local i = 11
+local i = 16
 if n > 0 then
   local pairs_ = {}
   for j = 0, 2 * n - 1 do pairs_[#pairs_ + 1] = ARGV[i + j] end
@@ -57,4 +61,10 @@ if ARGV[5] == 'del' then redis.call('ZREM', KEYS[5], member)
 elseif ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], member) end
 if ARGV[9] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[9]) end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], new) end
+if KEYS[7] ~= '' and redis.call('EXISTS', KEYS[7], KEYS[8]) == 0 then
+  redis.call('SET', KEYS[7], ARGV[14], 'PX', ARGV[13])
+  redis.call('ZADD', KEYS[9], ARGV[12], ARGV[11])
+  redis.call('LPUSH', KEYS[10], '1')
+  redis.call('LTRIM', KEYS[10], 0, tonumber(ARGV[15]) - 1)
+end
 return {1, new}

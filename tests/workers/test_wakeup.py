@@ -17,7 +17,16 @@ from arq import Retry
 from arq.connections import ArqRedis
 from arq.worker import func
 
-from broker.sessions.jobs import PROVISION, QUEUE_NAME, WAKE_CAP, WAKE_LIST, JobQueue, job_deserializer, job_serializer
+from broker.sessions.jobs import (
+    PROVISION,
+    QUEUE_NAME,
+    TERMINATE,
+    WAKE_CAP,
+    WAKE_LIST,
+    JobQueue,
+    job_deserializer,
+    job_serializer,
+)
 from workers.wakeup import WakeupWorker
 
 FALLBACK_S = 5.0
@@ -39,7 +48,7 @@ async def running_worker(redis_url: str, job: Job, *, max_jobs: int = 100,
                          fallback: float = FALLBACK_S) -> AsyncIterator[WakeupWorker]:
     pool = ArqRedis.from_url(redis_url)
     pool.job_serializer, pool.job_deserializer, pool.default_queue_name = job_serializer, job_deserializer, QUEUE_NAME
-    worker = WakeupWorker(functions=[func(job, name=PROVISION)], redis_pool=pool, queue_name=QUEUE_NAME,
+    worker = WakeupWorker(functions=[func(job, name=PROVISION), func(job, name=TERMINATE)], redis_pool=pool, queue_name=QUEUE_NAME,
                           poll_delay=fallback, max_jobs=max_jobs, handle_signals=False, keep_result=5,
                           job_serializer=job_serializer, job_deserializer=job_deserializer)
     task = asyncio.create_task(worker.async_run())
@@ -47,6 +56,9 @@ async def running_worker(redis_url: str, job: Job, *, max_jobs: int = 100,
     try:
         yield worker
     finally:
+        deadline = time.monotonic() + 5  # let running jobs finish their bookkeeping first
+        while any(not t.done() for t in worker.tasks.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -96,6 +108,23 @@ async def test_a_deferred_job_starts_at_its_due_time(redis_url: str, queue: JobQ
         await _until(lambda: "ses_later" in runs.started, FALLBACK_S)
         delay = runs.started["ses_later"][0] - t0
         assert 0.39 <= delay < 0.6, delay
+
+
+async def test_jobs_due_a_millisecond_apart_all_start_on_time(redis_url: str, queue: JobQueue) -> None:
+    """Invariant: 300 jobs due 1 ms apart all start, each within 0.3 s of its due time (a
+    blocking pop with a sub-millisecond timeout would block for ever: Redis truncates it to 0)."""
+    runs = Runs()
+
+    async def job(ctx: dict[str, Any], tenant_id: str, session_id: str) -> None:
+        runs.record(session_id)
+
+    async with running_worker(redis_url, job):
+        first = int(time.time() * 1000) + 300
+        due = {f"ses_{i}": first + i for i in range(300)}
+        await asyncio.gather(*(queue.terminate("ten_a", sid, at_ms=at, tag="expire") for sid, at in due.items()))
+        await _until(lambda: len(runs.started) == 300, 5)
+    late = [runs.started[sid][0] - at / 1000 for sid, at in due.items()]
+    assert max(late) < 0.3 and min(late) > -0.01, (min(late), max(late))
 
 
 async def test_a_retried_job_runs_again_after_its_delay(redis_url: str, queue: JobQueue) -> None:

@@ -78,10 +78,10 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
         return "not-configured"
 
     try:
-        secret = await _secret(ctx, rec, tenant, openai_key)
-        if secret is None:
+        got = await _secret(ctx, rec, tenant, openai_key)
+        if got is None:
             return await _stopped_meanwhile(ctx, tenant_id, session_id)
-        return await _create(ctx, rec, tenant, avaturn_key, secret)
+        return await _create(ctx, rec, tenant, avaturn_key, *got)
     except UpstreamRejected as exc:
         await fail_session(ctx, rec, exc.code, exc.message)
         return "rejected"
@@ -95,12 +95,14 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
         raise Retry(defer=delay) from None
 
 
-async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str) -> str | None:
+async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str) -> tuple[str, bool] | None:
     """The client secret to use: the one recorded by an earlier attempt while still valid,
-    else a new one (rate-limited per tenant across all workers). None: the session was stopped."""
+    else a new one (rate-limited per tenant across all workers), and whether the create is
+    already marked in flight (a new secret is recorded in the same step as that mark, one
+    round trip less). None: the session was stopped."""
     now = now_ms()
     if rec.secret_enc and rec.secret_expires_at * 1000 > now + SECRET_REUSE_MARGIN_MS:
-        return ctx.cipher.decrypt(rec.secret_enc)
+        return ctx.cipher.decrypt(rec.secret_enc), False
     wait = await reserve_mint(ctx.redis, tenant.id, tenant.quotas.openai_requests_per_minute, now)
     if wait > MAX_INLINE_MINT_WAIT:
         ctx.metrics.mint_deferred.inc()
@@ -112,19 +114,22 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
     saved = await ctx.repo.transition(
         rec,
         allowed="provisioning",
-        fields={"secret_enc": ctx.cipher.encrypt(minted.value), "secret_expires_at": minted.expires_at},
+        fields={"secret_enc": ctx.cipher.encrypt(minted.value), "secret_expires_at": minted.expires_at,
+                "create_state": "inflight"},  # the create follows at once
     )
-    return minted.value if saved.applied else None
+    return (minted.value, True) if saved.applied else None
 
 
-async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str, secret: str) -> str:
+async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str, secret: str,
+                  marked: bool = False) -> str:
     if rec.create_state in ("inflight", "unknown"):
         # An earlier attempt may have created an Avaturn session we never heard back from.
         # Avaturn has no idempotency key and no list endpoint: we create again; the possible
         # orphan has no token holder and ends by itself (user_absent_timeout, max_duration).
         ctx.metrics.possible_orphans.inc()
-    marked = await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": "inflight"})
-    if not marked.applied:
+    if not marked and not (
+        await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": "inflight"})
+    ).applied:
         return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
     max_duration = max(60, rec.ttl_seconds)
     try:
