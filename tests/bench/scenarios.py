@@ -1,0 +1,154 @@
+"""Scenarios of the benchmark: API floor vs admission, time to ready vs the direct pattern,
+one worker's throughput and CPU, and Redis's idle command rate. Each returns plain dicts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from .load import Answer, closed_loop, fixed_rate, pct, saturate
+from .stack import BenchTenant, Stack
+
+CREATE_BODY = json.dumps({"ttl_seconds": 3600})
+SAT_SECONDS = 8.0
+
+
+def _ms(iso: str | None) -> float:
+    if not iso:
+        return float("nan")
+    return datetime.fromisoformat(iso).timestamp() * 1000
+
+
+def _dist(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": round(pct(values, 50), 3), "p99": round(pct(values, 99), 3),
+            "max": round(max(values, default=float("nan")), 3)}
+
+
+def api_floor_and_admission(stack: Stack) -> dict[str, Any]:
+    """Baseline A and POST /v1/sessions, each at saturation and at half that rate.
+
+    Run with no worker process: both servers get the same CPU (the queue just grows, and is
+    flushed afterwards)."""
+    base = stack.start_baseline("a")
+    api = stack.procs["api"]
+    key = stack.tenant("bench-admission").key
+    floor_url, admit_url = base.url + "/floor", api.url + "/v1/sessions"
+    out: dict[str, Any] = {}
+    saturate(floor_url, [stack.bench_token], seconds=2)  # warm-up
+    cpu0 = base.cpu_seconds()
+    out["baseline_a_saturation"] = saturate(floor_url, [stack.bench_token], seconds=SAT_SECONDS).as_dict()
+    out["baseline_a_saturation"]["server_cpu_us_per_request"] = _cpu_us(base.cpu_seconds() - cpu0,
+                                                                        out["baseline_a_saturation"])
+    half = out["baseline_a_saturation"]["rps"] / 2
+    out["baseline_a_half_load"] = fixed_rate(floor_url, [stack.bench_token], half, seconds=SAT_SECONDS).as_dict()
+    stack.stop_proc("baseline_a")
+    saturate(admit_url, [key], method="POST", body=CREATE_BODY, seconds=2)
+    cpu0 = api.cpu_seconds()
+    out["admission_saturation"] = saturate(admit_url, [key], method="POST", body=CREATE_BODY,
+                                           seconds=SAT_SECONDS).as_dict()
+    out["admission_saturation"]["server_cpu_us_per_request"] = _cpu_us(api.cpu_seconds() - cpu0,
+                                                                       out["admission_saturation"])
+    half = out["admission_saturation"]["rps"] / 2
+    out["admission_half_load"] = fixed_rate(admit_url, [key], half, method="POST", body=CREATE_BODY,
+                                            seconds=SAT_SECONDS).as_dict()
+    stack.flush_sessions()
+    return out
+
+
+def _cpu_us(cpu_s: float, run: dict[str, Any]) -> float:
+    return round(cpu_s * 1e6 / max(1, run["requests"]), 1)
+
+
+def _ready_overheads(answers: list[Answer], injected_ms: float) -> dict[str, Any]:
+    ready = [a for a in answers if a.status == 201]
+    overhead = [_ms(a.body.get("ready_at")) - _ms(a.body.get("created_at")) - injected_ms for a in ready]
+    return {"ok": len(ready), "failed": len(answers) - len(ready), "overhead_ms": _dist(overhead),
+            "end_to_end_ms": _dist([a.latency_ms for a in ready])}
+
+
+def time_to_ready(stack: Stack, key: str, mint_ms: float, create_ms: float, total: int,
+                  concurrency: int) -> dict[str, Any]:
+    """POST /v1/sessions?wait=30 from ``concurrency`` callers; (ready - created) minus the
+    injected upstream latency is the broker's own overhead."""
+    stack.latency(mint_ms, create_ms)
+    url = stack.procs["api"].url + "/v1/sessions?wait=30"
+    answers, wall = asyncio.run(closed_loop(url, [key], total, concurrency, {"ttl_seconds": 3600},
+                                            stagger=(mint_ms + create_ms) / 1000))
+    out = _ready_overheads(answers, mint_ms + create_ms)
+    out.update(concurrency=concurrency, sessions_per_s=round(out["ok"] / wall, 1))
+    return out
+
+
+def direct_pattern(stack: Stack, mint_ms: float, create_ms: float, total: int, concurrency: int) -> dict[str, Any]:
+    """Baseline B: the same callers against the inline mint+create handler."""
+    stack.latency(mint_ms, create_ms)
+    url = stack.procs["baseline_b"].url + "/sessions"
+    answers, wall = asyncio.run(closed_loop(url, [stack.bench_token], total, concurrency,
+                                            stagger=(mint_ms + create_ms) / 1000))
+    ok = [a for a in answers if a.status == 201]
+    return {"ok": len(ok), "failed": len(answers) - len(ok), "concurrency": concurrency,
+            "end_to_end_ms": _dist([a.latency_ms for a in ok]), "sessions_per_s": round(len(ok) / wall, 1)}
+
+
+def wait_settled(stack: Stack, timeout: float) -> None:
+    """Until no session is queued or provisioning (each has an entry in ``sb:due:provision``
+    until it is ready or failed): one ZCARD a poll, so the bench does not steal the CPU."""
+    deadline = time.monotonic() + timeout
+    while stack.r.zcard("sb:due:provision"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sessions still pending after {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+def worker_throughput(stack: Stack, tenant: BenchTenant, n: int, worker: str = "worker") -> dict[str, Any]:
+    """A backlog of ``n`` admitted sessions (worker paused), then one worker drains it with
+    300 + 500 ms of upstream latency: sessions/s and the worker's CPU per session."""
+    stack.latency(300, 500)
+    proc = stack.procs[worker]
+    proc.pause()
+    try:
+        url = stack.procs["api"].url + "/v1/sessions"
+        answers, _ = asyncio.run(closed_loop(url, [tenant.key], n, 64, {"ttl_seconds": 3600}))
+    finally:
+        cpu0 = proc.cpu_seconds()
+        t0 = time.time() * 1000
+        proc.resume()
+    ids = [a.body["id"] for a in answers if a.status == 202]
+    wait_settled(stack, 120)
+    cpu = proc.cpu_seconds() - cpu0
+    ready = [int(r[0]) for r in stack.session_fields(tenant.id, ids, "ready_at") if r[0]]
+    span = (max(ready) - t0) / 1000 if ready else float("nan")
+    return {"sessions": len(ready), "admitted": len(ids), "seconds": round(span, 3),
+            "sessions_per_s": round(len(ready) / span, 1), "worker_cpu_ms_per_session": round(cpu * 1000 / n, 3)}
+
+
+def upstream_cpu(stack: Stack, n: int, concurrency: int) -> dict[str, Any]:
+    """The same two calls from a bare process with the same clients (same latency as the worker run)."""
+    stack.latency(300, 500)
+    out = subprocess.run([sys.executable, "-m", "tests.bench.upstream_cpu", "--openai", stack.sandbox.openai_base_url,
+                          "--avaturn", stack.sandbox.avaturn_base_url, "--n", str(n), "--concurrency", str(concurrency)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    d = json.loads(out.strip().splitlines()[-1])
+    return {"n": d["n"], "cpu_ms_per_session": round(d["cpu_s"] * 1000 / d["n"], 3),
+            "sessions_per_s": round(d["n"] / d["wall_s"], 1)}
+
+
+def idle_redis(stack: Stack, seconds: float = 10.0) -> dict[str, Any]:
+    """Commands/s Redis serves while the API and worker(s) are idle (the bench's own INFO calls excluded)."""
+    def stats() -> dict[str, int]:
+        return {k: int(v["calls"]) for k, v in stack.r.info("commandstats").items()}
+
+    time.sleep(3)
+    before = stats()
+    time.sleep(seconds)
+    after = stats()
+    delta = {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after}
+    delta["info"] = delta.get("info", 0) - 1
+    delta = {k: v for k, v in delta.items() if v > 0}
+    total = sum(delta.values())
+    return {"commands_per_s": round(total / seconds, 2), "by_command": dict(sorted(delta.items(), key=lambda kv: -kv[1]))}
