@@ -261,3 +261,29 @@ def test_healthz_readyz_openapi(api) -> None:
     assert httpx.get(f"{api.url}/readyz").status_code == 200
     schema = httpx.get(f"{api.url}/schema/openapi.json")
     assert schema.status_code == 200 and "/v1/sessions" in schema.json()["paths"]
+
+
+def test_live_session_record_is_compact(api, worker, admin: Admin, redis_url: str) -> None:
+    """Issue 8 (<= 2 KiB of Redis per live session): a ready session's hash, which holds the
+    merged config, the frontend token and the upstream ids, stays in Redis's compact hash
+    encoding on the Redis the project starts (``hash-max-ziplist-value 1024``, see
+    broker/embedded_redis.py); with Redis's default 64-byte limit it is a hashtable of ~3 KB."""
+    import redis as redis_lib
+
+    from tenants.scope import TenantScope
+
+    tenant, key = admin.tenant(
+        "acme", openai={"session": {"instructions": "Answer in two sentences at most. " * 8}},
+    )
+    with tenant_client(api.url, key) as c:
+        r = c.post("/v1/sessions?wait=10", json={"ttl_seconds": 120, "end_user": "u_1", "metadata": {"plan": "pro"}})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        record = TenantScope(tenant["id"]).session(sid)
+        assert client.hget(record, "status") == b"ready"
+        assert client.object("encoding", record) in (b"ziplist", b"listpack")
+        assert client.memory_usage(record) < 1536
+    finally:
+        client.close()

@@ -78,6 +78,7 @@ def test_redis_is_durable(compose: dict[str, Any]) -> None:
     cmd = " ".join(redis["command"])
     assert "--appendonly yes" in cmd and "--appendfsync everysec" in cmd
     assert "--maxmemory-policy noeviction" in cmd, "queue and session state must never be evicted"
+    assert "--hash-max-listpack-value 1024" in cmd, "session hashes in the compact encoding (issue 8: <= 2 KiB each)"
     assert any(v.endswith(":/data") and v.split(":")[0] in compose["volumes"] for v in redis["volumes"])
     assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
 
