@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
@@ -60,8 +61,10 @@ class TenantLabels:
             if len(self._named) < self.top_n:
                 self._named.add(tenant_id)
                 return tenant_id
+            if count < PROMOTE_MIN:  # the common case of an unnamed tenant: no scan of the named ones
+                return OTHER
             smallest = min(self._named, key=lambda t: (self._counts.get(t, 0), t))
-            if count >= PROMOTE_MIN and count > PROMOTE_FACTOR * self._counts.get(smallest, 0):
+            if count > PROMOTE_FACTOR * self._counts.get(smallest, 0):
                 self._named.discard(smallest)
                 self._named.add(tenant_id)
                 demoted = smallest
@@ -82,6 +85,7 @@ class ApiMetrics:
         self.tenant_label.on_demote.append(self._forget_tenant)
         self._tenant_series: dict[str, set[tuple[str, str]]] = {}
         self._series_lock = threading.Lock()
+        self._admission_children: dict[tuple[str, str, str], Any] = {}  # bounded like the series
         self.http_requests = Counter(
             "broker_http_requests_total", "HTTP requests answered, by route template, method and status.",
             ["route", "method", "status"], registry=r,
@@ -106,14 +110,44 @@ class ApiMetrics:
         for source in ("request", "readyz"):
             self.redis_errors.labels(source)
 
+    # ---- requests ------------------------------------------------------------------------
+
+    def request_observer(self) -> Callable[[str, str, int, float], None]:
+        """``observe(route, method, status, seconds)`` for the middleware: counts the answer and
+        observes its duration through children looked up once per label set (a ``labels()``
+        call costs a lock, a tuple and a dict lookup on every request). Label sets are bounded
+        (route templates or ``unmatched``, the server's methods, status codes), and so is the cache."""
+        counters: dict[tuple[str, str, int], Any] = {}
+        histograms: dict[tuple[str, str], Any] = {}
+        requests, duration = self.http_requests, self.http_duration
+
+        def observe(route: str, method: str, status: int, seconds: float) -> None:
+            key = (route, method, status)
+            counter = counters.get(key)
+            if counter is None:
+                counter = counters[key] = requests.labels(route, method, str(status))
+            counter.inc()
+            hkey = (route, method)
+            histogram = histograms.get(hkey)
+            if histogram is None:
+                histogram = histograms[hkey] = duration.labels(route, method)
+            histogram.observe(seconds)
+
+        return observe
+
     # ---- admissions ----------------------------------------------------------------------
 
     def count_admission(self, tenant_id: str, outcome: str, reason: str = "none") -> None:
         label = self.tenant_label(tenant_id)
-        self.admissions.labels(label, outcome, reason).inc()
-        if label != OTHER:
-            with self._series_lock:
-                self._tenant_series.setdefault(label, set()).add((outcome, reason))
+        key = (label, outcome, reason)
+        child = self._admission_children.get(key)
+        if child is None:
+            child = self.admissions.labels(label, outcome, reason)
+            if label != OTHER:
+                with self._series_lock:
+                    self._tenant_series.setdefault(label, set()).add((outcome, reason))
+            self._admission_children[key] = child  # dropped with the series when the tenant is demoted
+        child.inc()
 
     def admission_result(self, tenant_id: str, replayed: bool) -> None:
         self.count_admission(tenant_id, "replayed" if replayed else "admitted")
@@ -138,6 +172,7 @@ class ApiMetrics:
         with self._series_lock:
             combos = self._tenant_series.pop(tenant_id, set())
         for outcome, reason in combos:
+            self._admission_children.pop((tenant_id, outcome, reason), None)
             try:
                 self.admissions.remove(tenant_id, outcome, reason)
             except KeyError:

@@ -4,6 +4,7 @@ its own port, and running coroutines on uvloop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from typing import Any
 
@@ -20,6 +21,16 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
             return runner.run(coro)
     except ImportError:  # pragma: no cover
         return asyncio.run(coro)
+
+
+def tune_gc() -> None:
+    """Once the app has started: move everything alive (modules, the app, its routes and
+    OpenAPI document, the metric families) to the permanent generation, so the rare full
+    collection no longer walks it. (Measured under admission load: a few hundred young
+    collections and 2-4 full ones per 30,000 requests, since what a request allocates dies by
+    reference counting; the thresholds are left at their defaults.)"""
+    gc.collect()
+    gc.freeze()
 
 
 def _config(app: Any, host: str, port: int) -> uvicorn.Config:
@@ -39,7 +50,11 @@ def serve_api(settings: Settings, host: str, port: int, *, admin_port: int | Non
         servers.append(uvicorn.Server(_config(asgi_app(settings, ("admin", "ops")), host, admin_port)))
 
     async def run_all() -> None:
-        await asyncio.gather(*(s.serve() for s in servers))
+        tasks = [asyncio.ensure_future(s.serve()) for s in servers]
+        while not all(s.started for s in servers) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.05)
+        tune_gc()
+        await asyncio.gather(*tasks)
 
     run_async(run_all())
 

@@ -49,7 +49,7 @@ from redis.commands.core import AsyncScript
 
 from tenants.models import Quotas
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
-from tenants.usage import QuotaUsage, UsageSnapshot, seconds_to_utc_midnight, utc_day
+from tenants.usage import QuotaUsage, UsageSnapshot, utc_day
 
 RefusalCode = Literal["rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit"]
 
@@ -119,12 +119,29 @@ def _text(value: bytes | str | int) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_DAY_MS = 86_400_000
+_days: dict[int, str] = {}
+
+
+def _utc_day(now_ms: int) -> tuple[str, int]:
+    """(``yyyymmdd`` of the UTC day of ``now_ms``, whole seconds to the next UTC midnight): the
+    same as ``tenants.usage.utc_day`` / ``seconds_to_utc_midnight`` (UTC days are 86,400 s in
+    Unix time), with integer arithmetic and the day's name formatted once per day."""
+    day = now_ms // _DAY_MS
+    name = _days.get(day)
+    if name is None:
+        if len(_days) > 4:
+            _days.clear()
+        name = _days[day] = utc_day(now_ms)
+    return name, max(1, -(-((day + 1) * _DAY_MS - now_ms) // 1000))
+
+
 def _snapshot(
-    quotas: Quotas, now_ms: int, minute: tuple[int, int], day_used: int, live_used: int, eu_used: int
+    quotas: Quotas, day_reset_s: int, minute: tuple[int, int], day_used: int, live_used: int, eu_used: int
 ) -> UsageSnapshot:
     return UsageSnapshot(
         minute=QuotaUsage.of(quotas.sessions_per_minute, minute[0], minute[1]),
-        day=QuotaUsage.of(quotas.sessions_per_day, day_used, seconds_to_utc_midnight(now_ms)),
+        day=QuotaUsage.of(quotas.sessions_per_day, day_used, day_reset_s),
         concurrency=QuotaUsage.of(quotas.max_concurrent_sessions, live_used, 0),
         end_user=QuotaUsage.of(quotas.max_sessions_per_end_user, eu_used, 0) if eu_used >= 0 else None,
     )
@@ -136,10 +153,11 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest) -> Outcome:
         raise ValueError("lease_until_ms must be after now_ms")
     scope = TenantScope(req.tenant_id)
     q = req.quotas
+    day, day_reset_s = _utc_day(req.now_ms)
     keys = [
         scope.idempotency(req.idempotency_digest) if req.idempotency_digest else "",
         scope.rate_bucket(),
-        scope.day_counter(utc_day(req.now_ms)),
+        scope.day_counter(day),
         scope.live(),
         scope.sessions_index(),
         scope.session(req.session_id),
@@ -160,7 +178,7 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest) -> Outcome:
         req.body_digest or "",
         req.lease_until_ms,
         req.provision_deadline_ms,
-        seconds_to_utc_midnight(req.now_ms),
+        day_reset_s,
         scope.session(""),
         due_member(req.tenant_id, ""),
         *(req.job.args if req.job is not None else ("", 0, 0, "", 1)),
@@ -180,11 +198,11 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest) -> Outcome:
             limit=int(limit),
             current=int(current),
             retry_after_s=int(retry),
-            usage=_snapshot(q, req.now_ms, (int(m_used), int(m_reset)), int(d_used), int(live), int(eu)),
+            usage=_snapshot(q, day_reset_s, (int(m_used), int(m_reset)), int(d_used), int(live), int(eu)),
         )
     m_used, m_reset, d_used, live, eu = (int(v) for v in raw[1:6])
     return Admitted(
         session_id=req.session_id,
         replaced=[_text(sid) for sid in raw[6:]],
-        usage=_snapshot(q, req.now_ms, (m_used, m_reset), d_used, live, eu),
+        usage=_snapshot(q, day_reset_s, (m_used, m_reset), d_used, live, eu),
     )

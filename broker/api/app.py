@@ -26,6 +26,7 @@ from .admin_routes import admin_router
 from .errors import EXCEPTION_HANDLERS
 from .middleware import metrics_middleware
 from .openapi import document_openapi
+from .redis_packing import use_hiredis_packing
 from .ops_routes import ops_handlers
 from .tenant_routes import tenant_router
 
@@ -40,6 +41,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = create_redis(settings)
+        use_hiredis_packing(redis)  # before any connection is opened
         arq = new_arq_redis(redis.connection_pool)
         cipher = CredentialCipher(settings.secret_keys) if settings.secret_keys else None
         tenants = TenantService(redis, cipher)
@@ -89,4 +91,4 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
 
 def asgi_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> ASGIApp:
     app = create_app(settings, surfaces)
-    return metrics_middleware(app, app.state.metrics)
+    return metrics_middleware(app, app.state.metrics, settings.access_log)

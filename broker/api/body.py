@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TypeVar
 
@@ -9,6 +10,8 @@ import msgspec
 from litestar import Request
 
 from broker.errors import InvalidInput, UnsupportedMediaType
+
+from .deps import raw_header
 
 T = TypeVar("T")
 MAX_DEPTH = 64  # nesting of objects/arrays in a body: deeper input is refused before any recursive code sees it
@@ -21,7 +24,7 @@ async def read_json(request: Request, model: type[T], *, empty_ok: bool) -> tupl
         if empty_ok:
             return msgspec.convert({}, model), b""
         raise InvalidInput("a JSON body is required", code="missing_body", field="body")
-    ctype = request.headers.get("content-type", "")
+    ctype = raw_header(request, b"content-type") or ""
     media = ctype.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaType(
@@ -29,14 +32,20 @@ async def read_json(request: Request, model: type[T], *, empty_ok: bool) -> tupl
             field="Content-Type",
         )
     try:
-        _check_depth(msgspec.json.decode(body))
-        return msgspec.json.decode(body, type=model), body
+        if body.count(b"[") + body.count(b"{") > MAX_DEPTH:  # fewer brackets cannot nest deeper
+            _check_depth(msgspec.json.decode(body))
+        return _decoder(model).decode(body), body
     except RecursionError:
         raise _too_deep() from None
     except msgspec.ValidationError as exc:
         raise InvalidInput(_clean(str(exc)), code="invalid_field", field=field_of(str(exc))) from None
     except msgspec.DecodeError:
         raise InvalidInput("the body is not valid JSON", code="invalid_json", field="body") from None
+
+
+@functools.cache
+def _decoder(model: type[T]) -> msgspec.json.Decoder[T]:
+    return msgspec.json.Decoder(model)
 
 
 def _too_deep() -> InvalidInput:

@@ -52,6 +52,12 @@ def ratelimit_headers(usage: UsageSnapshot) -> dict[str, str]:
     return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
 
 
+def ratelimit_header_items(usage: UsageSnapshot) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """The same two fields as ASGI header items (lower-case names, latin-1 values)."""
+    h = ratelimit_headers(usage)
+    return (b"ratelimit-policy", h["RateLimit-Policy"].encode()), (b"ratelimit", h["RateLimit"].encode())
+
+
 def refusal_headers(refused: Refused) -> dict[str, str]:
     """Headers of a 429: the RateLimit fields and ``Retry-After`` (delay-seconds, >= 1)."""
     headers = ratelimit_headers(refused.usage)

@@ -11,6 +11,7 @@ from litestar import Request, Response, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
+from litestar.types import ASGIApp
 
 from broker.errors import InvalidInput
 from broker.logs import bind_log_context
@@ -20,8 +21,9 @@ from tenants.models import Tenant
 from tenants.usage import usage as read_usage
 
 from .body import read_json
-from .deps import provide_tenant, tenant_guard
-from .ratelimit import ratelimit_headers
+from .answer import json_answer
+from .deps import TENANT_SCOPE_KEY, authenticate_tenant, provide_tenant, raw_header
+from .ratelimit import ratelimit_header_items, ratelimit_headers
 
 MAX_WAIT = 30.0
 # what a query number may look like (JSON's grammar): no "1_0", " 1", "nan", "inf" (Python's float/int accept them)
@@ -33,6 +35,9 @@ def _session_response(rec: SessionRecord, status: int, headers: dict[str, str] |
 
 
 def _wait_param(request: Request) -> float | None:
+    query = request.scope["query_string"]
+    if b"wait" not in query and b"%" not in query:  # the common case: nothing to parse (a %-escaped name is)
+        return None
     raw = request.query_params.get("wait")
     if raw is None:
         return None
@@ -43,7 +48,7 @@ def _wait_param(request: Request) -> float | None:
 
 
 def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
+    key = raw_header(request, b"idempotency-key")
     if key is None:
         return None
     if not 1 <= len(key) <= 255:
@@ -54,20 +59,29 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 @post("/sessions", status_code=202)
-async def create_session(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
+async def create_session(request: Request) -> ASGIApp:
+    """The hot path (issue 8): no dependency injection, no signature model, no ``Response``
+    object. The router's authentication hook has put the caller's tenant in the scope; the
+    body is read and decoded here (same errors as every other route, raised through the one
+    error handler) and the answer is encoded once, with its headers already bytes."""
+    scope = request.scope
+    tenant: Tenant = scope[TENANT_SCOPE_KEY]  # type: ignore[literal-required]
+    state = request.app.state
+    metrics = state.metrics
     try:
         wait = _wait_param(request)
         idem = _idempotency_key(request)
         req, body = await read_json(request, CreateSessionRequest, empty_ok=True)
         rec, outcome = await state.sessions.create(tenant, req, body=body, idempotency_key=idem)
     except Exception as exc:
-        state.metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
+        metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
         raise
-    state.metrics.admission_result(tenant.id, replayed=not isinstance(outcome, Admitted))
+    admitted = isinstance(outcome, Admitted)
+    metrics.admission_result(tenant.id, replayed=not admitted)
     bind_log_context(session_id=rec.id)
-    headers = {"Location": f"/v1/sessions/{rec.id}"}
-    if isinstance(outcome, Admitted):
-        headers.update(ratelimit_headers(outcome.usage))
+    headers = [(b"location", b"/v1/sessions/" + rec.id.encode())]
+    if admitted:
+        headers.extend(ratelimit_header_items(outcome.usage))  # type: ignore[union-attr]
     if wait:
         async def settled() -> bool:
             nonlocal rec
@@ -77,10 +91,10 @@ async def create_session(request: Request, state: State, tenant: NamedDependency
 
         await state.events.wait_for(rec.id, settled, wait)
         if rec.status == "ready":
-            return _session_response(rec, 201, headers)
+            return json_answer(201, SessionView.of(rec), headers)
         if rec.status == "failed":
-            return _session_response(rec, 502, headers)
-    return _session_response(rec, 202, headers)
+            return json_answer(502, SessionView.of(rec), headers)
+    return json_answer(202, SessionView.of(rec), headers)
 
 
 @get("/sessions/{session_id:str}")
@@ -130,6 +144,6 @@ tenant_router = Router(
     path="/v1",
     route_handlers=[create_session, get_session, list_sessions, delete_session, get_usage],
     dependencies={"tenant": Provide(provide_tenant)},
-    guards=[tenant_guard],
+    before_request=authenticate_tenant,  # every route of this router, before handler and dependencies
     tags=["sessions"],
 )

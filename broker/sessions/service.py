@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any
 
 import msgspec
 
@@ -24,6 +23,7 @@ MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
 TERMINATION_GRACE_MS = 120_000   # a terminating session keeps its slot at most this long per attempt
+MAX_CACHED_CONFIGS = 20_000     # distinct tenant default configs kept validated (a few hundred bytes each)
 STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
 
 
@@ -32,11 +32,29 @@ class SessionService:
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)
+        self._default_configs: dict[bytes, str] = {}
 
     # ---- create ---------------------------------------------------------------------------
 
-    def validate(self, tenant: Tenant, req: CreateSessionRequest) -> tuple[dict[str, Any], int]:
-        config = merge_session(tenant.openai.session, req.session, tenant.openai.allowed_overrides)
+    def _config_json(self, tenant: Tenant, req: CreateSessionRequest) -> str:
+        """The merged, validated session config as stored (JSON). Without overrides it is the
+        tenant's validated defaults, the same for every request: kept per distinct defaults
+        (keyed by their encoding, so an updated tenant gets a fresh entry), bounded."""
+        if req.session is not None:
+            return msgspec.json.encode(
+                merge_session(tenant.openai.session, req.session, tenant.openai.allowed_overrides)
+            ).decode()
+        key = msgspec.json.encode(tenant.openai.session)
+        cached = self._default_configs.get(key)
+        if cached is None:
+            cached = msgspec.json.encode(merge_session(tenant.openai.session, None, ())).decode()
+            if len(self._default_configs) >= MAX_CACHED_CONFIGS:
+                self._default_configs.clear()
+            self._default_configs[key] = cached
+        return cached
+
+    def _checked_ttl(self, tenant: Tenant, req: CreateSessionRequest) -> int:
+        """The TTL to use; also checks end_user and metadata (400 naming the field)."""
         max_ttl = tenant.quotas.max_session_seconds
         ttl = max_ttl if req.ttl_seconds is None else req.ttl_seconds
         if not MIN_TTL <= ttl <= max_ttl:
@@ -60,7 +78,7 @@ class SessionService:
                         code="invalid_metadata",
                         field=f"metadata.{key[:64]}" if key else "metadata",
                     )
-        return config, ttl
+        return ttl
 
     async def create(
         self,
@@ -70,7 +88,8 @@ class SessionService:
         body: bytes,
         idempotency_key: str | None,
     ) -> tuple[SessionRecord, Admitted | Replayed]:
-        config, ttl = self.validate(tenant, req)
+        config = self._config_json(tenant, req)
+        ttl = self._checked_ttl(tenant, req)
         now = now_ms()
         sid = new_session_id()
         fields = {
@@ -79,7 +98,7 @@ class SessionService:
             "status": "queued",
             "created_at": str(now),
             "ttl_seconds": str(ttl),
-            "config": msgspec.json.encode(config).decode(),
+            "config": config,
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
