@@ -26,8 +26,8 @@ JOB_FUNCTIONS = ("provision", "terminate", "sweep")
 JOB_OUTCOMES = ("ok", "retry", "error", "cancelled")
 UPSTREAM_OPERATIONS = (("openai", "mint"), ("avaturn", "create"), ("avaturn", "delete"))
 TERMINATION_REASONS = ("requested", "expired", "replaced", "tenant_disabled")
-SWEEPER_ACTIONS = ("terminations", "requeued", "reaped", "dropped")
-REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state")
+SWEEPER_ACTIONS = ("requeued", "reaped", "dropped")
+REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry")
 
 
 class WorkerMetrics:
@@ -76,6 +76,7 @@ class WorkerMetrics:
                                         registry=r)
         self.redis_errors = Counter("broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
                                     ["source"], registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.shared = SharedStateCollector(on_error=lambda: self.redis_errors.labels("shared_state").inc())
         r.register(self.shared)
         self._initialise_series()
@@ -100,6 +101,16 @@ class WorkerMetrics:
             self.redis_errors.labels(source)
 
     # ---- helpers called by the job code ---------------------------------------------------
+    # A few metric calls per job: the labelled children are looked up once (``labels()`` takes
+    # a lock and builds a tuple on every call) and kept in small dicts; every label set here is
+    # bounded (functions, outcomes, upstream operations, error codes).
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_upstream(self, upstream: str, operation: str, seconds: float, exc: BaseException | None = None) -> None:
         if exc is None:
@@ -110,24 +121,27 @@ class WorkerMetrics:
                 outcome, code = ("cancelled", "cancelled") if isinstance(exc, asyncio.CancelledError) else ("error", "internal")
             else:
                 outcome = "unavailable" if getattr(exc, "retryable", False) else "rejected"
-        self.upstream_calls.labels(upstream, operation, outcome, code).inc()
-        self.upstream_latency.labels(upstream, operation).observe(seconds)
+        self._child(self.upstream_calls, upstream, operation, outcome, code).inc()
+        self._child(self.upstream_latency, upstream, operation).observe(seconds)
+
+    def provision_outcome(self, outcome: str, code: str) -> None:
+        self._child(self.provisions, outcome, code).inc()
 
     def job_started(self, function: str) -> float:
-        self.jobs_in_progress.labels(function).inc()
+        self._child(self.jobs_in_progress, function).inc()
         return time.perf_counter()
 
     def job_finished(self, function: str, started: float, exc: BaseException | None) -> None:
         """Count one job run: outcome ok / retry (arq ``Retry``: also counted in
         ``job_retries``) / cancelled / error (a Redis error is also counted in ``redis_errors``)."""
-        self.jobs_in_progress.labels(function).dec()
+        self._child(self.jobs_in_progress, function).dec()
         outcome = _job_outcome(exc)
         if outcome == "retry":
             self.job_retries.labels(function).inc()
         elif outcome == "error" and exc is not None and _is_redis_error(exc):
             self.redis_errors.labels("job").inc()
-        self.jobs.labels(function, outcome).inc()
-        self.job_duration.labels(function).observe(time.perf_counter() - started)
+        self._child(self.jobs, function, outcome).inc()
+        self._child(self.job_duration, function).observe(time.perf_counter() - started)
 
 
 def _job_outcome(exc: BaseException | None) -> str:

@@ -79,6 +79,13 @@ class JobQueue:
         due = timestamp_ms() + defer_ms if defer_ms else None
         return job_spec(PROVISION, tenant_id, session_id, job_id=f"prov:{session_id}", due_ms=due)
 
+    @staticmethod
+    def provision_job_keys(session_id: str) -> tuple[str, str]:
+        """The job and result keys of a session's provisioning job (either existing means the
+        job is queued, running or just finished)."""
+        job_id = f"prov:{session_id}"
+        return job_key_prefix + job_id, result_key_prefix + job_id
+
     async def submit(self, job: JobSpec) -> bool:
         return bool(await self._enqueue(keys=job.keys(), args=job.args()))
 

@@ -287,3 +287,31 @@ def test_live_session_record_is_compact(api, worker, admin: Admin, redis_url: st
         assert client.memory_usage(record) < 1536
     finally:
         client.close()
+
+
+def test_lost_provisioning_job_is_recreated_by_the_sweeper(settings, api, admin: Admin, redis_url: str) -> None:
+    """Invariant: no session lost. A queued session whose provisioning job vanished (a Redis
+    failover that lost the last writes, an operator's FLUSH of the queue) is found by the
+    sweeper once it is ORPHAN_AFTER_MS old, re-enqueued once, and provisioned; a session whose
+    job is still queued is not enqueued twice."""
+    import redis as redis_lib
+
+    from broker.sessions.jobs import QUEUE_NAME, JobQueue
+    from tests.fixtures.stack import WorkerThread
+
+    _, key = admin.tenant("acme")
+    client = redis_lib.Redis.from_url(redis_url)
+    with tenant_client(api.url, key) as c:
+        lost = c.post("/v1/sessions").json()["id"]
+        kept = c.post("/v1/sessions").json()["id"]
+        job_key, _ = JobQueue.provision_job_keys(lost)
+        assert client.delete(job_key) == 1 and client.zrem(QUEUE_NAME, f"prov:{lost}") == 1
+        time.sleep(5.2)  # older than the sweeper's ORPHAN_AFTER_MS (5 s)
+        w = WorkerThread(settings).start()
+        try:
+            for sid in (lost, kept):
+                assert wait_status(c, sid, {"ready"}, timeout=15)["status"] == "ready"
+            assert w.metrics.registry.get_sample_value("broker_sweeper_actions_total", {"action": "requeued"}) == 1
+        finally:
+            w.stop()
+    client.close()

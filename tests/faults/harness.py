@@ -58,6 +58,7 @@ def broker_env(redis_url: str, sandbox: Any, **overrides: Any) -> dict[str, str]
         "BROKER_UPSTREAM_TIMEOUT_SECONDS": "2",
         "BROKER_PROVISION_DEADLINE_SECONDS": "20",
         "BROKER_LOG_LEVEL": "INFO",
+        "BROKER_LIBRARY_LOG_LEVEL": "INFO",  # arq's lines too: the SIGTERM test reads when the signal was taken
         **{k: str(v) for k, v in overrides.items()},
     }
 

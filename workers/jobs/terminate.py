@@ -1,19 +1,25 @@
-"""terminate_session(tenant_id, session_id): end a session upstream and record it.
+"""Ending sessions upstream and recording it.
 
-Runs at ``expires_at`` (reason ``expired``), on DELETE (``requested``), on replacement
-and tenant disable, and from the sweeper for anything late. Idempotent: a terminal
-session is left alone; 404/410 from Avaturn count as already gone. A DELETE that keeps
-failing is retried with backoff (and counted), never dropped: the session stays
-``terminating`` and in the due set until it is done.
+Most terminations are run by the expiry loop (``workers/expiry.py``), which claims every due
+session of ``sb:due:expiry`` in batches. ``terminate_session(tenant_id, session_id)`` is the
+arq job for the rare immediate ones: a stop (DELETE), a replacement, a tenant disable. Both
+take the session through the same claim (``claim.py``) and end it with
+:func:`stop_upstream_and_finish`, so a stop job and the loop racing on one session do one
+DELETE (at worst two, the second answered 404 = gone) and one terminal transition.
+
+Idempotent: a terminal session is left alone; 404/410 from Avaturn count as already gone.
+A DELETE that keeps failing is retried with backoff (and counted), never dropped: the session
+stays ``terminating`` and in the due set at its retry time, where the expiry loop takes it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
-
-import msgspec
-from arq import Retry
 
 from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
@@ -21,6 +27,7 @@ from tenants.crypto import CredentialError
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError
+from .claim import TerminationClaims
 from .common import TERMINATION_GRACE_MS, backoff, finish_terminated, timed
 
 log = logging.getLogger("workers.terminate")
@@ -28,6 +35,11 @@ log = logging.getLogger("workers.terminate")
 EARLY_TOLERANCE_MS = 50
 # A create whose outcome we wait for before declaring a stopped session gone.
 INFLIGHT_WAIT_MS = 45_000
+INFLIGHT_RECHECK_MS = 2_000
+# Extra time a claim outlives the upstream timeout (claim, DELETE, record): only a claimer
+# that died or stalled loses its claim.
+CLAIM_MARGIN_MS = 5_000
+AVATURN_KEY_TTL_S = 10.0
 
 
 class MissingCredentials(Exception):
@@ -45,6 +57,41 @@ async def _avaturn_key(ctx: WorkerContext, tenant_id: str) -> str:
     return key
 
 
+class AvaturnKeys:
+    """Each tenant's Avaturn key for the DELETEs, read and decrypted once per tenant per
+    ``ttl`` seconds (concurrent lookups share one read) instead of once per session. A key
+    that a DELETE found wanting is forgotten at once (``forget``)."""
+
+    def __init__(self, ctx: WorkerContext, ttl: float = AVATURN_KEY_TTL_S) -> None:
+        self.ctx = ctx
+        self.ttl = ttl
+        self._keys: dict[str, tuple[float, asyncio.Future[str]]] = {}
+
+    async def get(self, tenant_id: str) -> str:
+        now = time.monotonic()
+        hit = self._keys.get(tenant_id)
+        if hit is None or now - hit[0] > self.ttl:
+            if len(self._keys) > 10_000:
+                self._keys = {t: v for t, v in self._keys.items() if now - v[0] <= self.ttl}
+            hit = (now, asyncio.ensure_future(_avaturn_key(self.ctx, tenant_id)))
+            self._keys[tenant_id] = hit
+        try:
+            return await asyncio.shield(hit[1])
+        except BaseException:
+            if self._keys.get(tenant_id) is hit:
+                del self._keys[tenant_id]
+            raise
+
+    def forget(self, tenant_id: str) -> None:
+        self._keys.pop(tenant_id, None)
+
+
+def claim_lease_ms(ctx: WorkerContext) -> int:
+    """How long a claim keeps other workers off a session: one DELETE (the upstream timeout)
+    plus the margin."""
+    return int(ctx.settings.upstream_timeout_seconds * 1000) + CLAIM_MARGIN_MS
+
+
 class TerminationPending(Exception):
     """The upstream DELETE failed transiently; retry after ``delay`` seconds."""
 
@@ -54,55 +101,59 @@ class TerminationPending(Exception):
 
 
 async def terminate_session(arq_ctx: dict[str, Any], tenant_id: str, session_id: str) -> str:
+    """An immediate termination (stop, replacement, tenant disable; ``expire`` jobs from before
+    the expiry loop): claim the session if it is due, end it. A session claimed by another
+    worker, or waiting for its retry time, is left to that claim / the expiry loop."""
     ctx: WorkerContext = arq_ctx["wc"]
-    rec = await ctx.repo.get(tenant_id, session_id)
-    if rec is None or rec.status in ("terminated", "failed"):
-        return "noop"
+    claims: TerminationClaims = arq_ctx.get("claims") or TerminationClaims(ctx.redis)
     now = now_ms()
-    if rec.status == "ready":
-        if rec.expires_at and now + EARLY_TOLERANCE_MS < rec.expires_at:
-            return "not-due"  # an early duplicate: the expiry job / sweeper will come back
-        moved = await ctx.repo.transition(
-            rec, allowed="ready", status="terminating", lease=now + TERMINATION_GRACE_MS,
-            due_expiry=now, fields={"termination_reason": "expired", "terminating_at": now}, publish=True,
-        )
-        if moved.applied:  # what the transition wrote (a ready record changes no other field)
-            rec = msgspec.structs.replace(rec, status="terminating", termination_reason="expired", terminating_at=now)
-        elif moved.status != "ready":
-            rec = await ctx.repo.get(tenant_id, session_id)
-        if rec is None:
-            return "noop"
-    if rec.status in ("queued", "provisioning"):
-        return "provisioning"  # a stop always passes through 'terminating' first; nothing to do
-    if rec.status != "terminating":
-        return "noop"
+    [claim] = await claims.claim([(tenant_id, session_id)], now=now, due_until=now + EARLY_TOLERANCE_MS,
+                                 claim_until=now + claim_lease_ms(ctx), lease=now + TERMINATION_GRACE_MS)
+    if claim.record is None:
+        return {"gone": "noop", "not_due": "not-due"}.get(claim.outcome, claim.outcome)
+    return await end_claimed(ctx, claim.record)
+
+
+Finish = Callable[[SessionRecord, str], Awaitable[object]]
+
+
+async def end_claimed(ctx: WorkerContext, rec: SessionRecord, keys: AvaturnKeys | None = None,
+                      finish: Finish | None = None) -> str:
+    """End a claimed ``terminating`` session; a failure leaves it scheduled for its retry."""
     try:
-        return await stop_upstream_and_finish(ctx, rec)
-    except TerminationPending as pending:
-        raise Retry(defer=pending.delay) from None
+        return await stop_upstream_and_finish(ctx, rec, keys, finish)
+    except TerminationPending:
+        return "retry-scheduled"
 
 
-async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord) -> str:
+async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, keys: AvaturnKeys | None = None,
+                                   finish: Finish | None = None) -> str:
     """For a ``terminating`` session: DELETE upstream if a session exists there, then
-    record ``terminated``. Raises TerminationPending when it must be tried again."""
+    record ``terminated`` (``finish``: ``finish_terminated`` or the expiry loop's batch of
+    it). When it must be tried again, records the retry time (its score in the due set,
+    where the expiry loop takes it) and raises TerminationPending."""
+    record: Finish = finish if finish is not None else functools.partial(finish_terminated, ctx)
     now = now_ms()
     if not rec.avaturn_session_id:
         if rec.create_state == "inflight" and now - (rec.terminating_at or now) < INFLIGHT_WAIT_MS:
             # The provisioning worker is mid-create: it will see 'terminating' and delete
             # what it created. Come back in case it died.
-            raise TerminationPending(2.0)
-        await finish_terminated(ctx, rec, "requested")
+            await ctx.repo.transition(rec, allowed="terminating", due_expiry=now + INFLIGHT_RECHECK_MS)
+            raise TerminationPending(INFLIGHT_RECHECK_MS / 1000)
+        await record(rec, "requested")
         return "terminated"
     attempt = rec.delete_attempts + 1
     try:
-        avaturn_key = await _avaturn_key(ctx, rec.tenant_id)
+        avaturn_key = await (keys.get(rec.tenant_id) if keys is not None else _avaturn_key(ctx, rec.tenant_id))
         await timed(ctx, "avaturn", "delete", ctx.avaturn.delete_session(avaturn_key, rec.avaturn_session_id))
     except (UpstreamError, MissingCredentials) as exc:
+        if keys is not None:
+            keys.forget(rec.tenant_id)  # the next attempt reads the tenant's key again
         code = getattr(exc, "code", "no_credentials")
         if _upstream_certainly_over(rec):
             # Avaturn ended it itself (max_duration backstop): record it instead of retrying for ever.
             log.warning("upstream delete failed (%s) after the max_duration backstop; recording terminated", code)
-            await finish_terminated(ctx, rec, "expired")
+            await record(rec, "expired")
             return "terminated-by-backstop"
         delay = backoff(attempt, getattr(exc, "retry_after", None))
         ctx.metrics.termination_failures.labels(code).inc()
@@ -113,7 +164,7 @@ async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord) -> st
             fields={"delete_attempts": attempt},
         )
         raise TerminationPending(delay) from None
-    await finish_terminated(ctx, rec, "requested")
+    await record(rec, "requested")
     return "terminated"
 
 

@@ -1,0 +1,151 @@
+"""The expiry loop: one per worker process, it ends every session whose time has come.
+
+``sb:due:expiry`` holds every live session that has a termination ahead of it: a ``ready``
+one at its ``expires_at``, a ``terminating`` one at its retry time (or at once). The loop
+
+1. reads the due sessions and claims up to as many as it has free DELETE slots, in one
+   atomic step for the whole batch (``jobs/claim.lua``: a ``ready`` one moves to
+   ``terminating``, each claimed one's score moves to ``now + lease`` so no other worker takes
+   it while this one works on it; two round trips per batch);
+2. runs their upstream DELETEs concurrently (at most ``max_in_flight``), each then recorded
+   ``terminated`` (or its retry time set, ``jobs/terminate.py``), the tenant's Avaturn key
+   read once per tenant and 10 s instead of per session, the ``terminated`` records of every
+   5 ms written by one script call (``jobs/finish.lua``);
+3. sleeps until the next due score, at most ``MAX_SLEEP_S``, at least ``MIN_TICK_S`` between
+   batches while work is due (so a burst is taken in batches, not one by one), and waits for
+   a free slot instead of reading when all are busy.
+
+A worker SIGKILLed mid-batch loses nothing: its claims run out after the lease (upstream
+timeout + 5 s) and another worker's loop takes them again (a second DELETE answers 404 =
+gone; the terminal transition applies once). Redis going away pauses the loop, which goes
+on by itself; an unexpected error is logged and the loop goes on.
+
+Idle cost: one pipelined pair of ``ZRANGEBYSCORE`` per ``MAX_SLEEP_S`` per worker (4
+commands/s), none of them inside a script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from broker.logs import log_context
+from broker.sessions.models import SessionRecord, now_ms
+
+from .context import WorkerContext
+from .jobs.claim import FinishBatch, TerminationClaims
+from .jobs.common import REDIS_ERRORS, TERMINATION_GRACE_MS
+from .jobs.terminate import AvaturnKeys, claim_lease_ms, end_claimed
+
+log = logging.getLogger("workers.expiry")
+
+CLAIM_BATCH = 500          # sessions claimed per Lua call at most
+MAX_IN_FLIGHT = 200        # concurrent upstream DELETEs per worker
+# Longest sleep: a session that becomes due meanwhile is seen this late at most. New ready
+# sessions are due >= 10 s (the minimum TTL) after they appear, stops are run at once by their
+# job, so this only delays the fallbacks (retries scheduled by another worker, lapsed claims).
+MAX_SLEEP_S = 0.5
+MIN_TICK_S = 0.02          # between two batches while sessions are due
+# A stop (DELETE, replacement, tenant disable) has its own job, run at once: the loop makes
+# the first attempt at one only when it is this late (the job was lost or its worker died),
+# so the two do not race for it; retries (delete_attempts > 0) are the loop's, on time.
+STOP_GRACE_MS = 1_000
+REDIS_DOWN_PAUSE_S = 0.5
+ERROR_PAUSE_S = 1.0
+
+
+class ExpiryLoop:
+    def __init__(self, ctx: WorkerContext, *, batch: int = CLAIM_BATCH, max_in_flight: int = MAX_IN_FLIGHT,
+                 max_sleep: float = MAX_SLEEP_S) -> None:
+        self.ctx = ctx
+        self.claims = TerminationClaims(ctx.redis)
+        self.keys = AvaturnKeys(ctx)
+        self.finishes = FinishBatch(ctx.redis, ctx.metrics)
+        self.batch = batch
+        self.max_in_flight = max_in_flight
+        self.max_sleep = max_sleep
+        self.lease_ms = claim_lease_ms(ctx)
+        self.last_run = 0.0        # time.monotonic() of the last completed iteration
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._last_warning = 0.0
+
+    def start(self) -> ExpiryLoop:
+        self._task = asyncio.create_task(self.run(), name="expiry-loop")
+        return self
+
+    async def stop(self, patience: float | None = None) -> None:
+        """Stop claiming; give the DELETEs in flight ``patience`` seconds (default: the upstream
+        timeout + 1 s) to finish. What is cut off is taken again by a worker after the lease."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._in_flight:
+            wait = self.ctx.settings.upstream_timeout_seconds + 1 if patience is None else patience
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=wait)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                delay = await self.step()
+                self.last_run = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except REDIS_ERRORS as exc:
+                self.ctx.metrics.redis_errors.labels("expiry").inc()
+                self._warn("redis unreachable (%s); the expiry loop keeps retrying", type(exc).__name__)
+                delay = REDIS_DOWN_PAUSE_S
+            except Exception:
+                log.exception("expiry loop iteration failed; going on")
+                delay = ERROR_PAUSE_S
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def step(self) -> float:
+        """One iteration: claim what is due and start its DELETEs; returns how long to sleep."""
+        free = self.max_in_flight - len(self._in_flight)
+        if free <= 0:
+            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+            return 0.0
+        limit = min(self.batch, free)
+        now = now_ms()
+        due, next_at = await self.claims.due(now, limit)
+        if due:
+            claims = await self.claims.claim(due, now=now, due_until=now, claim_until=now + self.lease_ms,
+                                             lease=now + TERMINATION_GRACE_MS, stop_due_until=now - STOP_GRACE_MS)
+            for claim in claims:
+                if claim.record is not None:
+                    self._spawn(claim.record)
+            if len(due) == limit:
+                return MIN_TICK_S  # more may be due: the next batch after a breath
+        if next_at is None:
+            return self.max_sleep
+        until_next = (next_at - now_ms()) / 1000
+        return min(self.max_sleep, max(MIN_TICK_S if due else 0.001, until_next))
+
+    def _spawn(self, rec: SessionRecord) -> None:
+        task = asyncio.create_task(self._end(rec))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _end(self, rec: SessionRecord) -> None:
+        with log_context(tenant_id=rec.tenant_id, session_id=rec.id):
+            try:
+                await end_claimed(self.ctx, rec, self.keys, self.finishes.finish)
+            except REDIS_ERRORS as exc:
+                # Not recorded: the claim runs out and a worker takes the session again.
+                self.ctx.metrics.redis_errors.labels("expiry").inc()
+                self._warn("redis unreachable (%s) while ending a session; it is taken again after its claim",
+                           type(exc).__name__)
+            except Exception:
+                log.exception("ending a session failed; it is taken again after its claim")
+
+    def _warn(self, message: str, *args: object) -> None:
+        if time.monotonic() - self._last_warning > 5:
+            self._last_warning = time.monotonic()
+            log.warning(message, *args)

@@ -1,0 +1,147 @@
+"""Claiming terminations: the one way a worker takes a ``terminating`` (or expired ``ready``)
+session to end it, whether from the expiry loop (``workers/expiry.py``) or a stop job; and
+recording a batch of them ``terminated`` in one step (:class:`FinishBatch`, the loop's).
+
+A session is owned through its score in ``sb:due:expiry``: claiming it (``claim.lua``, one
+atomic step for a whole batch) moves the score to ``now + lease``, so another worker only
+takes it once the lease has run out, that is when its claimer died or stalled. Whoever ends
+it removes it from the set (``finish_terminated``); a failed DELETE sets the score to the
+retry time. Two claimers racing on a session is harmless anyway (a second DELETE answers
+404 = gone, the terminal transition applies once), the lease only keeps it rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from broker.sessions.models import SessionRecord, now_ms
+from broker.sessions.repository import RETENTION_SECONDS
+from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member, split_due_member
+
+from ..metrics import WorkerMetrics
+
+_SCRIPT = resources.files(__package__).joinpath("claim.lua").read_text()
+_FINISH = resources.files(__package__).joinpath("finish.lua").read_text()
+FINISH_WAIT_S = 0.005      # finishes gathered this long go to Redis in one script call
+
+# What a claimer needs of the record (all of ``stop_upstream_and_finish``'s inputs).
+FIELDS = ("id", "tenant_id", "status", "created_at", "ttl_seconds", "end_user", "ready_at", "expires_at",
+          "terminating_at", "termination_reason", "avaturn_session_id", "create_state", "delete_attempts")
+
+
+class Claim:
+    """The outcome for one session: ``claimed`` (with ``record``), ``not_due``, ``gone`` or
+    ``provisioning``."""
+
+    __slots__ = ("tenant_id", "session_id", "outcome", "record")
+
+    def __init__(self, tenant_id: str, session_id: str, outcome: str, record: SessionRecord | None) -> None:
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.outcome = outcome
+        self.record = record
+
+    def __repr__(self) -> str:
+        return f"Claim({self.session_id!r}, {self.outcome!r})"
+
+
+class TerminationClaims:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._claim = redis.register_script(_SCRIPT)
+
+    async def due(self, now: int, limit: int) -> tuple[list[tuple[str, str]], int | None]:
+        """Up to ``limit`` sessions due at ``now`` (oldest first), and the score of the first
+        one due later (None: nothing scheduled). One round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(DUE_EXPIRY, "-inf", now, start=0, num=limit)
+            pipe.zrangebyscore(DUE_EXPIRY, f"({now}", "+inf", start=0, num=1, withscores=True)
+            members, after = await pipe.execute()
+        return [split_due_member(m) for m in members], int(after[0][1]) if after else None
+
+    async def claim(self, sessions: list[tuple[str, str]], *, now: int, due_until: int, claim_until: int,
+                    lease: int, stop_due_until: int | None = None) -> list[Claim]:
+        """Claim each of ``sessions`` (tenant id, session id) that is due by ``due_until``, a
+        stop's first attempt by ``stop_due_until`` (see ``claim.lua``); one round trip for
+        the whole list."""
+        if not sessions:
+            return []
+        keys: list[str] = [DUE_EXPIRY, STATS_LIVE]
+        per_session: list[str] = []
+        for tid, sid in sessions:
+            scope = TenantScope(tid)
+            keys += [scope.session(sid), scope.live()]
+            per_session += [due_member(tid, sid), sid, scope.events_channel(sid)]
+        stop_until = due_until if stop_due_until is None else stop_due_until
+        args: list[Any] = [now, due_until, claim_until, lease, stop_until, len(FIELDS), *FIELDS, *per_session]
+        rows = await self._claim(keys=keys, args=args)
+        out = []
+        for (tid, sid), row in zip(sessions, rows, strict=True):
+            outcome = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+            record = None
+            if outcome == "claimed":
+                values = {k: v.decode() for k, v in zip(FIELDS, row[1:], strict=True) if v is not None}
+                record = msgspec.convert(values, SessionRecord, strict=False)
+            out.append(Claim(tid, sid, outcome, record))
+        return out
+
+
+class FinishBatch:
+    """``finish_terminated`` for many sessions at once: each caller awaits :meth:`finish`;
+    the records gathered over ``FINISH_WAIT_S`` are written by one ``finish.lua`` call (same
+    writes and metrics as ``finish_terminated``, each applied once). A Redis error reaches
+    every caller of the batch."""
+
+    def __init__(self, redis: aioredis.Redis, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+        self._finish = redis.register_script(_FINISH)
+        self._waiting: list[tuple[SessionRecord, str, asyncio.Future[bool]]] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    async def finish(self, rec: SessionRecord, reason: str) -> bool:
+        """Record ``rec`` terminated (``reason`` unless it has one); True if this applied it."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((rec, reason, done))
+        if self._flush is None:
+            self._flush = asyncio.create_task(self._flush_soon())
+        return await done
+
+    async def _flush_soon(self) -> None:
+        try:
+            await asyncio.sleep(FINISH_WAIT_S)
+        finally:
+            batch, self._waiting, self._flush = self._waiting, [], None
+        try:
+            applied = await self._write(batch)
+        except Exception as exc:  # Redis away: each caller sees it (its claim lapses, it is retaken)
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, _, done), ok in zip(batch, applied, strict=True):
+            if not done.done():
+                done.set_result(ok)
+
+    async def _write(self, batch: list[tuple[SessionRecord, str, asyncio.Future[bool]]]) -> list[bool]:
+        now = now_ms()
+        keys: list[str] = [DUE_EXPIRY, DUE_PROVISION, STATS_LIVE]
+        args: list[Any] = [now, RETENTION_SECONDS]
+        for rec, reason, _ in batch:
+            scope = TenantScope(rec.tenant_id)
+            keys += [scope.session(rec.id), scope.live(), scope.end_user(rec.end_user or "-")]
+            args += [rec.id, due_member(rec.tenant_id, rec.id), scope.events_channel(rec.id), reason]
+        recorded = await self._finish(keys=keys, args=args)
+        out = []
+        for (rec, _, _), value in zip(batch, recorded, strict=True):
+            if value:
+                reason = value.decode() if isinstance(value, bytes) else str(value)
+                self.metrics.terminations.labels(reason).inc()
+                if rec.expires_at and reason == "expired":
+                    self.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
+            out.append(bool(value))
+        return out
