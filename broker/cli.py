@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .logs import configure_logging
 
-    configure_logging(args.log_format or settings.log_format, settings.log_level)
+    configure_logging(args.log_format or settings.log_format, settings.log_level, settings.library_log_level)
     try:
         return _dispatch(args, settings)
     except SettingsError as exc:

@@ -44,7 +44,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     worker_max_jobs: int = 500
     log_format: str = "json"
     log_level: str = "INFO"
+    library_log_level: str = "WARNING"   # arq, httpx, httpx2, openai: INFO logs a line per job/request
     metrics_top_tenants: int = 20
+    access_log: str = "all"              # API access lines: all | errors (status >= 400) | off
 
     def __repr__(self) -> str:  # never print secrets
         return (
@@ -80,7 +82,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             worker_max_jobs=int(_number(env, "BROKER_WORKER_MAX_JOBS", 500, 1, 10000)),
             log_format=_choice(env, "BROKER_LOG_FORMAT", "json", ("json", "console")),
             log_level=_choice(env, "BROKER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            library_log_level=_choice(env, "BROKER_LIBRARY_LOG_LEVEL", "WARNING",
+                                      ("DEBUG", "INFO", "WARNING", "ERROR")),
             metrics_top_tenants=int(_number(env, "BROKER_METRICS_TOP_TENANTS", 20, 0, 1000)),
+            access_log=_choice(env, "BROKER_ACCESS_LOG", "all", ("all", "errors", "off")),
         )
 
 

@@ -43,6 +43,12 @@ def schedule(per_minute: int) -> tuple[int, int]:
     return interval, (burst - 1) * interval
 
 
+def lua_function(name: str) -> str:
+    """``mint_rate.lua`` as a Lua function ``name(KEYS, ARGV)`` (same keys and arguments, returns
+    the grant), for a script that reserves a slot in the same atomic step as its own work."""
+    return f"local function {name}(KEYS, ARGV)\n{_SOURCE}\nend\n"
+
+
 def _script(redis: aioredis.Redis) -> AsyncScript:
     script = _scripts.get(redis)
     if script is None:

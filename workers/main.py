@@ -20,11 +20,13 @@ from broker.sessions.jobs import PROVISION, QUEUE_NAME, TERMINATE, job_deseriali
 from broker.settings import Settings
 
 from .context import WorkerContext
+from .expiry import ExpiryLoop
 from .jobs.common import REDIS_ERRORS
 from .jobs.provision import provision_session
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
+from .redis_io import use_direct_sends
 from .wakeup import WakeupWorker
 
 log = logging.getLogger("workers")
@@ -115,12 +117,16 @@ def build_worker(
         ctx["wc"] = WorkerContext.build(settings, metrics)
         ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx["wc"], health))
         ctx["shared_gauges"] = metrics.shared.start(ctx["wc"].redis)  # workers/gauges.py snapshot refresher
+        ctx["expiry"] = ExpiryLoop(ctx["wc"]).start()  # ends due sessions (workers/expiry.py)
+        ctx["claims"] = ctx["expiry"].claims           # the stop jobs claim through the same script
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for name in ("heartbeat", "shared_gauges"):
             task = ctx.get(name)
             if task:
                 task.cancel()
+        if ctx.get("expiry"):
+            await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
         wc: WorkerContext | None = ctx.get("wc")
         if wc:
             await wc.close()
@@ -143,8 +149,9 @@ def build_worker(
                         max_tries=3)],  # a sweep cut off by a killed worker is simply run again
         queue_name=QUEUE_NAME,
         # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
-        redis_pool=create_worker_pool(settings, job_serializer=job_serializer,
-                                      job_deserializer=job_deserializer, default_queue_name=QUEUE_NAME),
+        redis_pool=use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
+                                                       job_deserializer=job_deserializer,
+                                                       default_queue_name=QUEUE_NAME)),  # workers/redis_io.py
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         on_job_start=on_job_start,

@@ -17,10 +17,14 @@ pops and pub/sub, so this subclass adds both halves:
 - **Claiming.** One Lua script (:data:`CLAIM`) reads the due jobs, skips those in progress,
   takes the in-progress key of up to ``room`` of them (``SET NX PX``, what arq's
   transaction does) and returns them with the next due time: one round trip per iteration
-  whatever the number of jobs. ``run_job`` and ``finish_job`` are arq's own.
+  whatever the number of jobs. It also makes, for each job it claims, the reads arq's
+  ``run_job`` starts with, so a job starts without a round trip of its own
+  (:mod:`workers.arq_run`); ``finish_job`` is one script (:data:`FINISH`) instead of
+  arq's MULTI/EXEC, with the same effects.
 
-Burst mode (tests) keeps arq's plain polling. Only ``_poll_iteration`` (the body of arq
-0.28's ``main`` loop) and ``finish_job`` are overridden; the rest is arq's Worker.
+Burst mode (tests) keeps arq's plain polling and ``run_job``. Only ``_poll_iteration`` (the
+body of arq 0.28's ``main`` loop), the start of ``run_job`` and ``finish_job`` are replaced;
+the rest is arq's Worker.
 """
 
 from __future__ import annotations
@@ -28,14 +32,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
 
 from broker.sessions.jobs import WAKE_CAP, WAKE_LIST
 
-# KEYS[1] queue zset. ARGV: 1 now ms, 2 in-progress ms, 3 room, 4 scan limit, 5 in-progress prefix.
-# Reply: {next due score or "", id1, score1, id2, score2, ...} (claimed jobs).
+from .arq_run import PrefetchedRunMixin
+
+# KEYS[1] queue zset. ARGV: 1 now ms, 2 in-progress ms, 3 room, 4 scan limit, 5 in-progress prefix,
+# 6 job key prefix (or "": no reads), 7 retry key prefix.
+# Reply: {next due score or "", id1, score1, job1, try1, id2, ...} (claimed jobs; job "" = gone).
+# For each claimed job it also makes the reads arq's run_job starts with (GET the job, INCR and
+# EXPIRE its retry counter: arq's MULTI/EXEC), so the job starts without a round trip of its own.
 CLAIM = """
 local now = tonumber(ARGV[1])
 local room = tonumber(ARGV[3])
@@ -44,9 +53,18 @@ if room > 0 then
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
   for i = 1, #due, 2 do
     if room <= 0 then break end
-    if redis.call('SET', ARGV[5] .. due[i], '1', 'NX', 'PX', ARGV[2]) then
-      out[#out + 1] = due[i]
+    local id = due[i]
+    if redis.call('SET', ARGV[5] .. id, '1', 'NX', 'PX', ARGV[2]) then
+      out[#out + 1] = id
       out[#out + 1] = due[i + 1]
+      if ARGV[6] ~= '' then
+        out[#out + 1] = redis.call('GET', ARGV[6] .. id) or ''
+        out[#out + 1] = redis.call('INCR', ARGV[7] .. id)
+        redis.call('EXPIRE', ARGV[7] .. id, 88400)
+      else  -- abortable jobs: arq's run_job makes these reads itself
+        out[#out + 1] = ''
+        out[#out + 1] = 0
+      end
       room = room - 1
     end
   end
@@ -54,6 +72,29 @@ end
 local nxt = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
 if nxt[2] then out[1] = nxt[2] end
 return out
+"""
+
+# arq's finish_job (MULTI/EXEC of up to six commands) as one script, plus the wake-up token
+# of a job re-queued for later. KEYS: 1 in-progress, 2 retry, 3 job, 4 result, 5 queue,
+# 6 arq's abort zset, 7 wake-up list. ARGV: 1 job id, 2 finish "1"/"", 3 result data or "",
+# 4 result TTL ms or "" (forever), 5 score increment or "", 6 keep in-progress ms or "" (delete),
+# 7 wake-up cap.
+FINISH = """
+if ARGV[6] == '' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+if ARGV[2] == '1' then
+  if ARGV[3] ~= '' then
+    if ARGV[4] == '' then redis.call('SET', KEYS[4], ARGV[3])
+    else redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4]) end
+  end
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+elseif ARGV[5] ~= '' then
+  redis.call('ZINCRBY', KEYS[5], ARGV[5], ARGV[1])
+  redis.call('LPUSH', KEYS[7], '1')
+  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[7]) - 1)
+end
+return 1
 """
 
 # Shortest blocking pop: shorter waits (a deferred job due within 10 ms) sleep on the loop.
@@ -64,7 +105,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class WakeupWorker(Worker):
+class WakeupWorker(PrefetchedRunMixin, Worker):
     """arq's Worker with a blocking wake-up and one-step claiming (see the module docstring).
 
     ``poll_delay`` is the fallback: the longest an idle worker waits without a token."""
@@ -76,6 +117,7 @@ class WakeupWorker(Worker):
             self.poll_delay_s = 0.0  # arq's own sleep between iterations: we wait in _idle_wait
         self.wakeups = 0           # iterations started by a token (for tests and metrics)
         self._claim_script: Any = None
+        self._finish_script: Any = None
 
     async def _poll_iteration(self) -> None:
         if self.burst:
@@ -100,13 +142,17 @@ class WakeupWorker(Worker):
         reply = await self._claim_script(
             keys=[self.queue_name],
             args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, self.queue_read_limit,
-                  in_progress_key_prefix],
+                  in_progress_key_prefix, "" if self.allow_abort_jobs else job_key_prefix, retry_key_prefix],
         )
-        for i in range(1, len(reply), 2):
+        for i in range(1, len(reply), 4):
             job_id, score = _text(reply[i]), int(float(reply[i + 1]))
+            job, job_try = reply[i + 2] or None, int(reply[i + 3])
             await self.sem.acquire()  # never blocks: at most ``room`` jobs were claimed
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, score))
+            if self.allow_abort_jobs:  # arq's run_job also reads the abort set: it makes its own reads
+                task = self.loop.create_task(self.run_job(job_id, score))
+            else:
+                task = self.loop.create_task(self.run_claimed_job(job_id, score, job, job_try))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
         return int(float(reply[0])) if reply[0] not in (b"", "") else None
@@ -142,14 +188,15 @@ class WakeupWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        await super().finish_job(job_id, finish, result_data, result_timeout_s, keep_result_forever, incr_score,
-                                 keep_in_progress)
-        if incr_score:  # re-queued for later: let blocked workers re-read the next due time
-            await push_wakeup(self.pool)
+        """arq's ``finish_job`` in one script call; a job re-queued for later also pushes a wake-up
+        token, so blocked workers re-read the next due time."""
+        if self._finish_script is None:
+            self._finish_script = self.pool.register_script(FINISH)
+        ttl = "" if keep_result_forever or result_timeout_s is None else to_ms(result_timeout_s)
+        await self._finish_script(
+            keys=[in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id,
+                  result_key_prefix + job_id, self.queue_name, abort_jobs_ss, WAKE_LIST],
+            args=[job_id, "1" if finish else "", result_data or "", ttl, incr_score or "",
+                  "" if keep_in_progress is None else to_ms(keep_in_progress), WAKE_CAP],
+        )
 
-
-async def push_wakeup(redis: Any) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.lpush(WAKE_LIST, 1)
-        pipe.ltrim(WAKE_LIST, 0, WAKE_CAP - 1)
-        await pipe.execute()

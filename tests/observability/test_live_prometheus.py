@@ -37,7 +37,9 @@ def stack(redis_server: EmbeddedRedis, sandbox: Any, tmp_path: Path) -> Iterator
     import redis as sync_redis
 
     sync_redis.Redis.from_url(redis_server.url).flushall()
-    env = broker_env(redis_server.url, sandbox)
+    # arq's per-job lines are off by default (BROKER_LIBRARY_LOG_LEVEL=WARNING): turned back on
+    # here, the logs must show them with the job's ids bound (checked in _check_process_logs)
+    env = {**broker_env(redis_server.url, sandbox), "BROKER_LIBRARY_LOG_LEVEL": "INFO"}
     api_port, w1, w2 = free_port(), free_port(), free_port()
     procs: list[Proc] = []
     prom: Prometheus | None = None

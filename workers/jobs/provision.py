@@ -21,7 +21,7 @@ from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
 from tenants.crypto import CredentialError
-from tenants.mint_rate import reserve_mint
+from tenants.mint_rate import reserve_mint, schedule
 from tenants.models import Tenant
 
 from ..context import WorkerContext
@@ -38,72 +38,90 @@ MAX_INLINE_MINT_WAIT = 5.0
 async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id: str) -> str:
     ctx: WorkerContext = arq_ctx["wc"]
     job_try: int = arq_ctx.get("job_try", 1)
-    rec = await ctx.repo.get(tenant_id, session_id)
+    deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
+    try:
+        tenant: Tenant | None = await ctx.tenants.get(tenant_id)  # the worker's cache (workers/tenant_cache.py)
+    except NotFound:
+        tenant = None
+    if tenant is None or not tenant.active:
+        rec = await ctx.repo.get(tenant_id, session_id)
+        started, before, mint_at = False, "", None
+    else:
+        # Read the record and move it to provisioning in one step (unless it is past its deadline);
+        # a session leaving ``queued`` has no secret yet: its mint slot is reserved in that step too.
+        started, before, rec, mint_at = await ctx.repo.start_provisioning(
+            tenant_id, session_id, now_ms(), deadline_ms, schedule(tenant.quotas.openai_requests_per_minute))
     if rec is None or rec.status in ("ready", "terminated", "failed"):
         return "noop"
     if rec.status == "terminating":
         return await _stop(ctx, rec)
-    deadline = rec.created_at + int(ctx.settings.provision_deadline_seconds * 1000)
-    if now_ms() >= deadline:
-        await fail_session(ctx, rec, "provision_deadline_exceeded",
-                           "The session could not be provisioned in time; create a new one.", reason="reaped")
+    deadline = rec.created_at + deadline_ms
+    if not started and now_ms() >= deadline:
+        await _fail(ctx, rec, "provision_deadline_exceeded",
+                    "The session could not be provisioned in time; create a new one.", reason="reaped")
         return "deadline"
-    try:
-        tenant = await ctx.tenants.get(tenant_id)
-    except NotFound:
-        await fail_session(ctx, rec, "tenant_not_found", "The tenant no longer exists.")
+    if tenant is None:
+        await _fail(ctx, rec, "tenant_not_found", "The tenant no longer exists.")
         return "no-tenant"
     if not tenant.active:
-        await fail_session(ctx, rec, "tenant_disabled", "The tenant is disabled.", reason="tenant_disabled")
+        await _fail(ctx, rec, "tenant_disabled", "The tenant is disabled.", reason="tenant_disabled")
         return "disabled"
-
-    started = await ctx.repo.transition(
-        rec, allowed="queued,provisioning", status="provisioning", fields={"attempts": rec.attempts + 1}
-    )
-    if not started.applied:
+    if not started:  # a status change raced with the step above: act on the current one
         return await _stopped_meanwhile(ctx, tenant_id, session_id)
-    if rec.status == "queued":
+    if before == "queued":
         ctx.metrics.queue_wait.observe(max(0.0, (now_ms() - rec.created_at) / 1000))
 
     try:
         openai_key, avaturn_key = _credentials(ctx, tenant)
     except CredentialError:
-        await fail_session(ctx, rec, "credential_decrypt_failed",
-                           "The tenant's stored upstream credentials cannot be decrypted with BROKER_SECRET_KEY.")
+        await _fail(ctx, rec, "credential_decrypt_failed",
+                    "The tenant's stored upstream credentials cannot be decrypted with BROKER_SECRET_KEY.")
         return "credentials"
     if openai_key is None or avaturn_key is None:
         which = "OpenAI" if openai_key is None else "Avaturn"
-        await fail_session(ctx, rec, "upstream_not_configured",
-                           f"No {which} API key is configured for this tenant or the platform.")
+        await _fail(ctx, rec, "upstream_not_configured",
+                    f"No {which} API key is configured for this tenant or the platform.")
         return "not-configured"
 
     try:
-        got = await _secret(ctx, rec, tenant, openai_key)
+        got = await _secret(ctx, rec, tenant, openai_key, mint_at)
         if got is None:
             return await _stopped_meanwhile(ctx, tenant_id, session_id)
         return await _create(ctx, rec, tenant, avaturn_key, *got)
     except UpstreamRejected as exc:
-        await fail_session(ctx, rec, exc.code, exc.message)
+        await _fail(ctx, rec, exc.code, exc.message)
         return "rejected"
     except UpstreamUnavailable as exc:
         delay = backoff(job_try, exc.retry_after)
         if now_ms() + delay * 1000 >= deadline:
             code = "upstream_rate_limited" if exc.status == 429 else exc.code
-            await fail_session(ctx, rec, code,
-                               f"{exc.upstream} stayed unavailable until the provisioning deadline ({exc.message})")
+            await _fail(ctx, rec, code,
+                        f"{exc.upstream} stayed unavailable until the provisioning deadline ({exc.message})")
             return "gave-up"
+        log.info("provisioning retried in %.1fs: %s", delay, exc.code)
         raise Retry(defer=delay) from None
 
 
-async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str) -> tuple[str, bool] | None:
+async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str, reason: str = "upstream_failed") -> None:
+    """``fail_session`` with one log line (arq's per-job lines are off by default)."""
+    if (await fail_session(ctx, rec, code, message, reason=reason)).applied:
+        log.warning("provisioning failed: %s", code)
+
+
+async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str,
+                  mint_at: int | None = None) -> tuple[str, bool] | None:
     """The client secret to use: the one recorded by an earlier attempt while still valid,
-    else a new one (rate-limited per tenant across all workers), and whether the create is
-    already marked in flight (a new secret is recorded in the same step as that mark, one
-    round trip less). None: the session was stopped."""
+    else a new one (rate-limited per tenant across all workers: ``mint_at`` is the slot the
+    start step already reserved, if any), and whether the create is already marked in flight
+    (a new secret is recorded in the same step as that mark, one round trip less).
+    None: the session was stopped."""
     now = now_ms()
     if rec.secret_enc and rec.secret_expires_at * 1000 > now + SECRET_REUSE_MARGIN_MS:
         return ctx.cipher.decrypt(rec.secret_enc), False
-    wait = await reserve_mint(ctx.redis, tenant.id, tenant.quotas.openai_requests_per_minute, now)
+    if mint_at is not None:
+        wait = max(0, mint_at - now) / 1000.0
+    else:
+        wait = await reserve_mint(ctx.redis, tenant.id, tenant.quotas.openai_requests_per_minute, now)
     if wait > MAX_INLINE_MINT_WAIT:
         ctx.metrics.mint_deferred.inc()
         raise Retry(defer=wait)
@@ -151,7 +169,6 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         raise
     now = now_ms()
     expires_at = now + rec.ttl_seconds * 1000
-    expiry_job = ctx.queue.terminate_job(rec.tenant_id, rec.id, at_ms=expires_at, tag="expire")
 
     async def record_ready() -> TransitionResult:
         return await ctx.repo.transition(
@@ -159,7 +176,7 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
             allowed="provisioning",
             status="ready",
             lease=expires_at + TERMINATION_GRACE_MS,
-            due_expiry=expires_at,
+            due_expiry=expires_at,  # where the expiry loop (workers/expiry.py) finds it
             due_provision="del",
             fields={
                 "avaturn_session_id": created.session_id,
@@ -170,7 +187,6 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
             },
             drop=("secret_enc",),
             publish=True,
-            job=expiry_job,  # the termination at expires_at, written with the ready state
         )
 
     try:
@@ -180,9 +196,7 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         await _delete_orphan(ctx, api_key, created.session_id)
         raise
     if ready.applied or await _recorded_ready(ctx, rec, created.session_id):
-        if not ready.applied:  # applied by an attempt whose answer was lost: make sure of its job
-            await ctx.queue.submit(expiry_job)
-        ctx.metrics.provisions.labels("ready", "").inc()
+        ctx.metrics.provision_outcome("ready", "")
         ctx.metrics.time_to_ready.observe(max(0.0, (now - rec.created_at) / 1000))
         return "ready"
     # Stopped (or reaped) while the create was in flight: the upstream session must not live on.
@@ -230,7 +244,7 @@ async def _delete_orphan(ctx: WorkerContext, api_key: str, upstream_id: str) -> 
 
 
 def _credentials(ctx: WorkerContext, tenant: Tenant) -> tuple[str | None, str | None]:
-    openai_key, avaturn_key = ctx.tenants.credentials(tenant)
+    openai_key, avaturn_key = ctx.tenants.credentials(tenant)  # decrypted once per worker (cached)
     return openai_key or ctx.settings.openai_api_key, avaturn_key or ctx.settings.avaturn_api_key
 
 

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import aiohttp
 import msgspec
+import openai.resources.realtime.realtime  # noqa: F401 - the SDK imports it lazily: at startup, not in the first job
 from openai import (
     APIConnectionError,
     APIStatusError,

@@ -1,0 +1,147 @@
+"""The worker's per-process tenant cache: the tenant record a provisioning job reads, and the
+tenant's upstream credentials decrypted once, not on every job.
+
+Same rule as the API's :class:`tenants.auth.KeyAuthenticator`: a record is kept at most
+``ttl`` seconds and dropped at once when ``TENANT_CHANGED_CHANNEL`` says it changed (disabled,
+quotas, config, credentials: :meth:`TenantService._modify` publishes every change); while the
+listener is not subscribed (starting, reconnecting) the cache is bypassed entirely, and a
+generation counter stops a read that raced with an invalidation from re-filling the cache with
+what it read before. So a disabled tenant's sessions stop being provisioned as soon as today.
+
+Decrypted credentials are keyed by their ciphertexts: a changed key is a different ciphertext,
+so it can never be served stale; a credential that does not decrypt is never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from tenants.models import Tenant
+from tenants.scope import TENANT_CHANGED_CHANNEL
+from tenants.service import TenantService
+
+log = logging.getLogger(__name__)
+
+Credentials = tuple[str | None, str | None]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class TenantCache:
+    def __init__(self, redis: aioredis.Redis, service: TenantService, *, ttl: float = 10.0,
+                 max_entries: int = 10_000) -> None:
+        self._redis = redis
+        self._service = service
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._tenants: dict[str, tuple[Tenant, float]] = {}
+        self._credentials: dict[tuple[str | None, str | None], Credentials] = {}
+        self._generation = 0
+        self._listening = False
+        self.subscriptions = 0  # successful (re)subscriptions, for tests
+        self._subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
+
+    async def get(self, tenant_id: str) -> Tenant:
+        """The tenant (cached while the listener is subscribed), or NotFound."""
+        cached = self._tenants.get(tenant_id) if self._listening else None
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        generation = self._generation
+        tenant = await self._service.get(tenant_id)
+        if self._listening and generation == self._generation:
+            if len(self._tenants) >= self._max_entries:
+                self._tenants.clear()
+            self._tenants[tenant_id] = (tenant, time.monotonic() + self._ttl)
+        return tenant
+
+    def credentials(self, tenant: Tenant) -> Credentials:
+        """``TenantService.credentials`` (CredentialError included), decrypted once per ciphertext."""
+        key = (tenant.openai.api_key_enc, tenant.avaturn.api_key_enc)
+        if key == (None, None):
+            return None, None
+        found = self._credentials.get(key)
+        if found is None:
+            found = self._service.credentials(tenant)
+            if len(self._credentials) >= self._max_entries:
+                self._credentials.clear()
+            self._credentials[key] = found
+        return found
+
+    def invalidate(self, tenant_id: str) -> None:
+        self._generation += 1
+        self._tenants.pop(tenant_id, None)
+
+    def _reset(self, listening: bool) -> None:
+        self._generation += 1
+        self._tenants.clear()
+        self._listening = listening
+
+    def start(self) -> TenantCache:
+        """Start the listener (the cache is bypassed until it is subscribed)."""
+        if self._task is None:
+            self._subscribed.clear()
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name="worker-tenant-invalidation")
+        return self
+
+    async def wait_subscribed(self, timeout: float = 5.0) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        return self._listening
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._reset(listening=False)
+        self._credentials.clear()
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(TENANT_CHANGED_CHANNEL)
+                idle_since = time.monotonic()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                    if message is None:
+                        if time.monotonic() - idle_since > 5.0:  # notice a dead connection when idle
+                            await pubsub.ping()
+                            idle_since = time.monotonic()
+                        continue
+                    idle_since = time.monotonic()
+                    if message["type"] == "subscribe":  # from now on no invalidation is missed
+                        self._reset(listening=True)
+                        self.subscriptions += 1
+                        self._subscribed.set()
+                        backoff = 0.05
+                    elif message["type"] == "message":
+                        self.invalidate(_text(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect; meanwhile the cache is bypassed
+                log.warning("tenant invalidation listener lost its connection (%s); reconnecting", type(exc).__name__)
+            finally:
+                self._reset(listening=False)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
+__all__ = ["TenantCache"]
