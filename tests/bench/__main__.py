@@ -25,48 +25,64 @@ def _step(name: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
 
-def run(stack: Stack, m: dict[str, Any]) -> None:
-    """Fills ``m`` step by step (a failed step leaves the earlier ones in it)."""
+PARTS = ("admission", "tenants", "ready", "worker", "terminations")
+
+
+def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
+    """Fills ``m`` step by step (a failed step leaves the earlier ones in it). ``only``: a
+    subset of :data:`PARTS` (the whole run without it)."""
+    want = set(PARTS) if only is None else only
     stack.start_api()
-    _step("API floor (baseline A) and admission, worker not running")
-    adm = scenarios.api_floor_and_admission(stack)
-    m["baseline_a"] = {"saturation": adm["baseline_a_saturation"], "half_load": adm["baseline_a_half_load"]}
-    m["admission"] = {"saturation": adm["admission_saturation"], "half_load": adm["admission_half_load"]}
-    _step(f"admission latency with 10 and {TENANTS} tenants")
-    m["tenants"] = scale.tenants_scaling(stack, TENANTS, m["admission"]["saturation"]["rps"] / 2)
+    if want & {"admission", "tenants"}:
+        _step("API floor (baseline A) and admission, worker not running")
+        adm = scenarios.api_floor_and_admission(stack)
+        m["baseline_a"] = {"saturation": adm["baseline_a_saturation"], "half_load": adm["baseline_a_half_load"]}
+        m["admission"] = {"saturation": adm["admission_saturation"], "half_load": adm["admission_half_load"]}
+    if "tenants" in want:
+        _step(f"admission latency with 10 and {TENANTS} tenants")
+        m["tenants"] = scale.tenants_scaling(stack, TENANTS, m["admission"]["saturation"]["rps"] / 2)
 
     stack.start_worker()
-    _step("idle Redis command rate (API + worker idle)")
-    m["idle_redis"] = scenarios.idle_redis(stack)
-    tenant = stack.tenant("bench-ready")
-    stack.start_baseline("b")
-    _step("time to ready and baseline B, 0 ms upstreams, one caller")
-    m["ttr_0ms"] = scenarios.time_to_ready(stack, tenant.key, 0, 0, total=500, concurrency=1)
-    m["direct_0ms"] = scenarios.direct_pattern(stack, 0, 0, total=500, concurrency=1)
-    _step("time to ready and baseline B, 300 + 500 ms upstreams, 50 callers")
-    m["ttr_800ms"] = scenarios.time_to_ready(stack, tenant.key, 300, 500, total=1000, concurrency=50)
-    m["direct_800ms"] = scenarios.direct_pattern(stack, 300, 500, total=1000, concurrency=50)
-    _step("time to ready and baseline B, 300 + 500 ms upstreams, 200 callers")
-    m["ttr_800ms_c200"] = scenarios.time_to_ready(stack, tenant.key, 300, 500, total=2000, concurrency=200)
-    m["direct_800ms_c200"] = scenarios.direct_pattern(stack, 300, 500, total=2000, concurrency=200)
-    stack.stop_proc("baseline_b")
+    if only is None:
+        _step("idle Redis command rate (API + worker idle)")
+        m["idle_redis"] = scenarios.idle_redis(stack)
+    if "ready" in want:
+        tenant = stack.tenant("bench-ready")
+        stack.start_baseline("b")
+        _step("time to ready and baseline B, 0 ms upstreams, one caller")
+        m["ttr_0ms"] = scenarios.time_to_ready(stack, tenant.key, 0, 0, total=500, concurrency=1)
+        m["direct_0ms"] = scenarios.direct_pattern(stack, 0, 0, total=500, concurrency=1)
+        _step("time to ready and baseline B, 300 + 500 ms upstreams, 50 callers")
+        m["ttr_800ms"] = scenarios.time_to_ready(stack, tenant.key, 300, 500, total=1000, concurrency=50)
+        m["direct_800ms"] = scenarios.direct_pattern(stack, 300, 500, total=1000, concurrency=50)
+        _step("time to ready and baseline B, 300 + 500 ms upstreams, 200 callers")
+        m["ttr_800ms_c200"] = scenarios.time_to_ready(stack, tenant.key, 300, 500, total=2000, concurrency=200)
+        m["direct_800ms_c200"] = scenarios.direct_pattern(stack, 300, 500, total=2000, concurrency=200)
+        stack.stop_proc("baseline_b")
 
-    _step("one worker draining 3000 sessions at 300 + 500 ms")
-    m["worker_throughput"] = scenarios.worker_throughput(stack, stack.tenant("bench-worker"), 3000)
-    _step("the same upstream calls alone (CPU)")
-    m["upstream_cpu"] = scenarios.upstream_cpu(stack, 3000, 500)
-    _step(f"{TERMINATIONS} sessions expiring within {WINDOW_S:.0f} s")
-    m["terminations"] = expiry.terminations(stack, TERMINATIONS, WINDOW_S, m["worker_throughput"]["sessions_per_s"])
-    _step("the same with a second worker process (one per core)")
-    stack.start_worker("worker2")
-    m["terminations_2_workers"] = expiry.terminations(stack, TERMINATIONS, WINDOW_S,
-                                                      m["worker_throughput"]["sessions_per_s"])
+    if want & {"worker", "terminations"}:
+        _step("one worker draining 3000 sessions at 300 + 500 ms")
+        m["worker_throughput"] = scenarios.worker_throughput(stack, stack.tenant("bench-worker"), 3000)
+    if "worker" in want:
+        _step("the same upstream calls alone (CPU)")
+        m["upstream_cpu"] = scenarios.upstream_cpu(stack, 3000, 500)
+    if "terminations" in want:
+        _step(f"{TERMINATIONS} sessions expiring within {WINDOW_S:.0f} s")
+        rate = m["worker_throughput"]["sessions_per_s"]
+        m["terminations"] = expiry.terminations(stack, TERMINATIONS, WINDOW_S, rate)
+        _step("the same with a second worker process (one per core)")
+        stack.start_worker("worker2")
+        m["terminations_2_workers"] = expiry.terminations(stack, TERMINATIONS, WINDOW_S, rate)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench")
     p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     args = p.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+    if only is not None and not only <= set(PARTS):
+        p.error(f"--only takes {', '.join(PARTS)}")
     if not WRK:
         print("wrk not found: using aiohttp as the load generator (install wrk for the real figures)", file=sys.stderr)
     log_dir = tempfile.mkdtemp(prefix="sb-bench-")
@@ -75,7 +91,7 @@ def main() -> int:
     stack = Stack(log_dir).start()
     measurements: dict[str, Any] = {}
     try:
-        run(stack, measurements)
+        run(stack, measurements, only)
     except BaseException:
         with open(args.out, "w") as f:  # what was measured before the failure
             json.dump({"machine": report.machine(), "incomplete": True, "measurements": measurements}, f, indent=2)

@@ -43,6 +43,14 @@ class RunStats:
                 "p99_ms": round(self.p99, 3), "max_ms": round(self.max, 3), "tool": self.tool}
 
 
+def merge(runs: Sequence[RunStats]) -> RunStats:
+    """Several runs of the same load as one: counts and durations add up; a percentile of the
+    whole is not known from the parts', so each is the worst (largest) of them."""
+    return RunStats(sum(r.requests for r in runs), sum(r.seconds for r in runs), sum(r.errors for r in runs),
+                    max(r.p50 for r in runs), max(r.p90 for r in runs), max(r.p99 for r in runs),
+                    max(r.max for r in runs), runs[0].tool)
+
+
 def pct(values: Sequence[float], p: float) -> float:
     if not values:
         return float("nan")
