@@ -25,6 +25,7 @@ import msgspec
 _SECRET = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4,}|ek_[A-Za-z0-9_\-]{4,}|sbk_[A-Za-z0-9]{8,}|Bearer\s+\S+)")
 
 CONTEXT_KEYS = ("request_id", "tenant_id", "session_id", "job_id")
+_CONTEXT_KEY_SET = frozenset(CONTEXT_KEYS)
 _MAX_CONTEXT_VALUE = 128
 _EMPTY: Mapping[str, str] = {}
 _context: ContextVar[Mapping[str, str]] = ContextVar("broker_log_context", default=_EMPTY)
@@ -35,7 +36,8 @@ _MARKERS = ("sk-", "ek_", "sbk_", "Bearer")  # every _SECRET match contains one 
 
 
 def redact(text: str) -> str:
-    if not any(marker in text for marker in _MARKERS):  # most text (ids, events): no regex pass
+    # most text (ids, events): no regex pass (the four _MARKERS, tested inline: a generator costs more)
+    if "sk-" not in text and "ek_" not in text and "sbk_" not in text and "Bearer" not in text:
         return text
     return _SECRET.sub(lambda m: m.group(0)[:4] + "***", text)
 
@@ -43,9 +45,8 @@ def redact(text: str) -> str:
 def bind_log_context(**values: str | None) -> Token[Mapping[str, str]]:
     """Add ``request_id``/``tenant_id``/``session_id``/``job_id`` to the current context
     (``None`` values are ignored). Returns a token for :func:`reset_log_context`."""
-    unknown = set(values) - set(CONTEXT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown log context keys: {sorted(unknown)}")
+    if not _CONTEXT_KEY_SET.issuperset(values):
+        raise ValueError(f"unknown log context keys: {sorted(set(values) - _CONTEXT_KEY_SET)}")
     merged = dict(_context.get())
     for key, value in values.items():
         if value is not None:
@@ -75,10 +76,12 @@ def _context_of(record: logging.LogRecord) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in CONTEXT_KEYS:
         value = getattr(record, key, None)  # an explicit extra={...} wins
-        if value is None:
-            value = bound.get(key)
         if value is not None:
             out[key] = redact(str(value))
+        else:
+            value = bound.get(key)
+            if value is not None:  # redacted when bound (bind_log_context is the only writer)
+                out[key] = value
     return out
 
 

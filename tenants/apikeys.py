@@ -155,3 +155,7 @@ class ApiKeyService:
 
     async def record_use(self, tenant_id: str, key_id: str) -> None:
         await self._repo.touch_key(tenant_id, key_id, rfc3339(self._clock()))
+
+    async def record_uses(self, uses: list[tuple[str, str]]) -> None:
+        """``last_used_at`` = now for every (tenant id, key id), in one round trip."""
+        await self._repo.touch_keys(uses, rfc3339(self._clock()))

@@ -17,21 +17,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from broker.errors import Forbidden, Unauthorized
-from tenants.apikeys import hash_key, looks_valid
+from tenants.apikeys import KEY_LEN, hash_key, looks_valid
 from tenants.models import Tenant
 from tenants.repository import parse_rfc3339
 from tenants.scope import KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL
 from tenants.service import TenantService
 
 log = logging.getLogger(__name__)
+_decode_tenant = msgspec.json.Decoder(Tenant).decode
+USE_FLUSH_DELAY = 0.5  # seconds a key use waits to be written with the others (last_used_at)
 
 
-class _CachedKey(NamedTuple):
+class _CachedKey(msgspec.Struct, frozen=True, gc=False):
+    """Atoms only, so not tracked by the cyclic GC (a NamedTuple instance always is)."""
+
     tenant_id: str
     key_id: str
     not_after: float | None  # unix seconds
@@ -51,6 +56,7 @@ class KeyAuthenticator:
         tenant_ttl: float = 60.0,  # as long as the key cache: pub/sub invalidates both
         key_ttl: float = 60.0,
         touch_interval: float = 60.0,
+        use_flush_delay: float = USE_FLUSH_DELAY,
         max_entries: int = 100_000,
     ) -> None:
         self._redis = redis
@@ -58,10 +64,14 @@ class KeyAuthenticator:
         self._tenant_ttl = tenant_ttl
         self._key_ttl = key_ttl
         self._touch_interval = touch_interval
+        self._use_flush_delay = use_flush_delay
         self._max_entries = max_entries
         self._keys: dict[str, _CachedKey] = {}
-        self._tenants: dict[str, tuple[Tenant, float]] = {}
+        self._tenants: dict[str, tuple[bytes, float]] = {}  # record bytes: nothing for the GC to walk
         self._touched: dict[str, float] = {}
+        self._uses: dict[tuple[str, str], str] = {}  # (tenant id, key id) -> key hash, to write
+        self._flusher: asyncio.Task[None] | None = None
+        self._flush_now = asyncio.Event()
         self._generation = 0
         self._listening = False
         self.subscriptions = 0  # successful (re)subscriptions of the listener, for health checks
@@ -78,16 +88,21 @@ class KeyAuthenticator:
     async def authenticate(self, key: str) -> Tenant:
         """The key's tenant, or Unauthorized (``invalid_api_key``) / Forbidden (``tenant_disabled``).
 
-        No message ever contains the key."""
-        if not looks_valid(key):
-            raise Unauthorized(
-                "The API key is malformed: tenant API keys start with sbk_ and carry a checksum; "
-                "check it was copied whole.",
-                code="invalid_api_key",
-            )
-        key_hash = hash_key(key)
-        entry = self._cached_key(key_hash)
+        No message ever contains the key. The format and checksum are checked before any
+        Redis lookup; a key found in the cache passed them when it was cached (only keys that
+        Redis knew are cached), so a cached key skips the checksum (~2 us)."""
+        entry = None
+        if type(key) is str and len(key) == KEY_LEN:
+            key_hash = hash_key(key)
+            entry = self._cached_key(key_hash)
         if entry is None:
+            if not looks_valid(key):
+                raise Unauthorized(
+                    "The API key is malformed: tenant API keys start with sbk_ and carry a checksum; "
+                    "check it was copied whole.",
+                    code="invalid_api_key",
+                )
+            key_hash = hash_key(key)
             generation = self._generation
             found = await self._service.repo.lookup(key_hash)
             if found is None:
@@ -103,7 +118,7 @@ class KeyAuthenticator:
             raise _invalid_key()
         if not tenant.active:
             raise Forbidden("This tenant is disabled.", code="tenant_disabled")
-        await self._touch(key_hash, entry)
+        self._touch(key_hash, entry)
         return tenant
 
     def _cached_key(self, key_hash: str) -> _CachedKey | None:
@@ -121,17 +136,27 @@ class KeyAuthenticator:
         return True
 
     async def _tenant(self, tenant_id: str) -> Tenant | None:
+        """The tenant, decoded on each call from the cached record's bytes: a cached ``Tenant``
+        is ~5 objects the cyclic GC tracks, so 10,000 cached tenants made every full collection
+        walk 50,000 more objects (measured in the bench: 2 ms -> 26 ms pauses, stalling every
+        request in flight); bytes and tuples of atoms are not tracked, and a decode costs ~2 us."""
         cached = self._tenants.get(tenant_id) if self._listening else None
         if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
+            return _decode_tenant(cached[0])
         generation = self._generation
-        tenant = await self._service.repo.get(tenant_id)
-        if tenant is not None and self._cacheable(generation, self._tenants):
-            self._tenants[tenant_id] = (tenant, time.monotonic() + self._tenant_ttl)
+        raw = await self._service.repo.get_raw(tenant_id)
+        if raw is None:
+            return None
+        tenant = _decode_tenant(raw)
+        if self._cacheable(generation, self._tenants):
+            self._tenants[tenant_id] = (raw, time.monotonic() + self._tenant_ttl)
         return tenant
 
-    async def _touch(self, key_hash: str, entry: _CachedKey) -> None:
-        """Record ``last_used_at`` at most once per ``touch_interval`` per key and process."""
+    def _touch(self, key_hash: str, entry: _CachedKey) -> None:
+        """Record ``last_used_at`` at most once per ``touch_interval`` per key and process, off
+        the request path: the use is queued and a background task writes every queued use in
+        one pipelined round trip ``USE_FLUSH_DELAY`` later (with 10,000 keys, one request in
+        five or so used to wait for its own HSET)."""
         now = time.monotonic()
         last = self._touched.get(key_hash)
         if last is not None and now - last < self._touch_interval:
@@ -139,11 +164,34 @@ class KeyAuthenticator:
         if len(self._touched) >= self._max_entries:
             self._touched.clear()
         self._touched[key_hash] = now
+        self._uses[(entry.tenant_id, entry.key_id)] = key_hash
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_uses(), name="key-last-used")
+
+    async def _flush_uses(self) -> None:
+        with contextlib.suppress(TimeoutError):  # USE_FLUSH_DELAY, or sooner when flush_uses() asks
+            await asyncio.wait_for(self._flush_now.wait(), self._use_flush_delay)
+        self._flush_now.clear()
+        await self._write_uses()
+
+    async def _write_uses(self) -> None:
+        uses, self._uses = self._uses, {}
+        if not uses:
+            return
         try:
-            await self._service.record_key_use(entry.tenant_id, entry.key_id)
-        except Exception:  # a lost last_used_at write must never fail a request
-            self._touched.pop(key_hash, None)
-            log.warning("could not record last_used_at for key %s", entry.key_id, exc_info=True)
+            await self._service.keys.record_uses(list(uses))
+        except Exception:  # a lost last_used_at write must never fail a request: retried on next use
+            for key_hash in uses.values():
+                self._touched.pop(key_hash, None)
+            log.warning("could not record last_used_at for %d keys", len(uses), exc_info=True)
+
+    async def flush_uses(self) -> None:
+        """Write the queued ``last_used_at`` now (shutdown, tests)."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            self._flush_now.set()
+            await flusher
+        await self._write_uses()
 
     # ---- invalidation ----------------------------------------------------------------
 
@@ -171,6 +219,8 @@ class KeyAuthenticator:
             await asyncio.wait_for(self._subscribed.wait(), ready_timeout)
 
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush_uses()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

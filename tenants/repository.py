@@ -102,6 +102,11 @@ class TenantRepository:
         raw = await self._redis.get(tenant_record(tenant_id))
         return None if raw is None else msgspec.json.decode(raw, type=Tenant)
 
+    async def get_raw(self, tenant_id: str) -> bytes | None:
+        """The tenant's stored record (JSON, as ``get`` decodes it), for caches that keep bytes."""
+        raw = await self._redis.get(tenant_record(tenant_id))
+        return None if raw is None else bytes(raw)
+
     async def get_many(self, tenant_ids: list[str]) -> list[Tenant]:
         if not tenant_ids:
             return []
@@ -226,6 +231,13 @@ class TenantRepository:
 
     async def touch_key(self, tenant_id: str, key_id: str, when: str) -> None:
         await self._redis.hset(TenantScope(tenant_id).keys_last_used(), key_id, when)
+
+    async def touch_keys(self, uses: list[tuple[str, str]], when: str) -> None:
+        """``touch_key`` for many (tenant id, key id) pairs, pipelined (no transaction needed)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant_id, key_id in uses:
+                pipe.hset(TenantScope(tenant_id).keys_last_used(), key_id, when)
+            await pipe.execute()
 
     async def publish_key_changed(self, key_hash: str) -> None:
         await self._redis.publish(KEY_REVOCATIONS_CHANNEL, key_hash)

@@ -5,7 +5,8 @@ access log line per request (ops routes at DEBUG).
 
 It runs on every request, so it does the least it can: the metric children are looked up
 once per (route, method, status) and cached, and the access line is a record handed to the
-logger's handlers directly (no caller lookup: the caller is always this function)."""
+logger's handlers directly (no caller lookup: the caller is always this function), built
+from a per-process template rather than by ``LogRecord.__init__``."""
 
 from __future__ import annotations
 
@@ -62,11 +63,31 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
             observe(route, method, status, elapsed)
             level = logging.DEBUG if route in OPS_ROUTES else logging.INFO
             if status >= min_status and access_log.isEnabledFor(level):
-                access_log.handle(access_log.makeRecord(
-                    access_log.name, level, __file__, 0, _ACCESS_FORMAT, (method, route, status), None,
-                    extra={"fields": {"method": method, "route": route, "status": status,
-                                      "duration_ms": round(elapsed * 1000, 2)}},
-                ))
+                access_log.handle(_access_record(level, method, route, status, elapsed))
             reset_log_context(token)
 
     return wrapped
+
+
+_template: dict[str, Any] = {}
+
+
+def _access_record(level: int, method: str, route: str, status: int, elapsed: float) -> logging.LogRecord:
+    """The access line's record, as ``makeRecord`` would build it, from a template made once
+    (``LogRecord.__init__`` looks up the thread, process and module names on every call: a
+    quarter of what the access line cost); only the time, level, arguments and fields change."""
+    if not _template:
+        _template.update(access_log.makeRecord(
+            access_log.name, logging.INFO, __file__, 0, _ACCESS_FORMAT, (), None).__dict__)
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    d = record.__dict__
+    d.update(_template)
+    now = time.time()
+    d["created"] = now
+    d["msecs"] = int((now - int(now)) * 1000) + 0.0
+    d["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    d["levelno"] = level
+    d["levelname"] = logging.getLevelName(level)
+    d["args"] = (method, route, status)
+    d["fields"] = {"method": method, "route": route, "status": status, "duration_ms": round(elapsed * 1000, 2)}
+    return record

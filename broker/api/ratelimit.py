@@ -24,32 +24,26 @@ from tenants.usage import QuotaUsage, UsageSnapshot
 _CONCURRENT = 'qu="concurrent-requests"'
 
 
-def _policies(usage: UsageSnapshot) -> list[tuple[str, QuotaUsage, str]]:
-    """(name, usage, extra policy parameters) of every policy that applies."""
-    out = [
-        ("minute", usage.minute, "w=60"),
-        ("day", usage.day, "w=86400"),
-        ("concurrency", usage.concurrency, _CONCURRENT),
-    ]
-    if usage.end_user is not None:
-        out.append(("end_user", usage.end_user, _CONCURRENT))
-    return out
+def _state(name: str, quota: QuotaUsage) -> str:
+    remaining = quota.remaining
+    item = f'"{name}";r={remaining if remaining > 0 else 0}'
+    return item + f";t={int(quota.reset_s)}" if quota.reset_s > 0 else item
 
 
-def _nonneg(n: int) -> int:
-    return max(0, int(n))
+def _limit(quota: QuotaUsage) -> int:
+    return quota.limit if quota.limit > 0 else 0
 
 
 def ratelimit_headers(usage: UsageSnapshot) -> dict[str, str]:
-    policy: list[str] = []
-    state: list[str] = []
-    for name, quota, params in _policies(usage):
-        policy.append(f'"{name}";q={_nonneg(quota.limit)};{params}')
-        item = f'"{name}";r={_nonneg(quota.remaining)}'
-        if quota.reset_s > 0:
-            item += f";t={int(quota.reset_s)}"
-        state.append(item)
-    return {"RateLimit-Policy": ", ".join(policy), "RateLimit": ", ".join(state)}
+    """Both fields, built directly (on every admission: no per-policy lists and joins)."""
+    minute, day, concurrency, end_user = usage.minute, usage.day, usage.concurrency, usage.end_user
+    policy = (f'"minute";q={_limit(minute)};w=60, "day";q={_limit(day)};w=86400, '
+              f'"concurrency";q={_limit(concurrency)};{_CONCURRENT}')
+    state = f'{_state("minute", minute)}, {_state("day", day)}, {_state("concurrency", concurrency)}'
+    if end_user is not None:
+        policy += f', "end_user";q={_limit(end_user)};{_CONCURRENT}'
+        state += ", " + _state("end_user", end_user)
+    return {"RateLimit-Policy": policy, "RateLimit": state}
 
 
 def ratelimit_header_items(usage: UsageSnapshot) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:

@@ -31,11 +31,20 @@ def now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def iso(ms: int | None) -> str | None:
+    """``2026-01-02T03:04:05.678Z`` (UTC, milliseconds); the seconds part is formatted once per
+    second (every answer of the API carries ``created_at``)."""
+    global _iso_second
     if not ms:
         return None
-    dt = datetime.fromtimestamp(ms / 1000, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    second, milli = divmod(ms, 1000)
+    cached = _iso_second
+    if cached[0] != second:
+        cached = _iso_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{cached[1]}{milli:03d}Z"
 
 
 class SessionRecord(msgspec.Struct, kw_only=True):
