@@ -7,7 +7,7 @@ redis-py ``Pipeline`` per job: together ~0.15 ms of worker CPU per job).
 
 :meth:`PrefetchedRunMixin.run_claimed_job` below is arq 0.28.0's ``run_job`` VERBATIM after
 its first statement: only the opening pipeline is replaced by the values passed in
-(``tests/workers/test_arq_run.py`` compares the two sources, so an arq upgrade that changes
+(``tests/workers/test_provision_fast.py`` compares the two sources, so an arq upgrade that changes
 ``run_job`` fails that test instead of drifting silently). Abortable jobs are not claimed this
 way (the claim script does not read the abort set): ``allow_abort_jobs`` workers use arq's own.
 """
@@ -25,7 +25,33 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, no_result
 
-logger = logging.getLogger("arq.worker")  # arq's own logger: its lines stay where they were
+from broker.logs import _ArqJobLines
+
+
+class _JobLines:
+    """arq's own logger (``arq.worker``: its lines stay where they were) for the body below, except
+    that its per-job INFO lines ("%6.2fs → job(...)", "← ... ●", "↻ ...") are not even built while
+    ``broker.logs.configure_logging`` drops them anyway (its filter on that logger, the default
+    library level): two LogRecords per job that only a filter looked at."""
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        lg = self._logger
+        if msg.startswith('%6.2fs'):
+            for f in lg.filters:
+                if f.__class__ is _ArqJobLines:
+                    return
+        lg.info(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # warning, exception, ...: arq's logger itself
+        return getattr(self._logger, name)
+
+
+logger: Any = _JobLines(logging.getLogger("arq.worker"))
 
 
 class PrefetchedRunMixin:

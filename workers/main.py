@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 from arq import Retry, cron
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -132,11 +133,8 @@ def build_worker(
             await wc.close()
 
     async def on_job_start(ctx: dict[str, Any]) -> None:
-        ctx["_t0"] = time.perf_counter()
+        ctx["start_ms"] = timestamp_ms()  # arq's start time of the job, for a finish in the job's own script
         bind_log_context(job_id=ctx.get("job_id"))  # arq's own job lines too (run_job is one task per job)
-
-    async def after_job_end(ctx: dict[str, Any]) -> None:
-        pass
 
     functions = [
         func(_instrumented(provision_session, metrics, "provision"), name=PROVISION, max_tries=1000, timeout=JOB_TIMEOUT),
@@ -155,7 +153,6 @@ def build_worker(
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         on_job_start=on_job_start,
-        after_job_end=after_job_end,
         max_jobs=settings.worker_max_jobs,
         job_timeout=JOB_TIMEOUT,
         keep_result=10,
@@ -179,8 +176,10 @@ def _instrumented(fn: Any, metrics: WorkerMetrics, label: str) -> Any:
     async def run(ctx: dict[str, Any], *args: Any) -> Any:
         started = metrics.job_started(label)
         error: BaseException | None = None
+        # every log line of the job carries them (its job_id is bound by on_job_start, in the task
+        # of arq's run_job that this job's task was created from)
         ids = {"tenant_id": str(args[0]), "session_id": str(args[1])} if len(args) == 2 else {}
-        with log_context(job_id=ctx.get("job_id"), **ids):  # every log line of the job carries them
+        with log_context(**ids):
             try:
                 return await fn(ctx, *args)
             except REDIS_ERRORS:

@@ -30,13 +30,17 @@ the rest is arq's Worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import time
 from typing import Any
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import serialize_result
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
 
-from broker.sessions.jobs import WAKE_CAP, WAKE_LIST
+from broker.sessions.jobs import WAKE_CAP, WAKE_LIST, JobFinish
 
 from .arq_run import PrefetchedRunMixin
 
@@ -97,6 +101,10 @@ end
 return 1
 """
 
+# A full worker, once a slot is free, waits this much longer before claiming: the slots freed
+# meanwhile are filled by the same claim call (at 300 jobs/s, ~1.5 per call instead of 1).
+FULL_GATHER_S = 0.005
+
 # Shortest blocking pop: shorter waits (a deferred job due within 10 ms) sleep on the loop.
 MIN_BLOCK_S = 0.01
 
@@ -118,15 +126,17 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
         self.wakeups = 0           # iterations started by a token (for tests and metrics)
         self._claim_script: Any = None
         self._finish_script: Any = None
+        self._done: list[tuple[str, asyncio.Task[Any]]] = []  # job tasks ended since the last iteration
+        self._next_scan = 0.0
+        self._slot_freed = asyncio.Event()
+        self._finished_inline: set[str] = set()  # jobs whose finish a job's own script already made
+        self.ctx["arq_worker"] = self  # for inline_finish (the jobs' ctx is a copy of self.ctx)
 
     async def _poll_iteration(self) -> None:
         if self.burst:
             await super()._poll_iteration()
             return
-        for job_id, task in list(self.tasks.items()):
-            if task.done():
-                del self.tasks[job_id]
-                task.result()  # an error in run_job itself surfaces here, as in arq
+        self._reap_done_tasks()
         await self.heart_beat()  # may enqueue the cron job: before reading the next due time
         next_due: int | None = None
         if self.allow_pick_jobs:
@@ -153,15 +163,41 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
                 task = self.loop.create_task(self.run_job(job_id, score))
             else:
                 task = self.loop.create_task(self.run_claimed_job(job_id, score, job, job_try))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task.add_done_callback(functools.partial(self._job_done, job_id))
             self.tasks[job_id] = task
         return int(float(reply[0])) if reply[0] not in (b"", "") else None
 
+    def _job_done(self, job_id: str, task: asyncio.Task[Any]) -> None:
+        self._release_sem_dec_counter_on_complete()
+        self._done.append((job_id, task))
+        self._slot_freed.set()
+
+    def _reap_done_tasks(self) -> None:
+        """arq's clean-up of finished job tasks (an error in run_job itself surfaces here), for the
+        tasks that ended since the last iteration rather than a scan of all of them (up to
+        ``max_jobs`` per iteration); a full scan still runs once per fallback period, for any task
+        put in ``self.tasks`` by arq's own code."""
+        done, self._done = self._done, []
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = now + self.fallback_s
+            done += [(job_id, task) for job_id, task in self.tasks.items() if task.done()]
+        for job_id, task in done:
+            if self.tasks.get(job_id) is task:
+                del self.tasks[job_id]
+                task.result()
+
     async def _idle_wait(self, next_due: int | None) -> None:
         if self.job_counter >= self.max_jobs:
-            running = [t for t in self.tasks.values() if not t.done()]
-            if running:
-                await asyncio.wait(running, timeout=self.fallback_s, return_when=asyncio.FIRST_COMPLETED)
+            # Full: wait for a job of ours to end (a token taken now could have woken another
+            # worker), without a callback on every running task; then FULL_GATHER_S more, so one
+            # claim call starts the jobs of every slot freed meanwhile instead of one call each.
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.fallback_s):
+                    await self._slot_freed.wait()
+            if self.job_counter < self.max_jobs:
+                await asyncio.sleep(FULL_GATHER_S)
             return
         if not self.allow_pick_jobs:
             await asyncio.sleep(self.fallback_s)
@@ -178,6 +214,35 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
         if await self.pool.blpop([WAKE_LIST], timeout=round(wait, 3)) is not None:
             self.wakeups += 1
 
+    def inline_finish(self, ctx: dict[str, Any], function_name: str, args: tuple[Any, ...],
+                      result: Any) -> JobFinish | None:
+        """The running job ``ctx`` finished successfully with ``result``, for a script of the job
+        itself to record (``broker.sessions.repository.SessionRepository.transition(finish=...)``):
+        the same result record and keys as arq's ``run_job`` + ``finish_job``. Call
+        :meth:`finished_inline` once that script applied; until then nothing changes (arq's own
+        finish runs as usual if it did not apply, or if its answer was lost). None (arq finishes
+        the job itself) for a cron job, a result kept for ever or not at all."""
+        job_id = ctx.get("job_id")
+        function = self.functions.get(function_name)
+        if job_id is None or function is None or hasattr(function, "next_run"):
+            return None
+        forever = self.keep_result_forever if function.keep_result_forever is None else function.keep_result_forever
+        ttl_s = self.keep_result_s if function.keep_result_s is None else function.keep_result_s
+        if forever or not ttl_s or ttl_s <= 0:
+            return None
+        now = timestamp_ms()
+        data = serialize_result(
+            function_name, args, {}, ctx["job_try"], round(ctx["enqueue_time"].timestamp() * 1000), True, result,
+            ctx.get("start_ms", now), now, f"{job_id}:{function_name}", self.queue_name,
+            job_id=job_id, serializer=self.job_serializer,
+        )
+        return JobFinish(job_id=job_id, result=data or b"", result_ttl_ms=max(1, to_ms(ttl_s) or 1),
+                         queue=self.queue_name)
+
+    def finished_inline(self, job_id: str) -> None:
+        """The job's own script recorded its finish (:meth:`inline_finish`): arq's is skipped."""
+        self._finished_inline.add(job_id)
+
     async def finish_job(  # noqa: PLR0913 - arq's signature
         self,
         job_id: str,
@@ -189,7 +254,13 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
         keep_in_progress: float | None,
     ) -> None:
         """arq's ``finish_job`` in one script call; a job re-queued for later also pushes a wake-up
-        token, so blocked workers re-read the next due time."""
+        token, so blocked workers re-read the next due time. A job whose own script already
+        recorded its successful finish (:meth:`inline_finish`) has nothing left to do here: its
+        keys are gone and its result is kept, whatever happened after that script."""
+        if self._finished_inline:
+            if job_id in self._finished_inline:
+                self._finished_inline.discard(job_id)
+                return
         if self._finish_script is None:
             self._finish_script = self.pool.register_script(FINISH)
         ttl = "" if keep_result_forever or result_timeout_s is None else to_ms(result_timeout_s)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
@@ -57,6 +57,27 @@ class JobSpec(msgspec.Struct, frozen=True):
 
     def args(self) -> list[str | int | bytes]:
         return [self.job_id, self.score, self.expires_ms, self.payload, WAKE_CAP]
+
+
+class JobFinish(msgspec.Struct, frozen=True):
+    """The running arq job to record as finished (successfully, with ``result``) in the same
+    atomic step as a session transition: what arq's ``finish_job`` does (in-progress key, retry
+    and job keys deleted, the result kept ``result_ttl_ms`` - so an enqueue of the same id is
+    still refused meanwhile -, the id out of the queue and the abort set), one round trip less.
+    Built by ``workers.wakeup.WakeupWorker.inline_finish``."""
+
+    job_id: str
+    result: bytes       # arq's serialized result
+    result_ttl_ms: int
+    queue: str = QUEUE_NAME
+
+    def keys(self) -> list[str]:
+        job_id = self.job_id
+        return [in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id,
+                result_key_prefix + job_id, self.queue, abort_jobs_ss]
+
+    def args(self) -> list[str | int | bytes]:
+        return [self.job_id, self.result, self.result_ttl_ms]
 
 
 def job_spec(function: str, *args: str, job_id: str, due_ms: int | None = None) -> JobSpec:

@@ -13,17 +13,21 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from tenants.mint_rate import lua_function
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
 
-from .jobs import JobSpec
+from .jobs import JobFinish, JobSpec
 from .models import SessionRecord
 
 RETENTION_SECONDS = 7 * 24 * 3600
 _SCRIPT = resources.files(__package__).joinpath("transition.lua").read_text()
 
 Score = int | str  # "" keep, "del" remove, or an int score
+_NO_JOB_KEYS = ("", "", "", "")
+_NO_JOB_ARGS = ("", 0, 0, "", 1)
 
 # The provisioning job's first step: read the session and, if it is queued or provisioning and
 # not past its provisioning deadline, move it to provisioning (attempts + 1, the live-status
@@ -53,6 +57,17 @@ if (st == 'queued' or st == 'provisioning')
 end
 return {started, st, redis.call('HGETALL', KEYS[1]), grant}
 """
+
+
+async def _evalsha(script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    """``script(keys=..., args=...)`` without redis-py's layers around EVALSHA (argument
+    copies, a deprecation-check wrapper, an import per call: the worker makes three of these
+    calls per session); a server that does not know the script yet (restarted, flushed) gets it
+    loaded by redis-py's own call."""
+    try:
+        return await script.registered_client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await script(keys=keys, args=args)
 
 
 class Started(NamedTuple):
@@ -94,8 +109,8 @@ class SessionRepository:
         of the tenant to reserve its mint slot if the session leaves ``queued``."""
         scope = TenantScope(tenant_id)
         interval, tau = mint_schedule if mint_schedule is not None else ("", "")
-        raw = await self._start(keys=[scope.session(session_id), STATS_LIVE, scope.mint_bucket()],
-                                args=[now, deadline_ms, interval, tau])
+        raw = await _evalsha(self._start, [scope.session(session_id), STATS_LIVE, scope.mint_bucket()],
+                             [now, deadline_ms, interval, tau])
         if int(raw[0]) == -1:
             return Started(False, "", None, None)
         flat = raw[2]
@@ -140,8 +155,10 @@ class SessionRepository:
         publish: bool = False,
         retain: bool = False,
         job: JobSpec | None = None,
+        finish: JobFinish | None = None,
     ) -> TransitionResult:
-        """``job`` is enqueued in the same step, only if the transition applies."""
+        """``job`` is enqueued in the same step, only if the transition applies; ``finish`` (the
+        running arq job, see :class:`JobFinish`) is recorded as finished in it, likewise."""
         scope = TenantScope(rec.tenant_id)
         keys = [
             scope.session(rec.id),
@@ -150,7 +167,8 @@ class SessionRepository:
             DUE_EXPIRY,
             DUE_PROVISION,
             STATS_LIVE,
-            *(job.keys() if job is not None else ("", "", "", "")),
+            *(job.keys() if job is not None else _NO_JOB_KEYS),
+            *(finish.keys() if finish is not None else ()),
         ]
         pairs: list[str | int] = []
         for k, v in (fields or {}).items():
@@ -166,11 +184,12 @@ class SessionRepository:
             scope.events_channel(rec.id) if publish else "",
             RETENTION_SECONDS if retain else "",
             len(fields or {}),
-            *(job.args() if job is not None else ("", 0, 0, "", 1)),
+            *(job.args() if job is not None else _NO_JOB_ARGS),
+            *(finish.args() if finish is not None else ()),
             *pairs,
             *drop,
         ]
-        raw = await self._transition(keys=keys, args=args)
+        raw = await _evalsha(self._transition, keys, args)
         return TransitionResult(raw)
 
     async def due(self, key: str, until_ms: int, limit: int) -> list[tuple[str, str, int]]:

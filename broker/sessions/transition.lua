@@ -3,6 +3,8 @@
 --       4 due:expiry zset, 5 due:provision zset, 6 stats hash (live status -> count)
 --       7..10 a job to enqueue when applied (job key, result key, queue, wake-up list:
 --       broker/sessions/jobs.py ENQUEUE), or "" when none
+--       11..16 (only when given) the running arq job to finish when applied (in-progress key,
+--       retry key, job key, result key, queue, abort zset: arq's finish_job, workers/wakeup.py FINISH)
 -- ARGV: 1 allowed from-statuses, comma separated, or "*" for any live status
 --       2 new status, or "" to keep it
 --       3 lease: "" keep | "del" release (also from the end-user zset) | score (ms)
@@ -11,7 +13,8 @@
 --       8 pub/sub channel or ""                9 retention seconds on terminal or ""
 --       10 n: number of field/value pairs to HSET
 --       11..15 the job: id, score, job key TTL ms, serialized job, wake-up cap (unused without one)
---       16.. the pairs, then fields to HDEL
+--       16..18 (only with KEYS 11..16) the job to finish: id, serialized result, result TTL ms
+--       then (16.., or 19.. with a job to finish) the pairs, then fields to HDEL
 -- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
@@ -35,7 +38,9 @@ if new ~= st then
 end
 
 local n = tonumber(ARGV[10])
+local finish = #KEYS >= 16
 local i = 16
+if finish then i = 19 end
 if n > 0 then
   local pairs_ = {}
   for j = 0, 2 * n - 1 do pairs_[#pairs_ + 1] = ARGV[i + j] end
@@ -66,5 +71,12 @@ if KEYS[7] ~= '' and redis.call('EXISTS', KEYS[7], KEYS[8]) == 0 then
   redis.call('ZADD', KEYS[9], ARGV[12], ARGV[11])
   redis.call('LPUSH', KEYS[10], '1')
   redis.call('LTRIM', KEYS[10], 0, tonumber(ARGV[15]) - 1)
+end
+if finish then  -- what arq's finish_job does for a job that succeeded (one round trip less)
+  redis.call('DEL', KEYS[11])
+  redis.call('SET', KEYS[14], ARGV[17], 'PX', ARGV[18])
+  redis.call('DEL', KEYS[12], KEYS[13])
+  redis.call('ZREM', KEYS[16], ARGV[16])
+  redis.call('ZREM', KEYS[15], ARGV[16])
 end
 return {1, new}

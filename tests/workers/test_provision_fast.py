@@ -16,11 +16,13 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from arq import Retry
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import deserialize_result
 from arq.worker import Worker
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
@@ -29,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import NotFound
 from broker.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
-from broker.sessions.jobs import QUEUE_NAME, WAKE_LIST, JobQueue
+from broker.sessions.jobs import PROVISION, QUEUE_NAME, WAKE_LIST, JobFinish, JobQueue, job_deserializer
 from broker.sessions.repository import SessionRepository
 from broker.settings import Settings, SettingsError
 from tenants.crypto import CredentialCipher, generate_secret_key
@@ -366,3 +368,62 @@ def test_library_log_level_setting() -> None:
     assert Settings.from_env({"BROKER_LIBRARY_LOG_LEVEL": "INFO"}).library_log_level == "INFO"
     with pytest.raises(SettingsError, match="BROKER_LIBRARY_LOG_LEVEL"):
         Settings.from_env({"BROKER_LIBRARY_LOG_LEVEL": "chatty"})
+
+
+# ---- the provisioning job's end recorded by its own `ready` step (no finish_job round trip) -----
+
+
+async def test_a_job_finished_by_its_ready_step_leaves_what_arqs_finish_leaves(
+        redis_url: str, redis: aioredis.Redis, queue: JobQueue) -> None:  # noqa: F811
+    """Same keys and result as arq's finish_job (test above), written by the transition that
+    records ``ready``; arq's own finish (the FINISH script) is then not called at all."""
+    repo = SessionRepository(redis)
+    await _session(redis, "provisioning")
+    applied: list[bool] = []
+
+    async def job(ctx: dict[str, Any], tid: str, sid: str) -> str:
+        worker = ctx["arq_worker"]
+        rec = await repo.get(tid, sid)
+        assert rec is not None
+        finish = worker.inline_finish(ctx, PROVISION, (tid, sid), "ready")
+        res = await repo.transition(rec, allowed="provisioning", status="ready", fields={"ready_at": 1},
+                                    finish=finish)
+        applied.append(res.applied)
+        worker.finished_inline(finish.job_id)
+        return "ready"
+
+    jid = f"prov:{SID}"
+    async with running_worker(redis_url, job, fallback=5.0) as worker:
+        await queue.provision(TID, SID)
+        await _until(lambda: bool(applied), 3)
+
+        async def finished() -> bool:
+            return all(t.done() for t in worker.tasks.values())
+        await _eventually(finished)
+        assert applied == [True]
+        assert worker._finish_script is None and not worker._finished_inline  # arq's finish was skipped
+        assert 0 < await redis.pttl(result_key_prefix + jid) <= 5_000  # keep_result=5
+        info = deserialize_result(await redis.get(result_key_prefix + jid), deserializer=job_deserializer)
+        assert (info.success, info.result, info.function, list(info.args), info.job_try) == (
+            True, "ready", PROVISION, [TID, SID], 1)
+        assert not await redis.exists(job_key_prefix + jid, retry_key_prefix + jid, in_progress_key_prefix + jid)
+        assert await redis.zscore(QUEUE_NAME, jid) is None
+        assert await redis.hget(TenantScope(TID).session(SID), "status") == b"ready"
+        assert not await queue.provision(TID, SID)  # the result key keeps the enqueue idempotent
+
+
+async def test_a_transition_that_does_not_apply_finishes_nothing(redis: aioredis.Redis) -> None:
+    repo = SessionRepository(redis)
+    await _session(redis, "terminating")
+    jid = f"prov:{SID}"
+    await redis.set(job_key_prefix + jid, b"job")
+    await redis.set(in_progress_key_prefix + jid, b"1")
+    await redis.zadd(QUEUE_NAME, {jid: 1})
+    rec = await repo.get(TID, SID)
+    assert rec is not None
+    res = await repo.transition(rec, allowed="provisioning", status="ready",
+                                finish=JobFinish(job_id=jid, result=b"r", result_ttl_ms=5_000))
+    assert not res.applied and res.status == "terminating"
+    assert await redis.exists(job_key_prefix + jid, in_progress_key_prefix + jid) == 2
+    assert not await redis.exists(result_key_prefix + jid)
+    assert await redis.zscore(QUEUE_NAME, jid) == 1

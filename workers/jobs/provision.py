@@ -18,6 +18,7 @@ import msgspec
 from arq import Retry
 
 from broker.errors import NotFound
+from broker.sessions.jobs import PROVISION
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
 from tenants.crypto import CredentialError
@@ -87,7 +88,7 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
         got = await _secret(ctx, rec, tenant, openai_key, mint_at)
         if got is None:
             return await _stopped_meanwhile(ctx, tenant_id, session_id)
-        return await _create(ctx, rec, tenant, avaturn_key, *got)
+        return await _create(ctx, rec, tenant, avaturn_key, *got, arq_ctx=arq_ctx)
     except UpstreamRejected as exc:
         await _fail(ctx, rec, exc.code, exc.message)
         return "rejected"
@@ -139,7 +140,7 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
 
 
 async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str, secret: str,
-                  marked: bool = False) -> str:
+                  marked: bool = False, arq_ctx: dict[str, Any] | None = None) -> str:
     if rec.create_state in ("inflight", "unknown"):
         # An earlier attempt may have created an Avaturn session we never heard back from.
         # Avaturn has no idempotency key and no list endpoint: we create again; the possible
@@ -169,6 +170,10 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         raise
     now = now_ms()
     expires_at = now + rec.ttl_seconds * 1000
+    # This job's own end (arq's result and keys, what arq's finish_job would do one round trip
+    # later) is recorded by the same step as ``ready``, so the job returns "ready" below.
+    worker = arq_ctx.get("arq_worker") if arq_ctx is not None else None
+    finish = worker.inline_finish(arq_ctx, PROVISION, (rec.tenant_id, rec.id), "ready") if worker is not None else None
 
     async def record_ready() -> TransitionResult:
         return await ctx.repo.transition(
@@ -187,6 +192,7 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
             },
             drop=("secret_enc",),
             publish=True,
+            finish=finish,
         )
 
     try:
@@ -195,6 +201,8 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         # Redis stayed away: end the session nobody can be told about; the job is retried.
         await _delete_orphan(ctx, api_key, created.session_id)
         raise
+    if ready.applied and finish is not None:
+        worker.finished_inline(finish.job_id)
     if ready.applied or await _recorded_ready(ctx, rec, created.session_id):
         ctx.metrics.provision_outcome("ready", "")
         ctx.metrics.time_to_ready.observe(max(0.0, (now - rec.created_at) / 1000))
