@@ -2,7 +2,7 @@
 the Redis memory each live session costs (measured just before the window opens).
 
 The sessions are created through the API (``wait=30``, so admission, provisioning and the
-scheduling of the expiry job are the real ones) with per-session ``ttl_seconds`` chosen so
+scheduling of the termination (the due set) are the real ones) with per-session ``ttl_seconds`` chosen so
 their ``expires_at`` spreads evenly over ``[T0, T0 + window]``."""
 
 from __future__ import annotations
@@ -48,11 +48,9 @@ def _memory(stack: Stack, tenant: BenchTenant, ids: list[str], used_before: int)
     used = int(stack.r.info("memory")["used_memory"])
     sample = ids[:: max(1, len(ids) // 100)]
     hashes = [int(stack.r.memory_usage(f"sb:t:{tenant.id}:s:{sid}") or 0) for sid in sample]
-    jobs = [int(stack.r.memory_usage(f"arq:job:term:{sid}:expire") or 0) for sid in sample]
     return {
         "bytes_per_live_session": round((used - used_before) / len(ids)),
         "session_hash_bytes": round(sum(hashes) / len(hashes)),
-        "expiry_job_bytes": round(sum(jobs) / len(jobs)),
         "session_hash_encoding": (stack.r.object("encoding", f"sb:t:{tenant.id}:s:{sample[0]}") or b"").decode(),
     }
 
