@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from broker.errors import Forbidden, Unauthorized
 from tenants.apikeys import KEY_LEN, hash_key, looks_valid
+from tenants.invalidation import listen_invalidations
 from tenants.models import Tenant
 from tenants.repository import parse_rfc3339
 from tenants.scope import KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL
@@ -41,10 +42,6 @@ class _CachedKey(msgspec.Struct, frozen=True, gc=False):
     key_id: str
     not_after: float | None  # unix seconds
     until: float  # monotonic expiry of this cache entry
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class KeyAuthenticator:
@@ -229,39 +226,16 @@ class KeyAuthenticator:
         self._reset(listening=False)
 
     async def _listen(self) -> None:
-        backoff = 0.05
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL)
-                confirmed, idle_since = 0, time.monotonic()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                    if message is None:
-                        if time.monotonic() - idle_since > 5.0:  # notice a dead connection when idle
-                            await pubsub.ping()
-                            idle_since = time.monotonic()
-                        continue
-                    idle_since = time.monotonic()
-                    if message["type"] == "subscribe":
-                        confirmed += 1
-                        if confirmed == 2:  # both channels: from now on no invalidation is missed
-                            self._reset(listening=True)
-                            self.subscriptions += 1
-                            self._subscribed.set()
-                            backoff = 0.05
-                    elif message["type"] == "message":
-                        self._on_message(_text(message["channel"]), _text(message["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reconnect: meanwhile caches are bypassed
-                log.warning("tenant invalidation listener lost its connection (%s); reconnecting", type(exc).__name__)
-            finally:
-                self._reset(listening=False)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+        await listen_invalidations(
+            self._redis, (KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL),
+            on_subscribed=self._on_subscribed, on_message=self._on_message,
+            on_lost=lambda: self._reset(listening=False), log=log,
+        )
+
+    def _on_subscribed(self) -> None:
+        self._reset(listening=True)
+        self.subscriptions += 1
+        self._subscribed.set()
 
     def _on_message(self, channel: str, data: str) -> None:
         if channel == KEY_REVOCATIONS_CHANNEL:

@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 import redis.asyncio as aioredis
 
+from tenants.invalidation import listen_invalidations
 from tenants.models import Tenant
 from tenants.scope import TENANT_CHANGED_CHANNEL
 from tenants.service import TenantService
@@ -29,10 +29,6 @@ from tenants.service import TenantService
 log = logging.getLogger(__name__)
 
 Credentials = tuple[str | None, str | None]
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class TenantCache:
@@ -111,37 +107,16 @@ class TenantCache:
         self._credentials.clear()
 
     async def _listen(self) -> None:
-        backoff = 0.05
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(TENANT_CHANGED_CHANNEL)
-                idle_since = time.monotonic()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                    if message is None:
-                        if time.monotonic() - idle_since > 5.0:  # notice a dead connection when idle
-                            await pubsub.ping()
-                            idle_since = time.monotonic()
-                        continue
-                    idle_since = time.monotonic()
-                    if message["type"] == "subscribe":  # from now on no invalidation is missed
-                        self._reset(listening=True)
-                        self.subscriptions += 1
-                        self._subscribed.set()
-                        backoff = 0.05
-                    elif message["type"] == "message":
-                        self.invalidate(_text(message["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reconnect; meanwhile the cache is bypassed
-                log.warning("tenant invalidation listener lost its connection (%s); reconnecting", type(exc).__name__)
-            finally:
-                self._reset(listening=False)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+        await listen_invalidations(
+            self._redis, (TENANT_CHANGED_CHANNEL,),
+            on_subscribed=self._on_subscribed, on_message=lambda _channel, tenant_id: self.invalidate(tenant_id),
+            on_lost=lambda: self._reset(listening=False), log=log,
+        )
+
+    def _on_subscribed(self) -> None:
+        self._reset(listening=True)
+        self.subscriptions += 1
+        self._subscribed.set()
 
 
 __all__ = ["TenantCache"]
