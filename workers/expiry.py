@@ -9,7 +9,7 @@ one at its ``expires_at``, a ``terminating`` one at its retry time (or at once).
    it while this one works on it; two round trips per batch);
 2. runs their upstream DELETEs concurrently (at most ``max_in_flight``), each then recorded
    ``terminated`` (or its retry time set, ``jobs/terminate.py``), the tenant's Avaturn key
-   read once per tenant and 10 s instead of per session, the ``terminated`` records of every
+   from the worker's tenant cache (no read or decrypt per session), the ``terminated`` records of every
    5 ms written by one script call (``jobs/finish.lua``);
 3. sleeps until the next due score, at most ``MAX_SLEEP_S``, at least ``MIN_TICK_S`` between
    batches while work is due (so a burst is taken in batches, not one by one), and waits for
@@ -36,7 +36,7 @@ from broker.sessions.models import SessionRecord, now_ms
 from .context import WorkerContext
 from .jobs.claim import FinishBatch, TerminationClaims
 from .jobs.common import REDIS_ERRORS, TERMINATION_GRACE_MS
-from .jobs.terminate import AvaturnKeys, claim_lease_ms, end_claimed
+from .jobs.terminate import claim_lease_ms, end_claimed
 
 log = logging.getLogger("workers.expiry")
 
@@ -60,7 +60,6 @@ class ExpiryLoop:
                  max_sleep: float = MAX_SLEEP_S) -> None:
         self.ctx = ctx
         self.claims = TerminationClaims(ctx.redis)
-        self.keys = AvaturnKeys(ctx)
         self.finishes = FinishBatch(ctx.redis, ctx.metrics)
         self.batch = batch
         self.max_in_flight = max_in_flight
@@ -136,7 +135,7 @@ class ExpiryLoop:
     async def _end(self, rec: SessionRecord) -> None:
         with log_context(tenant_id=rec.tenant_id, session_id=rec.id):
             try:
-                await end_claimed(self.ctx, rec, self.keys, self.finishes.finish)
+                await end_claimed(self.ctx, rec, self.finishes.finish)
             except REDIS_ERRORS as exc:
                 # Not recorded: the claim runs out and a worker takes the session again.
                 self.ctx.metrics.redis_errors.labels("expiry").inc()

@@ -14,10 +14,8 @@ stays ``terminating`` and in the due set at its retry time, where the expiry loo
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +37,6 @@ INFLIGHT_RECHECK_MS = 2_000
 # Extra time a claim outlives the upstream timeout (claim, DELETE, record): only a claimer
 # that died or stalled loses its claim.
 CLAIM_MARGIN_MS = 5_000
-AVATURN_KEY_TTL_S = 10.0
 
 
 class MissingCredentials(Exception):
@@ -55,35 +52,6 @@ async def _avaturn_key(ctx: WorkerContext, tenant_id: str) -> str:
     if key is None:
         raise MissingCredentials("no Avaturn key for this tenant or the platform")
     return key
-
-
-class AvaturnKeys:
-    """Each tenant's Avaturn key for the DELETEs, read and decrypted once per tenant per
-    ``ttl`` seconds (concurrent lookups share one read) instead of once per session. A key
-    that a DELETE found wanting is forgotten at once (``forget``)."""
-
-    def __init__(self, ctx: WorkerContext, ttl: float = AVATURN_KEY_TTL_S) -> None:
-        self.ctx = ctx
-        self.ttl = ttl
-        self._keys: dict[str, tuple[float, asyncio.Future[str]]] = {}
-
-    async def get(self, tenant_id: str) -> str:
-        now = time.monotonic()
-        hit = self._keys.get(tenant_id)
-        if hit is None or now - hit[0] > self.ttl:
-            if len(self._keys) > 10_000:
-                self._keys = {t: v for t, v in self._keys.items() if now - v[0] <= self.ttl}
-            hit = (now, asyncio.ensure_future(_avaturn_key(self.ctx, tenant_id)))
-            self._keys[tenant_id] = hit
-        try:
-            return await asyncio.shield(hit[1])
-        except BaseException:
-            if self._keys.get(tenant_id) is hit:
-                del self._keys[tenant_id]
-            raise
-
-    def forget(self, tenant_id: str) -> None:
-        self._keys.pop(tenant_id, None)
 
 
 def claim_lease_ms(ctx: WorkerContext) -> int:
@@ -117,17 +85,15 @@ async def terminate_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
 Finish = Callable[[SessionRecord, str], Awaitable[object]]
 
 
-async def end_claimed(ctx: WorkerContext, rec: SessionRecord, keys: AvaturnKeys | None = None,
-                      finish: Finish | None = None) -> str:
+async def end_claimed(ctx: WorkerContext, rec: SessionRecord, finish: Finish | None = None) -> str:
     """End a claimed ``terminating`` session; a failure leaves it scheduled for its retry."""
     try:
-        return await stop_upstream_and_finish(ctx, rec, keys, finish)
+        return await stop_upstream_and_finish(ctx, rec, finish)
     except TerminationPending:
         return "retry-scheduled"
 
 
-async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, keys: AvaturnKeys | None = None,
-                                   finish: Finish | None = None) -> str:
+async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, finish: Finish | None = None) -> str:
     """For a ``terminating`` session: DELETE upstream if a session exists there, then
     record ``terminated`` (``finish``: ``finish_terminated`` or the expiry loop's batch of
     it). When it must be tried again, records the retry time (its score in the due set,
@@ -144,11 +110,10 @@ async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, keys:
         return "terminated"
     attempt = rec.delete_attempts + 1
     try:
-        avaturn_key = await (keys.get(rec.tenant_id) if keys is not None else _avaturn_key(ctx, rec.tenant_id))
+        # ctx.tenants is the worker's tenant cache: no Redis read or decrypt per session
+        avaturn_key = await _avaturn_key(ctx, rec.tenant_id)
         await timed(ctx, "avaturn", "delete", ctx.avaturn.delete_session(avaturn_key, rec.avaturn_session_id))
     except (UpstreamError, MissingCredentials) as exc:
-        if keys is not None:
-            keys.forget(rec.tenant_id)  # the next attempt reads the tenant's key again
         code = getattr(exc, "code", "no_credentials")
         if _upstream_certainly_over(rec):
             # Avaturn ended it itself (max_duration backstop): record it instead of retrying for ever.
