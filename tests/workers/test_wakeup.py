@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from arq import Retry
+from arq.constants import in_progress_key_prefix
 from arq.connections import ArqRedis
 from arq.worker import func
 
@@ -70,11 +71,31 @@ async def queue(redis: aioredis.Redis) -> JobQueue:
     return JobQueue(ArqRedis(connection_pool=redis.connection_pool))
 
 
-async def _until(predicate: Callable[[], bool], timeout: float) -> None:
+async def _until(predicate: Callable[[], bool], timeout: float, worker: WakeupWorker | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out" + ("" if worker is None else "; " + await _worker_state(worker)))
         await asyncio.sleep(0.005)
+
+
+async def _worker_state(worker: WakeupWorker) -> str:
+    """What a worker that stalled was doing: its main loop's stack, its bookkeeping, the queue."""
+    stack, coro = "", worker.main_task.get_coro() if worker.main_task else None
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        f = coro.cr_frame
+        stack += f"\n  {f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+        coro = coro.cr_await
+    tasks = list(worker.tasks.values())
+    state = (f"job_counter={worker.job_counter} sem={worker.sem._value} tasks={len(tasks)} "
+             f"done={sum(t.done() for t in tasks)} unreaped_done={len(worker._done)} "
+             f"slot_freed={worker._slot_freed.is_set()} wakeups={worker.wakeups} complete={worker.jobs_complete}")
+    queued = await worker.pool.zcard(QUEUE_NAME)
+    tokens = await worker.pool.llen(WAKE_LIST)
+    in_progress = [k async for k in worker.pool.scan_iter(match=in_progress_key_prefix + "*")]
+    clients = (await worker.pool.execute_command("CLIENT", "LIST")).decode().count("\n")
+    return (f"{state} queued={queued} tokens={tokens} in_progress={len(in_progress)} "
+            f"redis_clients={clients}; main loop at:{stack}")
 
 
 async def test_an_idle_worker_starts_a_new_job_at_once(redis_url: str, queue: JobQueue) -> None:
@@ -118,11 +139,11 @@ async def test_jobs_due_a_millisecond_apart_all_start_on_time(redis_url: str, qu
     async def job(ctx: dict[str, Any], tenant_id: str, session_id: str) -> None:
         runs.record(session_id)
 
-    async with running_worker(redis_url, job):
+    async with running_worker(redis_url, job) as worker:
         first = int(time.time() * 1000) + 300
         due = {f"ses_{i}": first + i for i in range(300)}
         await asyncio.gather(*(queue.terminate("ten_a", sid, at_ms=at, tag="expire") for sid, at in due.items()))
-        await _until(lambda: len(runs.started) == 300, 5)
+        await _until(lambda: len(runs.started) == 300, 5, worker)
     late = [runs.started[sid][0] - at / 1000 for sid, at in due.items()]
     assert max(late) < 0.3 and min(late) > -0.01, (min(late), max(late))
 
