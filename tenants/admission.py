@@ -47,6 +47,8 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from broker.redis_mux import Execute, evalsha
+
 from tenants.models import Quotas
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
 from tenants.usage import QuotaUsage, UsageSnapshot, utc_day
@@ -147,8 +149,9 @@ def _snapshot(
     )
 
 
-async def admit(redis: aioredis.Redis, req: AdmissionRequest) -> Outcome:
-    """Check and take every quota of one new session in one atomic step (one EVALSHA)."""
+async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute | None = None) -> Outcome:
+    """Check and take every quota of one new session in one atomic step (one EVALSHA), sent
+    with ``execute`` if given (the API's :class:`broker.redis_mux.RedisMux`)."""
     if req.lease_until_ms <= req.now_ms:
         raise ValueError("lease_until_ms must be after now_ms")
     scope = TenantScope(req.tenant_id)
@@ -185,7 +188,10 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest) -> Outcome:
     ]
     for field, value in req.session_fields.items():
         args += [field, value]
-    raw = await _script(redis)(keys=keys, args=args)
+    if execute is None:
+        raw = await _script(redis)(keys=keys, args=args)
+    else:
+        raw = await evalsha(execute, _script(redis), keys, args)
     kind = _text(raw[0])
     if kind == "replayed":
         return Replayed(session_id=_text(raw[1]))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from broker.redis_client import create_redis
+from broker.redis_mux import RedisMux
 from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.repository import SessionRepository
 from broker.settings import Settings
@@ -37,6 +38,7 @@ class WorkerContext:
     minter: OpenAIMinter
     avaturn: AvaturnClient
     metrics: WorkerMetrics
+    mux: RedisMux | None = None
 
     @classmethod
     def build(cls, settings: Settings, metrics: WorkerMetrics) -> WorkerContext:
@@ -44,10 +46,12 @@ class WorkerContext:
         redis = use_direct_sends(create_redis(settings, max_connections=max(64, settings.worker_max_jobs + 32)))
         cipher = CredentialCipher(settings.secret_keys)
         logging.getLogger("workers").info("worker starting: %d job slots", settings.worker_max_jobs)
+        mux = RedisMux(redis)  # the jobs' scripts share one pipelined connection (broker/redis_mux.py)
         return cls(
             settings=settings,
             redis=redis,
-            repo=SessionRepository(redis),
+            mux=mux,
+            repo=SessionRepository(redis, mux),
             queue=JobQueue(new_arq_redis(redis.connection_pool)),
             tenants=TenantCache(redis, TenantService(redis, cipher)).start(),
             cipher=cipher,
@@ -60,4 +64,6 @@ class WorkerContext:
         await self.tenants.stop()
         await self.minter.aclose()
         await self.avaturn.aclose()
+        if self.mux is not None:
+            await self.mux.aclose()
         await self.redis.aclose()

@@ -13,6 +13,7 @@ from litestar.types import ASGIApp
 
 from broker.metrics import ApiMetrics
 from broker.redis_client import create_redis
+from broker.redis_mux import RedisMux
 from broker.sessions.events import SessionEvents
 from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.repository import SessionRepository
@@ -42,6 +43,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = create_redis(settings)
         use_hiredis_packing(redis)  # before any connection is opened
+        mux = RedisMux(redis)  # the admission and transition scripts share one pipelined connection
         arq = new_arq_redis(redis.connection_pool)
         cipher = CredentialCipher(settings.secret_keys) if settings.secret_keys else None
         tenants = TenantService(redis, cipher)
@@ -55,7 +57,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
             events=events,
             metrics=metrics,
             sessions=SessionService(
-                SessionRepository(redis), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds
+                SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds
             ),
         )
         await auth.start()
@@ -65,6 +67,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
         finally:
             await events.stop()
             await auth.stop()
+            await mux.aclose()
             await redis.aclose()
 
     handlers: list[object] = []

@@ -13,14 +13,14 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
+from broker.redis_mux import Execute, RedisMux, evalsha
 from tenants.mint_rate import lua_function
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
 
 from .jobs import JobFinish, JobSpec
 from .models import SessionRecord
+
 
 RETENTION_SECONDS = 7 * 24 * 3600
 _SCRIPT = resources.files(__package__).joinpath("transition.lua").read_text()
@@ -59,17 +59,6 @@ return {started, st, redis.call('HGETALL', KEYS[1]), grant}
 """
 
 
-async def _evalsha(script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-    """``script(keys=..., args=...)`` without redis-py's layers around EVALSHA (argument
-    copies, a deprecation-check wrapper, an import per call: the worker makes three of these
-    calls per session); a server that does not know the script yet (restarted, flushed) gets it
-    loaded by redis-py's own call."""
-    try:
-        return await script.registered_client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return await script(keys=keys, args=args)
-
-
 class Started(NamedTuple):
     started: bool                 # the session is now provisioning, for this attempt
     before: str                   # its status before the step ("" if it does not exist)
@@ -92,8 +81,13 @@ class TransitionResult:
 
 
 class SessionRepository:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """``mux``: send the scripts (:meth:`start_provisioning`, :meth:`transition`, and the
+    admission through :attr:`execute`) over one pipelined connection instead of the client's
+    pool (the worker makes three per session, the API one per admission)."""
+
+    def __init__(self, redis: aioredis.Redis, mux: RedisMux | None = None) -> None:
         self.redis = redis
+        self.execute: Execute = redis.execute_command if mux is None else mux.execute
         self._transition = redis.register_script(_SCRIPT)
         self._start = redis.register_script(_START_PROVISIONING)
 
@@ -109,7 +103,7 @@ class SessionRepository:
         of the tenant to reserve its mint slot if the session leaves ``queued``."""
         scope = TenantScope(tenant_id)
         interval, tau = mint_schedule if mint_schedule is not None else ("", "")
-        raw = await _evalsha(self._start, [scope.session(session_id), STATS_LIVE, scope.mint_bucket()],
+        raw = await evalsha(self.execute, self._start, [scope.session(session_id), STATS_LIVE, scope.mint_bucket()],
                              [now, deadline_ms, interval, tau])
         if int(raw[0]) == -1:
             return Started(False, "", None, None)
@@ -189,7 +183,7 @@ class SessionRepository:
             *pairs,
             *drop,
         ]
-        raw = await _evalsha(self._transition, keys, args)
+        raw = await evalsha(self.execute, self._transition, keys, args)
         return TransitionResult(raw)
 
     async def due(self, key: str, until_ms: int, limit: int) -> list[tuple[str, str, int]]:

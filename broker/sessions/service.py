@@ -118,6 +118,7 @@ class SessionService:
                 provision_deadline_ms=now + self.provision_deadline_ms,
                 job=QueuedJob(keys=job.keys(), args=job.args()),  # enqueued by the same script
             ),
+            self.repo.execute,
         )
         if isinstance(outcome, Refused):
             raise QuotaExceeded(
