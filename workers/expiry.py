@@ -6,7 +6,8 @@ one at its ``expires_at``, a ``terminating`` one at its retry time (or at once).
 1. reads the due sessions and claims up to as many as it has free DELETE slots, in one
    atomic step for the whole batch (``jobs/claim.lua``: a ``ready`` one moves to
    ``terminating``, each claimed one's score moves to ``now + lease`` so no other worker takes
-   it while this one works on it; two round trips per batch);
+   it while this one works on it, the lease renewed every second by the loop's
+   :class:`~workers.jobs.claim.ClaimKeeper` until the session is ended; two round trips per batch);
 2. runs their upstream DELETEs concurrently (at most ``max_in_flight``), each then recorded
    ``terminated`` (or its retry time set, ``jobs/terminate.py``), the tenant's Avaturn key
    from the worker's tenant cache (no read or decrypt per session), the ``terminated`` records of every
@@ -15,9 +16,9 @@ one at its ``expires_at``, a ``terminating`` one at its retry time (or at once).
    batches while work is due (so a burst is taken in batches, not one by one), and waits for
    a free slot instead of reading when all are busy.
 
-A worker SIGKILLed mid-batch loses nothing: its claims run out after the lease (upstream
-timeout + 5 s) and another worker's loop takes them again (a second DELETE answers 404 =
-gone; the terminal transition applies once). Redis going away pauses the loop, which goes
+A worker SIGKILLed mid-batch loses nothing: its claims run out 3 s after their last renewal
+and another worker's loop takes them again (a second DELETE answers 404 = gone; the terminal
+transition applies once). Redis going away pauses the loop, which goes
 on by itself; an unexpected error is logged and the loop goes on.
 
 Idle cost: one pipelined pair of ``ZRANGEBYSCORE`` per ``MAX_SLEEP_S`` per worker (4
@@ -34,9 +35,9 @@ from broker.logs import log_context
 from broker.sessions.models import SessionRecord, now_ms
 
 from .context import WorkerContext
-from .jobs.claim import FinishBatch, TerminationClaims
+from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper, FinishBatch, TerminationClaims
 from .jobs.common import REDIS_ERRORS, TERMINATION_GRACE_MS
-from .jobs.terminate import claim_lease_ms, end_claimed
+from .jobs.terminate import end_claimed
 
 log = logging.getLogger("workers.expiry")
 
@@ -57,14 +58,16 @@ ERROR_PAUSE_S = 1.0
 
 class ExpiryLoop:
     def __init__(self, ctx: WorkerContext, *, batch: int = CLAIM_BATCH, max_in_flight: int = MAX_IN_FLIGHT,
-                 max_sleep: float = MAX_SLEEP_S) -> None:
+                 max_sleep: float = MAX_SLEEP_S, lease_ms: int = HELD_LEASE_MS, renew_s: float = RENEW_S) -> None:
         self.ctx = ctx
         self.claims = TerminationClaims(ctx.redis)
         self.finishes = FinishBatch(ctx.redis, ctx.metrics)
+        # renews the claims of the DELETEs in flight (and of the stop jobs: workers/main.py)
+        self.keeper = ClaimKeeper(ctx.redis, ctx.metrics, lease_ms=lease_ms, every_s=renew_s)
         self.batch = batch
         self.max_in_flight = max_in_flight
         self.max_sleep = max_sleep
-        self.lease_ms = claim_lease_ms(ctx)
+        self.lease_ms = lease_ms
         self.last_run = 0.0        # time.monotonic() of the last completed iteration
         self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -76,7 +79,8 @@ class ExpiryLoop:
 
     async def stop(self, patience: float | None = None) -> None:
         """Stop claiming; give the DELETEs in flight ``patience`` seconds (default: the upstream
-        timeout + 1 s) to finish. What is cut off is taken again by a worker after the lease."""
+        timeout + 1 s) to finish. What is cut off is taken again by a worker after the lease
+        (no longer renewed)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -87,6 +91,7 @@ class ExpiryLoop:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.keeper.stop()
 
     async def run(self) -> None:
         while True:
@@ -135,7 +140,7 @@ class ExpiryLoop:
     async def _end(self, rec: SessionRecord) -> None:
         with log_context(tenant_id=rec.tenant_id, session_id=rec.id):
             try:
-                await end_claimed(self.ctx, rec, self.finishes.finish)
+                await end_claimed(self.ctx, rec, self.finishes.finish, self.keeper)
             except REDIS_ERRORS as exc:
                 # Not recorded: the claim runs out and a worker takes the session again.
                 self.ctx.metrics.redis_errors.labels("expiry").inc()

@@ -120,6 +120,7 @@ def build_worker(
         ctx["shared_gauges"] = metrics.shared.start(ctx["wc"].redis)  # workers/gauges.py snapshot refresher
         ctx["expiry"] = ExpiryLoop(ctx["wc"]).start()  # ends due sessions (workers/expiry.py)
         ctx["claims"] = ctx["expiry"].claims           # the stop jobs claim through the same script
+        ctx["keeper"] = ctx["expiry"].keeper           # and their claims are renewed with the loop's
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for name in ("heartbeat", "shared_gauges"):

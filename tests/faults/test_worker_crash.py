@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from broker.sessions.jobs import QUEUE_NAME
+from workers.expiry import STOP_GRACE_MS
+from workers.jobs.claim import HELD_LEASE_MS, RENEW_S
 
 from .harness import counter, wait_until
 from .ledger import FINAL, assert_orphans_end_by_backstop, check_invariants
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.fault
 
 IN_PROGRESS_S = 30 + 10  # arq job timeout + 10 s: how long a SIGKILLed job's in-progress key blocks it
 SWEEP_S = 2
-CLAIM_MARGIN_S = 5       # a termination claim lasts BROKER_UPSTREAM_TIMEOUT_SECONDS + this (workers/jobs/terminate.py)
+LEASE_S = HELD_LEASE_MS / 1000  # a termination claim outlives its claimer's last renewal by this
+STOP_GRACE_S = STOP_GRACE_MS / 1000  # the expiry loop takes a stop's first attempt this late
 LOOP_SLEEP_S = 0.5       # the expiry loop's longest sleep (workers/expiry.py)
 
 
@@ -34,9 +37,10 @@ def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_
     the recorded secret is reused, not minted again; the only upstream session created twice
     is the one whose create outcome was unknown (the named window), counted in
     broker_upstream_possible_orphans_total and bounded by max_duration; every upstream session
-    is ended by expires_at (or the DELETE request) + the claim lease + 2 s; every slot is released."""
+    is ended by expires_at (or the DELETE request) + the claim lease + a few seconds; every
+    slot is released."""
     upstream_timeout = 10
-    lease_s = upstream_timeout + CLAIM_MARGIN_S
+    bound_s = LEASE_S + STOP_GRACE_S + LOOP_SLEEP_S + 1  # the kill, then the lapse of the last renewal
     h = make_harness(BROKER_PROVISION_DEADLINE_SECONDS=60, BROKER_UPSTREAM_TIMEOUT_SECONDS=upstream_timeout)
     w1 = h.worker()
     led = make_ledger(h)
@@ -60,9 +64,9 @@ def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_
     sandbox.configure({})
     queued = led.create(ttl=120)  # admitted while no worker runs
     w2 = h.thread_worker()
-    led.wait_for([expiring, requested], {"terminated"}, timeout=lease_s + 3)
+    led.wait_for([expiring, requested], {"terminated"}, timeout=bound_s + 5)
     terminated_after = max(led.record(sid).terminated_at / 1000 - killed_at for sid in (expiring, requested))
-    assert terminated_after <= lease_s + LOOP_SLEEP_S + 1, terminated_after
+    assert terminated_after <= bound_s, terminated_after
     assert led.record(expiring).termination_reason == "expired"
     assert led.record(requested).termination_reason == "requested"
     led.wait_for([queued], {"ready"}, timeout=10)
@@ -82,7 +86,7 @@ def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_
     for sid in (in_create, in_mint, queued):
         assert led.client.delete(f"/v1/sessions/{sid}").status_code == 202
     led.wait_for(None, FINAL, timeout=15)
-    report = check_invariants(led, sandbox.audit(), lateness_bound_s=lease_s + 2, max_duplicates=1)
+    report = check_invariants(led, sandbox.audit(), lateness_bound_s=bound_s + 2, max_duplicates=1)
     assert report.duplicates == 1 and report.statuses == {"terminated": 5}
     assert_orphans_end_by_backstop(sandbox, report)
     h.assert_no_secret_logged()
@@ -91,16 +95,15 @@ def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_
 
 
 def test_sigkill_with_expiry_deletes_in_flight_loses_nothing(make_harness, make_ledger, sandbox: Any) -> None:
-    """Invariant: a worker SIGKILLed while its expiry loop has a batch of upstream DELETEs in
-    flight (the sandbox holds them unanswered and unapplied) loses none of them: another
-    worker takes every session again once the dead worker's claims run out (claim + upstream
-    timeout + 5 s) and ends it: each upstream session is deleted (a second DELETE each,
-    none a third), each broker session is recorded terminated once (reason expired), every
-    slot is released."""
+    """Invariant: a worker whose expiry loop has a batch of upstream DELETEs in flight (the
+    sandbox holds them unanswered and unapplied) keeps its claims while it lives: a second
+    worker running beside it for longer than the claim lease takes none of them (no DELETE of
+    its own). SIGKILLed, it loses none of them: the second worker takes every session again
+    once the dead worker's claims run out (3 s after their last renewal) and ends it: each
+    upstream session is deleted (a second DELETE each, none a third), each broker session is
+    recorded terminated once (reason expired), every slot is released."""
     n = 20
-    upstream_timeout = 5
-    lease_s = upstream_timeout + CLAIM_MARGIN_S
-    h = make_harness(BROKER_UPSTREAM_TIMEOUT_SECONDS=upstream_timeout)
+    h = make_harness(BROKER_UPSTREAM_TIMEOUT_SECONDS=30)  # the held DELETEs do not time out by themselves
     w1 = h.worker()
     led = make_ledger(h)
     sids = [led.create(ttl=10) for _ in range(n)]
@@ -108,27 +111,30 @@ def test_sigkill_with_expiry_deletes_in_flight_loses_nothing(make_harness, make_
     sandbox.configure({"delete": {"fail": [{"hang": True, "hang_seconds": 60, "count": n}]}})
     last_due = max(led.record(sid).expires_at for sid in sids) / 1000
     wait_until(lambda: counter(sandbox, "delete") == n, last_due - time.time() + 5, "every expiry DELETE in flight")
+    w2 = h.thread_worker()
+    time.sleep(LEASE_S + 1.5)  # the first claims are older than one lease: only their renewals hold them
+    assert counter(sandbox, "delete") == n, "the second worker took claims its live owner still held"
+    assert set(led.statuses().values()) == {"terminating"}
     w1.kill()
     killed_at = time.time()
-    assert set(led.statuses().values()) == {"terminating"}
     up = led.upstream(sandbox.audit())
     assert all(len(up.by_sid[sid]) == 1 and up.by_sid[sid][0]["live"] for sid in sids)
-    w2 = h.thread_worker()
-    led.wait_for(None, {"terminated"}, timeout=lease_s + 5)
+    led.wait_for(None, {"terminated"}, timeout=LEASE_S + 10)
     recovered_after = max(led.record(sid).terminated_at / 1000 for sid in sids) - killed_at
     for sid in sids:
         rec = led.record(sid)
         assert rec.termination_reason == "expired"
-        # taken again only once the dead worker's claim (made at about expires_at) ran out
-        assert rec.terminated_at >= rec.expires_at + lease_s * 1000 - 1000, sid
+        # taken again only once the dead worker's last renewal ran out (renewed up to the kill)
+        assert rec.terminated_at >= (killed_at + LEASE_S - RENEW_S) * 1000 - 300, sid
+    assert recovered_after <= LEASE_S + LOOP_SLEEP_S + 2, recovered_after
     assert counter(sandbox, "delete") == 2 * n  # the n lost ones, then one each: nothing deleted twice after
     terminations = w2.metrics.registry.get_sample_value("broker_terminations_total", {"reason": "expired"})
     assert terminations == n
-    report = check_invariants(led, sandbox.audit(), lateness_bound_s=lease_s + LOOP_SLEEP_S + 2)
+    report = check_invariants(led, sandbox.audit(), lateness_bound_s=(killed_at - last_due) + LEASE_S + LOOP_SLEEP_S + 3)
     assert report.statuses == {"terminated": n} and report.duplicates == 0
     h.assert_no_secret_logged()
     print(f"SIGKILL mid-expiry: {n} DELETEs in flight; all terminated {recovered_after:.1f}s after the kill "
-          f"(claim lease {lease_s}s); {report}")
+          f"(claim lease {LEASE_S}s, renewed every {RENEW_S}s); {report}")
 
 
 def test_sigterm_lets_running_jobs_finish_and_leaves_the_rest_queued(make_harness, make_ledger,

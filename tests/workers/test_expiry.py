@@ -267,10 +267,39 @@ async def test_the_loop_survives_a_redis_restart(sandbox: Any) -> None:
         server.cleanup()
 
 
-async def test_the_claim_lease_covers_one_upstream_delete(redis: aioredis.Redis, redis_url: str, sandbox: Any) -> None:
-    """The claim lease is the upstream timeout (one DELETE) + 5 s: a live claimer keeps its sessions."""
-    wc = WorkerContext.build(make_settings(redis_url, sandbox, BROKER_UPSTREAM_TIMEOUT_SECONDS=7), WorkerMetrics())
+async def test_a_live_claimer_renews_its_claim_while_the_delete_hangs(redis: aioredis.Redis, redis_url: str,
+                                                                     sandbox: Any) -> None:
+    """Invariant: a claim outlives its 1 s lease while its worker is alive: with the DELETE taking
+    2.5 s in the sandbox, a second loop running meanwhile never takes the session (one DELETE in
+    all), the keeper renewed the claim, and the session ends terminated once, by its claimer."""
+    wc = WorkerContext.build(make_settings(redis_url, sandbox, BROKER_UPSTREAM_TIMEOUT_SECONDS=10), WorkerMetrics())
+    tid = TENANTS[0]
+    first = ExpiryLoop(wc, lease_ms=1000, renew_s=0.3)
+    other = ExpiryLoop(wc, lease_ms=1000, renew_s=0.3)
     try:
-        assert ExpiryLoop(wc).lease_ms == 7_000 + 5_000
+        sid, up = await seed_ready(wc, tid, now_ms() - 10)
+        sandbox.configure({"delete": {"latency_ms": 2500}})
+        first.start()
+        await wait_for(lambda: _deletes(sandbox, 1), 3, "the first DELETE in flight")
+        other.start()
+        await asyncio.sleep(1.8)  # well past the 1 s lease of the first claim
+        assert (await record(wc, tid, sid)).status == "terminating"
+        assert first.keeper.renewals >= 3
+        score = await wc.redis.zscore(DUE_EXPIRY, due_member(tid, sid))
+        assert score is not None and score > now_ms(), "the claim was renewed ahead of now"
+        await wait_for(lambda: _terminated(wc, tid, sid), 5, "the session terminated by its claimer")
+        assert _delete_requests(sandbox) == 1, "the other loop took a claim that was still held"
+        assert not upstream(sandbox)[up]["live"]
+        assert _sample(wc, "broker_terminations_total", reason="expired") == 1
     finally:
+        await other.stop()
+        await first.stop()
         await wc.close()
+
+
+def _delete_requests(sandbox: Any) -> int:
+    return int(sandbox.audit(summary=True)["counters"]["delete"].get("requests", 0))
+
+
+async def _deletes(sandbox: Any, n: int) -> bool:
+    return _delete_requests(sandbox) >= n

@@ -3,16 +3,23 @@ session to end it, whether from the expiry loop (``workers/expiry.py``) or a sto
 recording a batch of them ``terminated`` in one step (:class:`FinishBatch`, the loop's).
 
 A session is owned through its score in ``sb:due:expiry``: claiming it (``claim.lua``, one
-atomic step for a whole batch) moves the score to ``now + lease``, so another worker only
-takes it once the lease has run out, that is when its claimer died or stalled. Whoever ends
-it removes it from the set (``finish_terminated``); a failed DELETE sets the score to the
-retry time. Two claimers racing on a session is harmless anyway (a second DELETE answers
-404 = gone, the terminal transition applies once), the lease only keeps it rare.
+atomic step for a whole batch) moves the score to ``now + lease`` (:data:`HELD_LEASE_MS`), and
+the claimer's :class:`ClaimKeeper` moves it on every :data:`RENEW_S` while the DELETE is in
+flight, so another worker only takes it once the lease has run out, that is when its claimer
+died or stalled: a SIGKILLed worker's sessions are taken again within seconds, a live
+worker's slow DELETE (up to the upstream timeout) is never doubled. Whoever ends it removes
+it from the set (``finish_terminated``); a failed DELETE sets the score to the retry time.
+Two claimers racing on a session is harmless anyway (a second DELETE answers 404 = gone, the
+terminal transition applies once), the lease only keeps it rare.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -23,11 +30,21 @@ from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import RETENTION_SECONDS
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member, split_due_member
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from ..metrics import WorkerMetrics
+
+log = logging.getLogger("workers.expiry")
 
 _SCRIPT = resources.files(__package__).joinpath("claim.lua").read_text()
 _FINISH = resources.files(__package__).joinpath("finish.lua").read_text()
 FINISH_WAIT_S = 0.005      # finishes gathered this long go to Redis in one script call
+# A claim's lease, and how often a live claimer renews it: a claimer that died is replaced
+# HELD_LEASE_MS after its last renewal at most; a live one may miss one renewal (a stalled
+# event loop, a Redis blip) before another worker takes its session (harmless: see above).
+HELD_LEASE_MS = 3_000
+RENEW_S = 1.0
 
 # What a claimer needs of the record (all of ``stop_upstream_and_finish``'s inputs).
 FIELDS = ("id", "tenant_id", "status", "created_at", "ttl_seconds", "end_user", "ready_at", "expires_at",
@@ -89,6 +106,57 @@ class TerminationClaims:
                 record = msgspec.convert(values, SessionRecord, strict=False)
             out.append(Claim(tid, sid, outcome, record))
         return out
+
+
+class ClaimKeeper:
+    """Keeps the claims this worker is working on alive: while any is held, one ``ZADD XX``
+    every :data:`RENEW_S` moves all of their scores to ``now + HELD_LEASE_MS`` (``XX``: a
+    session ended meanwhile is not put back). Released before the record's last step has
+    answered, a renewal can still land after it: a retry time then moves to ``now + lease``,
+    an earlier attempt, never a lost one."""
+
+    def __init__(self, redis: aioredis.Redis, metrics: WorkerMetrics, *, lease_ms: int = HELD_LEASE_MS,
+                 every_s: float = RENEW_S) -> None:
+        self.redis = redis
+        self.metrics = metrics
+        self.lease_ms = lease_ms
+        self.every_s = every_s
+        self._held: collections.Counter[str] = collections.Counter()
+        self._task: asyncio.Task[None] | None = None
+        self.renewals = 0  # ZADD calls made (tests)
+
+    @contextlib.contextmanager
+    def hold(self, tenant_id: str, session_id: str) -> Iterator[None]:
+        member = due_member(tenant_id, session_id)
+        self._held[member] += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._renew(), name="claim-keeper")
+        try:
+            yield
+        finally:
+            self._held[member] -= 1
+            if self._held[member] <= 0:
+                del self._held[member]
+
+    async def _renew(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.every_s)
+            if not self._held:
+                return
+            until = now_ms() + self.lease_ms
+            try:
+                await self.redis.zadd(DUE_EXPIRY, dict.fromkeys(self._held, until), xx=True)
+                self.renewals += 1
+            except (RedisConnectionError, RedisTimeoutError):
+                self.metrics.redis_errors.labels("expiry").inc()  # the next tick tries again
+            except Exception:  # never let a renewal failure end the loop: the leases would lapse
+                log.exception("renewing termination claims failed; trying again")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
 
 class FinishBatch:

@@ -14,6 +14,7 @@ stays ``terminating`` and in the due set at its retry time, where the expiry loo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ from tenants.crypto import CredentialError
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError
-from .claim import TerminationClaims
+from .claim import HELD_LEASE_MS, ClaimKeeper, TerminationClaims
 from .common import TERMINATION_GRACE_MS, backoff, finish_terminated, timed
 
 log = logging.getLogger("workers.terminate")
@@ -34,9 +35,6 @@ EARLY_TOLERANCE_MS = 50
 # A create whose outcome we wait for before declaring a stopped session gone.
 INFLIGHT_WAIT_MS = 45_000
 INFLIGHT_RECHECK_MS = 2_000
-# Extra time a claim outlives the upstream timeout (claim, DELETE, record): only a claimer
-# that died or stalled loses its claim.
-CLAIM_MARGIN_MS = 5_000
 
 
 class MissingCredentials(Exception):
@@ -54,12 +52,6 @@ async def _avaturn_key(ctx: WorkerContext, tenant_id: str) -> str:
     return key
 
 
-def claim_lease_ms(ctx: WorkerContext) -> int:
-    """How long a claim keeps other workers off a session: one DELETE (the upstream timeout)
-    plus the margin."""
-    return int(ctx.settings.upstream_timeout_seconds * 1000) + CLAIM_MARGIN_MS
-
-
 class TerminationPending(Exception):
     """The upstream DELETE failed transiently; retry after ``delay`` seconds."""
 
@@ -74,21 +66,28 @@ async def terminate_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
     worker, or waiting for its retry time, is left to that claim / the expiry loop."""
     ctx: WorkerContext = arq_ctx["wc"]
     claims: TerminationClaims = arq_ctx.get("claims") or TerminationClaims(ctx.redis)
+    keeper: ClaimKeeper | None = arq_ctx.get("keeper")
     now = now_ms()
+    # Without a keeper (a bare job context) nobody renews the claim: it must outlast one DELETE.
+    lease = HELD_LEASE_MS if keeper is not None else int(ctx.settings.upstream_timeout_seconds * 1000) + HELD_LEASE_MS
     [claim] = await claims.claim([(tenant_id, session_id)], now=now, due_until=now + EARLY_TOLERANCE_MS,
-                                 claim_until=now + claim_lease_ms(ctx), lease=now + TERMINATION_GRACE_MS)
+                                 claim_until=now + lease, lease=now + TERMINATION_GRACE_MS)
     if claim.record is None:
         return {"gone": "noop", "not_due": "not-due"}.get(claim.outcome, claim.outcome)
-    return await end_claimed(ctx, claim.record)
+    return await end_claimed(ctx, claim.record, keeper=keeper)
 
 
 Finish = Callable[[SessionRecord, str], Awaitable[object]]
 
 
-async def end_claimed(ctx: WorkerContext, rec: SessionRecord, finish: Finish | None = None) -> str:
-    """End a claimed ``terminating`` session; a failure leaves it scheduled for its retry."""
+async def end_claimed(ctx: WorkerContext, rec: SessionRecord, finish: Finish | None = None,
+                      keeper: ClaimKeeper | None = None) -> str:
+    """End a claimed ``terminating`` session, its claim renewed by ``keeper`` meanwhile; a
+    failure leaves it scheduled for its retry."""
+    held = keeper.hold(rec.tenant_id, rec.id) if keeper is not None else contextlib.nullcontext()
     try:
-        return await stop_upstream_and_finish(ctx, rec, finish)
+        with held:
+            return await stop_upstream_and_finish(ctx, rec, finish)
     except TerminationPending:
         return "retry-scheduled"
 
