@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
@@ -24,7 +24,7 @@ from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
 from .admin_routes import admin_router
-from .errors import EXCEPTION_HANDLERS
+from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
 from .openapi import document_openapi
 from .redis_packing import use_hiredis_packing
@@ -33,6 +33,17 @@ from .tenant_routes import tenant_router
 
 MAX_BODY = 64 * 1024
 ALL_SURFACES = ("tenant", "admin", "ops")
+SCHEMA_PATH = "/schema"
+
+
+def openapi_config() -> OpenAPIConfig:
+    """Litestar's documentation endpoints under /schema (openapi.json/.yaml/.yml and the HTML
+    viewers), on a router of our own only to add :func:`docs_error_hook`: Litestar answers an
+    unknown ``/schema/<name>`` with an HTML page of its own, every other error of the API has
+    the contract's JSON shape. The plugin registers its handlers on this router as it would on
+    its default one (same path, not in the schema)."""
+    router = Router(SCHEMA_PATH, route_handlers=[], include_in_schema=False, after_request=docs_error_hook)
+    return OpenAPIConfig(title="Session Broker", version="1.0.0", path=SCHEMA_PATH, openapi_router=router)
 
 
 def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Litestar:
@@ -82,7 +93,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=MAX_BODY,
-        openapi_config=OpenAPIConfig(title="Session Broker", version="1.0.0", path="/schema"),
+        openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # Litestar's default would replace our JSON root handler (broker/logs.py)
     )

@@ -3,13 +3,18 @@
 ``BrokerError`` → its status and body; Litestar's own HTTP exceptions (unknown route, wrong
 method, body too large) → the same shape; Redis down → 503 with Retry-After; anything
 else → 500 ``internal_error`` (a bug: logged with its traceback, never shown).
+
+One answer does not go through an exception: Litestar's OpenAPI router serves unknown
+``/schema/<name>`` paths with a handler that *returns* an HTML 404 page.
+:func:`docs_error_hook` (an ``after_request`` hook on that router) gives it the same shape.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from litestar import Request, Response
+from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -39,14 +44,31 @@ def handle_broker_error(_: Request, exc: BrokerError) -> Response[dict[str, obje
     return error_response(exc)
 
 
-def handle_http_exception(_: Request, exc: HTTPException) -> Response[dict[str, object]]:
-    status = exc.status_code
+def http_error_response(status: int, headers: dict[str, str] | None = None) -> Response[dict[str, object]]:
+    """The contract's body for an HTTP-level error (no domain code of ours to tell)."""
     code, message = _HTTP_CODES.get(status, ("http_error", "The request could not be processed."))
-    headers = dict(exc.headers or {})
     error = {"code": code, "message": message}
     if status == 413:  # every input violation names its field
         error["field"] = "body"
-    return Response(content={"error": error}, status_code=status, headers=headers)
+    # JSON said explicitly: a Response without a media type takes its handler's (HTML for the
+    # OpenAPI router's not-found handler, see docs_error_hook)
+    return Response(content={"error": error}, status_code=status, headers=headers or {}, media_type=MediaType.JSON)
+
+
+def handle_http_exception(_: Request, exc: HTTPException) -> Response[dict[str, object]]:
+    return http_error_response(exc.status_code, dict(exc.headers or {}))
+
+
+def docs_error_hook(response: Response[Any]) -> Response[Any]:
+    """``after_request`` of the OpenAPI router: an error its handlers return themselves (the
+    HTML "Error 404" page of an unknown ``/schema/<name>``) becomes the contract's error body.
+
+    The served documents (JSON, YAML, the HTML viewers) are 200s and pass through untouched;
+    404s raised as exceptions (``/schema/x.json``) and 405s never reach this hook, they take
+    the exception handlers like every other route."""
+    if response.status_code >= 400:
+        return http_error_response(response.status_code)
+    return response
 
 
 def handle_redis_down(request: Request, exc: Exception) -> Response[dict[str, object]]:
