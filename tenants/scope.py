@@ -22,6 +22,8 @@ Layout (prefix ``sb:``)::
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
     sb:stats:live                   hash  status -> count of sessions in that live status
+    sb:sweep:index_cursor           string "{rank}:{tid}:{score}": where the sweeper's trim of the
+                                           sessions indexes resumes (workers/jobs/sweep.py)
     sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
     sb:keys:revoked                 pub/sub channel: a key hash was revoked or its not_after changed
     sb:tenants:changed              pub/sub channel: a tenant record changed (quotas, status, config)
@@ -35,6 +37,7 @@ TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
 DUE_PROVISION = PREFIX + "due:provision"
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
+SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
 TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"

@@ -26,7 +26,7 @@ JOB_FUNCTIONS = ("provision", "terminate", "sweep")
 JOB_OUTCOMES = ("ok", "retry", "error", "cancelled")
 UPSTREAM_OPERATIONS = (("openai", "mint"), ("avaturn", "create"), ("avaturn", "delete"))
 TERMINATION_REASONS = ("requested", "expired", "replaced", "tenant_disabled")
-SWEEPER_ACTIONS = ("requeued", "reaped", "dropped")
+SWEEPER_ACTIONS = ("requeued", "reaped", "dropped", "trimmed")
 REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry")
 
 

@@ -131,6 +131,83 @@ class SessionRepository:
         if session_ids:
             await self.redis.zrem(TenantScope(tenant_id).sessions_index(), *session_ids)
 
+    async def trim_indexes(
+        self, tenant_ids: list[str], created_before: int, budget: int, floor: int | None = None
+    ) -> tuple[int, int, int, int | None]:
+        """Remove from the sessions indexes of ``tenant_ids`` (taken in this order) the entries
+        of sessions created before ``created_before`` (ms) whose record no longer exists,
+        examining at most ``budget`` entries in all; ``floor`` is the score where the previous
+        call stopped in the first tenant, which resumes there.
+
+        Only :meth:`forget` (a tenant listing its sessions) trims otherwise. The index score is
+        ``created_at``, but a record leaves Redis when its retention TTL runs out, counted from
+        when the session *ended*, and a session that never ended has no TTL at all: no score
+        says a record is gone, so every candidate's record is checked, and an entry whose record
+        exists is never removed. An entry seen without its record is dead for good (a session id
+        is written once, at admission), so the check and the removal need not be one atomic
+        step, and concurrent calls only repeat each other's work (``removed`` is what ZREM
+        removed, so it is never counted twice). Four round trips for the whole list, none per
+        tenant or session.
+
+        Returns ``(examined, removed, done, resume)``: the first ``done`` tenants are finished;
+        when ``done < len(tenant_ids)`` the budget ran out in ``tenant_ids[done]``, to be resumed
+        from the score ``resume`` (None: from its oldest entry)."""
+        scopes = [TenantScope(tid) for tid in tenant_ids]
+        lows = ["-inf"] * len(scopes)
+        if floor is not None and lows:
+            lows[0] = str(floor)
+        below = f"({created_before}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for scope, low in zip(scopes, lows, strict=True):
+                pipe.zcount(scope.sessions_index(), low, below)
+            counts = [int(n) for n in await pipe.execute()]
+        plan: list[tuple[int, int]] = []  # (position in tenant_ids, entries to examine there)
+        left, done = budget, len(scopes)
+        for i, candidates in enumerate(counts):
+            take = min(candidates, left)
+            if take:
+                plan.append((i, take))
+                left -= take
+            if take < candidates:
+                done = i
+                break
+        batches: list[list[tuple[str, int]]] = []
+        if plan:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i, take in plan:
+                    pipe.zrangebyscore(scopes[i].sessions_index(), lows[i], below, start=0, num=take, withscores=True)
+                batches = [[(m.decode() if isinstance(m, bytes) else m, int(s)) for m, s in rows]
+                           for rows in await pipe.execute()]
+        examined = sum(len(rows) for rows in batches)
+        dead: dict[int, list[str]] = {}
+        if examined:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (i, _), rows in zip(plan, batches, strict=True):
+                    for sid, _ in rows:
+                        pipe.exists(scopes[i].session(sid))
+                exists = iter(await pipe.execute())
+            for (i, _), rows in zip(plan, batches, strict=True):
+                gone = [sid for sid, _ in rows if not next(exists)]
+                if gone:
+                    dead[i] = gone
+        removed_by: dict[int, int] = {}
+        if dead:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i, gone in dead.items():
+                    pipe.zrem(scopes[i].sessions_index(), *gone)
+                removed_by = dict(zip(dead, (int(n) for n in await pipe.execute()), strict=True))
+        resume: int | None = None
+        if done < len(scopes):
+            cut = dict(zip((i for i, _ in plan), batches, strict=True)).get(done)
+            resume = cut[-1][1] if cut else (None if lows[done] == "-inf" else int(lows[done]))
+            if cut and not removed_by.get(done) and lows[done] != "-inf" and resume == int(lows[done]):
+                # every entry examined is alive and has the score it resumed from: resuming
+                # there again would examine the same ones for ever, so the tenant is left for
+                # the next pass (an entry behind a whole budget of such records, sessions that
+                # never ended all created in the same millisecond, waits until they have ended)
+                done, resume = done + 1, None
+        return examined, sum(removed_by.values()), done, resume
+
     async def live_ids(self, tenant_id: str) -> list[str]:
         ids = await self.redis.zrange(TenantScope(tenant_id).live(), 0, -1)
         return [i.decode() for i in ids]

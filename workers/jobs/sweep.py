@@ -1,4 +1,5 @@
-"""sweep (arq cron, every few seconds, one worker at a time): the provisioning safety net.
+"""sweep (arq cron, every few seconds, one worker at a time): the provisioning safety net,
+and the trim of the tenants' sessions indexes.
 
 Terminations need none: the expiry loop of every worker (``workers/expiry.py``) reads the
 due set itself, and takes again any session whose claimer died once its claim runs out.
@@ -8,6 +9,10 @@ due set itself, and takes again any session whose claimer died once its claim ru
   failover) → enqueue the provisioning again.
 - Sessions stuck in queued/provisioning past the provisioning deadline → failed
   (reason ``reaped``); a create that lands later is deleted by the provisioning job.
+- Index entries of sessions whose record has expired (``sb:t:{tid}:sessions``, written at
+  admission; a tenant listing its sessions drops the dead ones it meets, but a tenant that
+  never lists would keep them for ever) → removed (``trimmed``), a bounded slice per run, see
+  :func:`trim_session_indexes`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 from broker.sessions.jobs import JobQueue
 from broker.sessions.models import now_ms
-from tenants.scope import DUE_PROVISION, TenantScope
+from broker.sessions.repository import RETENTION_SECONDS
+from tenants.scope import DUE_PROVISION, SWEEP_INDEX_CURSOR, TENANTS_INDEX, TenantScope
 
 from ..context import WorkerContext
 from .common import fail_session
@@ -26,16 +32,36 @@ log = logging.getLogger("workers.sweep")
 
 ORPHAN_AFTER_MS = 5_000  # a queued session with no job after this long is re-enqueued
 BATCH = 1_000
+# The trim's bound per run: this many tenants visited (a ZCOUNT each, pipelined) and this many
+# index entries examined (an EXISTS of their record each, pipelined), in at most 8 round trips
+# (cursor read and write, the slice of tenants, twice when a pass ends, and the four pipelines
+# of SessionRepository.trim_indexes). At one sweep every 2 s: up to 1,000 entries removed a
+# second, a pass over 10,000 tenants in 100 s.
+INDEX_TENANTS_PER_SWEEP = 200
+INDEX_ENTRIES_PER_SWEEP = 2_000
 
 
 async def sweep(arq_ctx: dict[str, Any]) -> dict[str, int]:
     ctx: WorkerContext = arq_ctx["wc"]
-    counts = {"requeued": 0, "reaped": 0, "dropped": 0}
+    counts = {"requeued": 0, "reaped": 0, "dropped": 0, "trimmed": 0}
     now = now_ms()
+    try:
+        await _provisioning(ctx, now, counts)
+        counts["trimmed"] = await trim_session_indexes(ctx, now)
+    finally:  # what was done is counted even when a later step fails (Redis away)
+        for action, n in counts.items():
+            if n:
+                ctx.metrics.sweeper_actions.labels(action).inc(n)
+        if any(counts.values()):
+            log.info("sweep: %s", counts)
+    return counts
+
+
+async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) -> None:
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     due = await ctx.repo.due(DUE_PROVISION, now + deadline_ms - ORPHAN_AFTER_MS, BATCH)
     if not due:
-        return counts
+        return
     # One pipelined read for the whole batch (a backlog of queued sessions is the normal case
     # under load, not a fault): each session's status and whether its provisioning job still
     # exists (queued, running, SIGKILLed mid-run, or finished less than keep_result ago).
@@ -63,10 +89,57 @@ async def sweep(arq_ctx: dict[str, Any]) -> dict[str, int]:
             # The enqueue itself refuses a job id whose job or result key exists (checked again
             # atomically there), so this only re-creates a job that was lost.
             counts["requeued"] += 1
-    for action, n in counts.items():
-        if n:
-            ctx.metrics.sweeper_actions.labels(action).inc(n)
-    if any(counts.values()):
-        log.info("sweep: %s", counts)
-    return counts
+
+
+async def trim_session_indexes(ctx: WorkerContext, now: int) -> int:
+    """One slice of the pass over every tenant's sessions index: remove the entries of
+    sessions created more than the retention ago whose record has expired; return how many.
+
+    A record expires ``RETENTION_SECONDS`` after its session *ended*, so no entry younger than
+    that can be dead by expiry, and an older one is removed only once its record is seen gone
+    (:meth:`SessionRepository.trim_indexes`): a session still alive, or ended less than the
+    retention ago, keeps its entry. Each run takes the tenants from where the last one stopped
+    (``SWEEP_INDEX_CURSOR``: a rank in ``sb:tenants``, ordered by creation, new tenants at the
+    end) and does at most :data:`INDEX_TENANTS_PER_SWEEP` tenants and
+    :data:`INDEX_ENTRIES_PER_SWEEP` entries; a tenant cut by the entry budget is resumed at the
+    score where it stopped, so a tenant with a large backlog takes several runs and the others
+    wait, none blocks the pass. Every step is safe to repeat: runs that overlap (several
+    workers, a retried run) examine the same entries again and remove each once; a lost cursor
+    write only repeats a slice, a tenant removed meanwhile only shifts the ranks (a tenant may
+    be skipped until the next pass)."""
+    rank, cut_tenant, floor = _read_cursor(await ctx.redis.get(SWEEP_INDEX_CURSOR))
+    tenant_ids = await _tenants_from(ctx, rank)
+    if not tenant_ids and rank:  # past the last tenant: the next pass starts
+        rank, floor = 0, None
+        tenant_ids = await _tenants_from(ctx, 0)
+    if not tenant_ids:
+        return 0
+    if tenant_ids[0] != cut_tenant:
+        floor = None  # the score belongs to a tenant that is no longer at this rank
+    _, removed, done, resume = await ctx.repo.trim_indexes(
+        tenant_ids, now - RETENTION_SECONDS * 1000, INDEX_ENTRIES_PER_SWEEP, floor
+    )
+    if done < len(tenant_ids):
+        cursor = f"{rank + done}:{tenant_ids[done]}:{'' if resume is None else resume}"
+    elif len(tenant_ids) < INDEX_TENANTS_PER_SWEEP:
+        cursor = "0::"  # this was the last slice of the pass
+    else:
+        cursor = f"{rank + done}::"
+    await ctx.redis.set(SWEEP_INDEX_CURSOR, cursor)
+    return removed
+
+
+async def _tenants_from(ctx: WorkerContext, rank: int) -> list[str]:
+    ids = await ctx.redis.zrange(TENANTS_INDEX, rank, rank + INDEX_TENANTS_PER_SWEEP - 1)
+    return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+
+def _read_cursor(raw: bytes | str | None) -> tuple[int, str, int | None]:
+    """``"{rank}:{tenant id}:{score}"`` → (rank, tenant, score); anything else starts a pass."""
+    text = raw.decode() if isinstance(raw, bytes) else (raw or "")
+    try:
+        rank, tenant_id, score = text.split(":")
+        return max(0, int(rank)), tenant_id, int(score) if score else None
+    except ValueError:
+        return 0, "", None
 
