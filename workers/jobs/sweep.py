@@ -9,7 +9,7 @@ due set itself, and takes again any session whose claimer died once its claim ru
   failover) → enqueue the provisioning again.
 - Sessions stuck in queued/provisioning past the provisioning deadline → failed
   (reason ``reaped``); a create that lands later is deleted by the provisioning job.
-- Index entries of sessions whose record has expired (``sb:t:{tid}:sessions``, written at
+- Index entries of sessions whose record has expired (``TenantScope.sessions_index()``, written at
   admission; a tenant listing its sessions drops the dead ones it meets, but a tenant that
   never lists would keep them for ever) → removed (``trimmed``), a bounded slice per run, see
   :func:`trim_session_indexes`.
