@@ -17,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.embedded_redis import free_port
 from broker.settings import Settings
-from tenants.crypto import generate_secret_key
 from tests.fixtures.stack import (
     ADMIN_TOKEN,
     PLATFORM_AVATURN_KEY,
@@ -26,6 +25,7 @@ from tests.fixtures.stack import (
     ApiServer,
     WorkerThread,
 )
+from tests.fixtures.stack import broker_env as stack_env  # the harness's broker_env adds log levels
 
 SECRETS = (ADMIN_TOKEN, PLATFORM_OPENAI_KEY, PLATFORM_AVATURN_KEY, "ek_")
 
@@ -46,21 +46,9 @@ def counter(sandbox: Any, op: str, what: str = "requests") -> int:
 
 
 def broker_env(redis_url: str, sandbox: Any, **overrides: Any) -> dict[str, str]:
-    """The ``BROKER_*`` environment of one broker deployment (API and workers alike)."""
-    return {
-        "BROKER_REDIS_URL": redis_url,
-        "BROKER_ADMIN_TOKEN": ADMIN_TOKEN,
-        "BROKER_SECRET_KEY": generate_secret_key(),
-        "BROKER_OPENAI_BASE_URL": sandbox.openai_base_url,
-        "BROKER_AVATURN_BASE_URL": sandbox.avaturn_base_url,
-        "BROKER_OPENAI_API_KEY": PLATFORM_OPENAI_KEY,
-        "BROKER_AVATURN_API_KEY": PLATFORM_AVATURN_KEY,
-        "BROKER_UPSTREAM_TIMEOUT_SECONDS": "2",
-        "BROKER_PROVISION_DEADLINE_SECONDS": "20",
-        "BROKER_LOG_LEVEL": "INFO",
-        "BROKER_LIBRARY_LOG_LEVEL": "INFO",  # arq's lines too: the SIGTERM test reads when the signal was taken
-        **{k: str(v) for k, v in overrides.items()},
-    }
+    """The ``BROKER_*`` environment of one broker deployment (API and workers alike), with the
+    libraries' INFO lines on (the SIGTERM test reads arq's line of when the signal was taken)."""
+    return stack_env(redis_url, sandbox, **{"BROKER_LOG_LEVEL": "INFO", "BROKER_LIBRARY_LOG_LEVEL": "INFO", **overrides})
 
 
 class WorkerProcess:

@@ -14,27 +14,14 @@ from typing import Any
 import httpx
 
 from broker.embedded_redis import free_port
-from tenants.crypto import generate_secret_key
-from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
+from tests.fixtures.stack import child_env
 
 
 def broker_env(redis_url: str, sandbox: Any, **overrides: str) -> dict[str, str]:
-    """The environment of every process of one deployment (as tests/fixtures/stack.make_settings)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env.update(
-        BROKER_REDIS_URL=redis_url,
-        BROKER_ADMIN_TOKEN=ADMIN_TOKEN,
-        BROKER_SECRET_KEY=generate_secret_key(),
-        BROKER_OPENAI_BASE_URL=sandbox.openai_base_url,
-        BROKER_AVATURN_BASE_URL=sandbox.avaturn_base_url,
-        BROKER_OPENAI_API_KEY=PLATFORM_OPENAI_KEY,
-        BROKER_AVATURN_API_KEY=PLATFORM_AVATURN_KEY,
-        BROKER_UPSTREAM_TIMEOUT_SECONDS="2",
-        BROKER_LOG_FORMAT="json",
-        BROKER_LOG_LEVEL="WARNING",
-    )
-    env.update(overrides)
-    return env
+    """The environment of every process of one deployment (tests/fixtures/stack.child_env),
+    with the default provisioning deadline and only warnings logged."""
+    defaults = {"BROKER_PROVISION_DEADLINE_SECONDS": "60", "BROKER_LOG_FORMAT": "json", "BROKER_LOG_LEVEL": "WARNING"}
+    return child_env(redis_url, sandbox, **{**defaults, **overrides})
 
 
 class BrokerProcess:

@@ -14,8 +14,7 @@ import httpx
 import yaml
 
 from broker.embedded_redis import free_port
-from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
-from tenants.crypto import generate_secret_key
+from tests.fixtures.stack import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -23,21 +22,7 @@ API_JOB, WORKER_JOB = "session-broker-api", "session-broker-worker"
 
 
 def broker_env(redis_url: str, sandbox: Any) -> dict[str, str]:
-    import os
-
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
-        "BROKER_REDIS_URL": redis_url,
-        "BROKER_ADMIN_TOKEN": ADMIN_TOKEN,
-        "BROKER_SECRET_KEY": generate_secret_key(),
-        "BROKER_OPENAI_BASE_URL": sandbox.openai_base_url,
-        "BROKER_AVATURN_BASE_URL": sandbox.avaturn_base_url,
-        "BROKER_OPENAI_API_KEY": PLATFORM_OPENAI_KEY,
-        "BROKER_AVATURN_API_KEY": PLATFORM_AVATURN_KEY,
-        "BROKER_UPSTREAM_TIMEOUT_SECONDS": "2",
-        "BROKER_PROVISION_DEADLINE_SECONDS": "20",
-        "BROKER_LOG_FORMAT": "json",
-    }
+    return child_env(redis_url, sandbox, BROKER_LOG_FORMAT="json")
 
 
 class Proc:
