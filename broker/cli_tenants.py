@@ -66,7 +66,7 @@ async def _services(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
         cipher = CredentialCipher(settings.secret_keys) if settings.secret_keys else None
         sessions = SessionService(
             SessionRepository(redis), JobQueue(new_arq_redis(redis.connection_pool)),
-            provision_deadline_s=settings.provision_deadline_seconds,
+            provision_deadline_s=settings.provision_deadline_seconds, cipher=cipher,
         )
         yield TenantService(redis, cipher), sessions
     finally:

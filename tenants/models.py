@@ -1,12 +1,15 @@
 """Tenant data: what is stored (``Tenant``), what the admin sends (``TenantCreate`` /
-``TenantPatch``) and what the admin API shows (``TenantView``: credentials only as
-``*_api_key_set`` booleans, never their values)."""
+``TenantPatch``) and what the admin API shows (``TenantView``: upstream keys only as
+``*_api_key_set`` booleans, MCP credentials of the session config only as the marker
+``tenants.session_secrets.REDACTED``; never their values)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import msgspec
+
+from tenants.session_secrets import redacted
 
 EndUserPolicy = Literal["reject", "replace_oldest"]
 TenantStatus = Literal["active", "disabled"]
@@ -31,7 +34,8 @@ class Quotas(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class OpenAIConfig(msgspec.Struct, kw_only=True):
     # Fernet token of the tenant's OpenAI key; None: use the platform key.
     api_key_enc: str | None = None
-    # Default GA realtime session config (validated by tenants.session_config).
+    # Default GA realtime session config (validated by tenants.session_config); its MCP
+    # credentials are sealed (tenants.session_secrets).
     session: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "realtime", "model": DEFAULT_MODEL})
     allowed_overrides: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_ALLOWED_OVERRIDES))
 
@@ -96,7 +100,7 @@ class TenantPatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class OpenAIView(msgspec.Struct, kw_only=True):
     api_key_set: bool
-    session: dict[str, Any]
+    session: dict[str, Any]  # MCP credentials shown as REDACTED: sent back in a PATCH, it keeps them
     allowed_overrides: list[str]
 
 
@@ -128,7 +132,7 @@ class TenantView(msgspec.Struct, kw_only=True):
             quotas=t.quotas,
             openai=OpenAIView(
                 api_key_set=t.openai.api_key_enc is not None,
-                session=t.openai.session,
+                session=redacted(t.openai.session),
                 allowed_overrides=t.openai.allowed_overrides,
             ),
             avaturn=AvaturnView(

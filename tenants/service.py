@@ -1,5 +1,6 @@
 """The tenant registry's rules: tenants (create, read, update, disable), their API keys
-(create, list, revoke, rotate) and their upstream credentials (encrypted at rest).
+(create, list, revoke, rotate) and their credentials (encrypted at rest): upstream keys, and
+the MCP credentials of the session defaults (:mod:`tenants.session_secrets`).
 
 All Redis access goes through :class:`tenants.repository.TenantRepository`; admin input is
 checked here (quotas by :mod:`tenants.quotas`, session defaults by
@@ -30,7 +31,8 @@ from tenants.models import (
 )
 from tenants.quotas import build_quotas
 from tenants.repository import TenantRepository, parse_rfc3339, rfc3339, utc_now
-from tenants.session_config import GA_FIELDS, validate_session
+from tenants.session_config import GA_FIELDS, MAX_SESSION_BYTES, validate_session
+from tenants.session_secrets import keep_stored, reseal, seal, slots
 
 __all__ = ["TenantService", "decode_create", "decode_patch", "parse_rfc3339", "rfc3339", "utc_now"]
 
@@ -167,7 +169,8 @@ class TenantService:
 
     async def update(self, tenant_id: str, patch: TenantPatch) -> Tenant:
         """Merge ``patch``: quotas field by field; ``openai.session`` and ``allowed_overrides`` are
-        replaced whole (the session is validated); ``api_key: ""`` clears a key."""
+        replaced whole (the session is validated; an MCP credential sent as the view's marker
+        keeps the stored one); ``api_key: ""`` clears a key."""
 
         def change(tenant: Tenant) -> Tenant:
             changes: dict[str, Any] = {"updated_at": rfc3339(self._clock())}
@@ -204,7 +207,8 @@ class TenantService:
             oa: dict[str, Any] = {}
             if openai.session is not None:
                 session = validate_session(openai.session, "openai.session")
-                oa["session"] = {**session, "model": session.get("model", DEFAULT_MODEL)}
+                oa["session"] = self._stored_session({**session, "model": session.get("model", DEFAULT_MODEL)},
+                                                     tenant.openai.session)
             if openai.allowed_overrides is not None:
                 oa["allowed_overrides"] = _check_overrides(openai.allowed_overrides)
             if openai.api_key is not None:
@@ -216,6 +220,21 @@ class TenantService:
                 tenant.avaturn, avaturn, lambda: self._encrypt(key or "", "avaturn.api_key")
             )
         return msgspec.structs.replace(tenant, **changes)
+
+    def _stored_session(self, session: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+        """The validated ``openai.session`` as stored: a ``REDACTED`` credential keeps the stored
+        one, the others are sealed (:mod:`tenants.session_secrets`). The sealed form must fit the
+        size limit too, since every admission re-validates the stored defaults."""
+        session = seal(keep_stored(session, stored, "openai.session"), self._cipher, "openai.session")
+        size = len(msgspec.json.encode(session))
+        if size > MAX_SESSION_BYTES:
+            raise _invalid(
+                "openai.session",
+                f"openai.session is too large once its MCP credentials are encrypted at rest ({size} bytes "
+                f"serialized; at most {MAX_SESSION_BYTES})",
+                code="invalid_session_config",
+            )
+        return session
 
     def _encrypt(self, api_key: str, field: str) -> str | None:
         """``""`` clears the credential (the platform's is used); anything else is encrypted."""
@@ -248,24 +267,29 @@ class TenantService:
         return self._cipher.decrypt(token)
 
     async def rotate_secrets(self) -> int:
-        """Re-encrypt every tenant's credentials with the first BROKER_SECRET_KEY; the count of
-        tenants rewritten. Afterwards the older keys can be dropped from BROKER_SECRET_KEY."""
+        """Re-encrypt every tenant's credentials (upstream keys and the MCP credentials of its
+        session defaults) with the first BROKER_SECRET_KEY; the count of tenants rewritten.
+        Afterwards the older keys can be dropped from BROKER_SECRET_KEY. Session hashes are not
+        rewritten: a session's config is opened only while it is provisioned (at most
+        ``BROKER_PROVISION_DEADLINE_SECONDS``), so the old key must stay until those have settled."""
         cipher = self._cipher
         if cipher is None:
             raise CredentialError("BROKER_SECRET_KEY is not set: nothing can be re-encrypted")
 
         def change(tenant: Tenant) -> Tenant:
             oa, av = tenant.openai, tenant.avaturn
+            session = reseal(oa.session, cipher)
             return msgspec.structs.replace(
                 tenant,
-                openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc)),
+                openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc),
+                                               session=oa.session if session is None else session),
                 avaturn=msgspec.structs.replace(av, api_key_enc=av.api_key_enc and cipher.rotate(av.api_key_enc)),
             )
 
         count = 0
         async for tenant_id in self.repo.iter_ids():
             tenant = await self.repo.get(tenant_id)
-            if tenant is None or (tenant.openai.api_key_enc is None and tenant.avaturn.api_key_enc is None):
+            if tenant is None or not _has_credentials(tenant):
                 continue
             if await self.repo.modify(tenant_id, change) is not None:
                 count += 1
@@ -293,6 +317,11 @@ class TenantService:
 
     async def record_key_use(self, tenant_id: str, key_id: str) -> None:
         await self.keys.record_use(tenant_id, key_id)
+
+
+def _has_credentials(tenant: Tenant) -> bool:
+    return (tenant.openai.api_key_enc is not None or tenant.avaturn.api_key_enc is not None
+            or bool(slots(tenant.openai.session)))
 
 
 def _plausible_id(value: str, prefix: str) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from broker.errors import InvalidInput
+from tenants.session_secrets import MAX_SEALED_CHARS, SEALED_PREFIX, refuse_reserved
 
 CODE = "invalid_session_config"
 Check = Callable[[Any, str], Any]
@@ -194,6 +195,19 @@ def json_value(max_bytes: int, *, object_only: bool = False) -> Check:
     return check
 
 
+def secret(hi: int) -> Check:
+    """An MCP credential: a string of 0..``hi`` characters, or its sealed form as stored
+    (:mod:`tenants.session_secrets`; input carrying one is refused before it gets here)."""
+    plain = string(0, hi)
+
+    def check(value: Any, path: str) -> str:
+        if isinstance(value, str) and value.startswith(SEALED_PREFIX) and len(value) <= MAX_SEALED_CHARS:
+            return value
+        return plain(value, path)
+
+    return check
+
+
 def _prompt_version(value: Any, path: str) -> str:
     if not isinstance(value, str):
         raise _error(path, 'must be a string; send the version as a string, e.g. "6"')
@@ -229,8 +243,8 @@ _FUNCTION_TOOL = obj({"name": string(1, 64, r"[A-Za-z0-9_-]+"), "description": s
                       "parameters": json_value(MAX_SCHEMA_BYTES, object_only=True)}, required=("name",))
 _MCP_TOOL = obj(
     {"server_label": string(1, 256), "server_url": string(1, 2048), "connector_id": string(1, 64),
-     "tunnel_id": string(1, 256), "server_description": string(0, 4096), "authorization": string(0, 8192),
-     "headers": nullable(dict_of(string(0, 8192), 64)), "defer_loading": boolean(),
+     "tunnel_id": string(1, 256), "server_description": string(0, 4096), "authorization": secret(8192),
+     "headers": nullable(dict_of(secret(8192), 64)), "defer_loading": boolean(),
      "allowed_callers": nullable(list_of(literal("direct", "programmatic"), 2)),
      "allowed_tools": nullable(json_value(MAX_SCHEMA_BYTES)), "require_approval": nullable(json_value(MAX_SCHEMA_BYTES))},
     required=("server_label",), any_of=("server_url", "connector_id", "tunnel_id"),
@@ -325,7 +339,9 @@ def merge_session(
     """The tenant's defaults with the caller's ``overrides`` merged over them, validated.
 
     Only top-level fields in ``allowed`` may be overridden (``type`` always may: it can only be
-    ``"realtime"``); any other gives ``override_not_allowed`` naming ``session.<name>``.
+    ``"realtime"``); any other gives ``override_not_allowed`` naming ``session.<name>``. MCP
+    credentials in ``overrides`` must be plaintext (the defaults' are sealed): the caller seals
+    the result (:func:`tenants.session_secrets.seal`).
     """
     if overrides is None:
         return validate_session(defaults)
@@ -340,4 +356,6 @@ def merge_session(
                 f"may not be overridden under this tenant's policy (overridable: {permitted})",
                 code="override_not_allowed",
             )
+    if "tools" in overrides:
+        refuse_reserved(overrides)
     return validate_session(deep_merge(defaults, overrides))

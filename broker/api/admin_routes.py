@@ -1,5 +1,7 @@
 """Admin API (/admin/v1): tenants and their API keys. Off unless BROKER_ADMIN_TOKEN is set.
-Responses show whether credentials are set, never their values."""
+Responses show whether credentials are set, never their values: upstream keys as
+``api_key_set``, MCP credentials of the session defaults as a marker that a PATCH may send
+back to keep them (``TenantView``, :mod:`tenants.session_secrets`)."""
 
 from __future__ import annotations
 

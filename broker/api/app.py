@@ -68,7 +68,8 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
             events=events,
             metrics=metrics,
             sessions=SessionService(
-                SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds
+                SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds,
+                cipher=cipher,
             ),
         )
         await auth.start()

@@ -26,6 +26,7 @@ from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
 from tenants.models import MAX_SESSION_SECONDS_CAP, ApiKeyCreated, ApiKeyMeta, TenantView
 from tenants.quotas import END_USER_POLICIES, INT_RANGES
 from tenants.session_config import GA_FIELDS, MAX_SCHEMA_BYTES
+from tenants.session_secrets import REDACTED, SEALED_PREFIX
 from tenants.usage import UsageSnapshot
 
 J = dict[str, Any]
@@ -66,30 +67,54 @@ def integer(lo: int, hi: int) -> J:
 _PROMPT = obj({"id": text(1, 256), "version": nullable(text(1, 64)),
                "variables": nullable({"type": "object", "maxProperties": 256,
                                       "additionalProperties": {"type": ["string", "object"]}})}, ("id",))
-_TOOL = {"type": "object", "required": ["type"], "properties": {
-    "type": {"enum": ["function", "mcp"]},
-    "name": text(1, 64, pattern="^[A-Za-z0-9_-]+$"),
-    "description": text(0, 8192),
-    "parameters": {"type": "object", "description": f"JSON Schema, at most {MAX_SCHEMA_BYTES} bytes serialized"},
-}}
-REALTIME_SESSION = obj({
-    "type": {"enum": ["realtime"]},
-    "model": text(1, 64, pattern=r"^\S+$"),
-    "instructions": text(0, 32_768),
-    "audio": {"type": "object", "description": "GA audio config: input {format, transcription, noise_reduction, "
-                                               "turn_detection}, output {format, voice, speed}"},
-    "output_modalities": {"type": "array", "maxItems": 1, "items": {"enum": ["audio", "text"]}},
-    "tools": {"type": "array", "maxItems": 128, "items": _TOOL},
-    "tool_choice": {"type": ["string", "object"]},
-    "prompt": nullable(_PROMPT),
-    "max_output_tokens": {"anyOf": [integer(1, 4096), {"enum": ["inf"]}]},
-    "truncation": {"type": ["string", "object"]},
-    "tracing": {"type": ["string", "object", "null"]},
-    "include": {"type": "array", "maxItems": 1, "items": {"enum": ["item.input_audio_transcription.logprobs"]}},
-    "reasoning": {"type": "object"},
-    "parallel_tool_calls": {"type": "boolean"},
-}, description="OpenAI Realtime (GA) session fields; a tenant may override only the top-level fields its "
-               "policy allows (default: instructions, audio, prompt).")
+_CREDENTIAL_NOTE = (f"An MCP credential: stored encrypted, shown in every view as \"{REDACTED}\". In an admin "
+                    f"update, \"{REDACTED}\" keeps the value stored for the same field of the mcp tool with the "
+                    "same server_label and server (server_url / connector_id / tunnel_id), and is refused where "
+                    f"none is stored; values starting with \"{SEALED_PREFIX}\" are refused.")
+
+
+def _tool(credential: J) -> J:
+    """A function or mcp tool; ``credential``: the schema of ``authorization`` and each header value."""
+    return {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["function", "mcp"]},
+        "name": text(1, 64, pattern="^[A-Za-z0-9_-]+$"),
+        "description": text(0, 8192),
+        "parameters": {"type": "object", "description": f"JSON Schema, at most {MAX_SCHEMA_BYTES} bytes serialized"},
+        "server_label": text(1, 256),
+        "authorization": credential,
+        "headers": nullable({"type": "object", "maxProperties": 64, "additionalProperties": credential}),
+    }}
+
+
+def _realtime_session(tool: J, description: str) -> J:
+    return obj({
+        "type": {"enum": ["realtime"]},
+        "model": text(1, 64, pattern=r"^\S+$"),
+        "instructions": text(0, 32_768),
+        "audio": {"type": "object", "description": "GA audio config: input {format, transcription, noise_reduction, "
+                                                   "turn_detection}, output {format, voice, speed}"},
+        "output_modalities": {"type": "array", "maxItems": 1, "items": {"enum": ["audio", "text"]}},
+        "tools": {"type": "array", "maxItems": 128, "items": tool},
+        "tool_choice": {"type": ["string", "object"]},
+        "prompt": nullable(_PROMPT),
+        "max_output_tokens": {"anyOf": [integer(1, 4096), {"enum": ["inf"]}]},
+        "truncation": {"type": ["string", "object"]},
+        "tracing": {"type": ["string", "object", "null"]},
+        "include": {"type": "array", "maxItems": 1, "items": {"enum": ["item.input_audio_transcription.logprobs"]}},
+        "reasoning": {"type": "object"},
+        "parallel_tool_calls": {"type": "boolean"},
+    }, description=description)
+
+
+REALTIME_SESSION = _realtime_session(
+    _tool(text(0, 8192, description=_CREDENTIAL_NOTE)),
+    "OpenAI Realtime (GA) session fields; a tenant may override only the top-level fields its policy allows "
+    "(default: instructions, audio, prompt). A tenant's own MCP credentials must be sent in full, never as "
+    f"\"{REDACTED}\".")
+REALTIME_SESSION_VIEW = _realtime_session(
+    _tool({"enum": [REDACTED, ""], "description": f"\"{REDACTED}\" when set (the value is never shown)."}),
+    f"The tenant's default session; every MCP credential (authorization, header values) is shown as \"{REDACTED}\": "
+    "send the view back unchanged in a PATCH and the stored credentials are kept.")
 SESSION_CREATE = obj({
     "session": nullable(ref("RealtimeSession")),
     "ttl_seconds": nullable(integer(10, MAX_SESSION_SECONDS_CAP)),
@@ -135,6 +160,7 @@ def _model_components() -> J:
     for schema in out.values():
         if "properties" in schema:
             schema["additionalProperties"] = False
+    out["OpenAIView"]["properties"]["session"] = ref("RealtimeSessionView")
     session = out["SessionView"]["properties"]
     session["status"] = {"enum": STATUSES}
     session["termination_reason"] = nullable({"enum": REASONS})
@@ -150,6 +176,7 @@ def components() -> J:
         **models,
         "Error": ERROR,
         "RealtimeSession": REALTIME_SESSION,
+        "RealtimeSessionView": REALTIME_SESSION_VIEW,
         "SessionCreate": SESSION_CREATE,
         "TenantCreate": TENANT_CREATE,
         "TenantPatch": TENANT_PATCH,

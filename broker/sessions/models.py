@@ -55,7 +55,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     status: str
     created_at: int
     ttl_seconds: int
-    config: str = "{}"                   # merged OpenAI session config (JSON, no secrets)
+    config: str = "{}"                   # merged OpenAI session config (JSON); MCP credentials sealed
+                                         # (tenants.session_secrets), opened only by the worker
     metadata: str = "{}"
     end_user: str = ""
     ready_at: int = 0

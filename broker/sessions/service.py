@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -13,10 +14,14 @@ from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unpro
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, QueuedJob, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
+from tenants.session_secrets import seal
 
 from .jobs import JobQueue
 from .models import CreateSessionRequest, SessionList, SessionRecord, SessionView, new_session_id, now_ms
 from .repository import SessionRepository
+
+if TYPE_CHECKING:
+    from tenants.crypto import CredentialCipher
 
 MIN_TTL = 10
 MAX_METADATA_KEYS = 16
@@ -28,26 +33,30 @@ STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated"
 
 
 class SessionService:
-    def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float) -> None:
+    def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float,
+                 cipher: CredentialCipher | None = None) -> None:
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)
+        self._cipher = cipher  # seals the MCP credentials of a request's own session override
         self._default_configs: dict[bytes, str] = {}
 
     # ---- create ---------------------------------------------------------------------------
 
     def _config_json(self, tenant: Tenant, req: CreateSessionRequest) -> str:
-        """The merged, validated session config as stored (JSON). Without overrides it is the
-        tenant's validated defaults, the same for every request: kept per distinct defaults
+        """The merged, validated session config as stored (JSON), its MCP credentials sealed
+        (:mod:`tenants.session_secrets`: the defaults' already are, so only an override's own
+        credentials cost cipher work, and a config without any costs none). Without overrides it
+        is the tenant's validated defaults, the same for every request: kept per distinct defaults
         (keyed by their encoding, so an updated tenant gets a fresh entry), bounded."""
         if req.session is not None:
             return msgspec.json.encode(
-                merge_session(tenant.openai.session, req.session, tenant.openai.allowed_overrides)
+                seal(merge_session(tenant.openai.session, req.session, tenant.openai.allowed_overrides), self._cipher)
             ).decode()
         key = msgspec.json.encode(tenant.openai.session)
         cached = self._default_configs.get(key)
-        if cached is None:
-            cached = msgspec.json.encode(merge_session(tenant.openai.session, None, ())).decode()
+        if cached is None:  # seal(): nothing to do unless a record predates sealing
+            cached = msgspec.json.encode(seal(merge_session(tenant.openai.session, None, ()), self._cipher)).decode()
             if len(self._default_configs) >= MAX_CACHED_CONFIGS:
                 self._default_configs.clear()
             self._default_configs[key] = cached

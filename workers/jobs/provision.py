@@ -24,6 +24,7 @@ from broker.sessions.repository import TransitionResult
 from tenants.crypto import CredentialError
 from tenants.mint_rate import reserve_mint, schedule
 from tenants.models import Tenant
+from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
@@ -92,6 +93,10 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
     except UpstreamRejected as exc:
         await _fail(ctx, rec, exc.code, exc.message)
         return "rejected"
+    except CredentialError:
+        await _fail(ctx, rec, "credential_decrypt_failed",
+                    "The session's stored credentials cannot be decrypted with BROKER_SECRET_KEY.")
+        return "credentials"
     except UpstreamUnavailable as exc:
         delay = backoff(job_try, exc.retry_after)
         if now_ms() + delay * 1000 >= deadline:
@@ -129,7 +134,14 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
     if wait > 0:
         await asyncio.sleep(wait)
     config = msgspec.json.decode(rec.config)
-    minted = await timed(ctx, "openai", "mint", ctx.minter.mint(api_key, config, expires_seconds=_secret_ttl(rec)))
+    # MCP credentials are opened here, right before the mint, and never leave this frame.
+    secrets = unseal(config, ctx.cipher) if SEALED_PREFIX in rec.config else []
+    try:
+        minted = await timed(ctx, "openai", "mint", ctx.minter.mint(api_key, config, expires_seconds=_secret_ttl(rec)))
+    except UpstreamRejected as exc:
+        if secrets and mentions(exc.message, secrets):
+            raise _without_secrets(exc) from None
+        raise
     saved = await ctx.repo.transition(
         rec,
         allowed="provisioning",
@@ -249,6 +261,14 @@ async def _delete_orphan(ctx: WorkerContext, api_key: str, upstream_id: str) -> 
     except UpstreamError as exc:
         log.warning("could not delete orphan upstream session: %s", exc.code)
         ctx.metrics.possible_orphans.inc()
+
+
+def _without_secrets(exc: UpstreamRejected) -> UpstreamRejected:
+    """The same refusal with a fixed message, for an OpenAI text (already sanitized) that still
+    echoes an MCP credential: the message is stored on the session and shown to the tenant."""
+    where = f" (parameter '{exc.param}')" if exc.param else ""
+    return UpstreamRejected(upstream=exc.upstream, operation=exc.operation, status=exc.status, code=exc.code,
+                            message=f"OpenAI rejected the session configuration{where}.", param=exc.param)
 
 
 def _credentials(ctx: WorkerContext, tenant: Tenant) -> tuple[str | None, str | None]:
