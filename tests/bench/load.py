@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,8 @@ class RunStats:
     p99: float
     max: float
     tool: str
+    # every latency of the run (microseconds -> count), so that runs can be merged exactly
+    hist: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def rps(self) -> float:
@@ -44,11 +46,35 @@ class RunStats:
 
 
 def merge(runs: Sequence[RunStats]) -> RunStats:
-    """Several runs of the same load as one: counts and durations add up; a percentile of the
-    whole is not known from the parts', so each is the worst (largest) of them."""
-    return RunStats(sum(r.requests for r in runs), sum(r.seconds for r in runs), sum(r.errors for r in runs),
-                    max(r.p50 for r in runs), max(r.p90 for r in runs), max(r.p99 for r in runs),
-                    max(r.max for r in runs), runs[0].tool)
+    """Several runs of the same load as one: counts and durations add up, and the percentiles
+    are those of every request of the runs together (from their latency histograms). Without a
+    histogram (a run from elsewhere) a percentile of the whole is not known from the parts', so
+    each is then the worst (largest) of them."""
+    requests, seconds, errors = sum(r.requests for r in runs), sum(r.seconds for r in runs), sum(r.errors for r in runs)
+    if all(r.hist is not None for r in runs):
+        hist: dict[int, int] = {}
+        for r in runs:
+            for value, count in (r.hist or {}).items():
+                hist[value] = hist.get(value, 0) + count
+        return RunStats(requests, seconds, errors, hist_pct(hist, 50), hist_pct(hist, 90), hist_pct(hist, 99),
+                        max(hist, default=0) / 1000, runs[0].tool, hist)
+    return RunStats(requests, seconds, errors, max(r.p50 for r in runs), max(r.p90 for r in runs),
+                    max(r.p99 for r in runs), max(r.max for r in runs), runs[0].tool)
+
+
+def hist_pct(hist: dict[int, int], p: float) -> float:
+    """The ``p``-th percentile (ms) of a histogram of latencies in microseconds: the smallest
+    value that at least ``p`` % of them do not exceed (as :func:`pct`)."""
+    total = sum(hist.values())
+    if not total:
+        return float("nan")
+    rank = max(1, math.ceil(p / 100 * total))
+    seen = 0
+    for value in sorted(hist):
+        seen += hist[value]
+        if seen >= rank:
+            return value / 1000
+    return max(hist) / 1000
 
 
 def pct(values: Sequence[float], p: float) -> float:
@@ -69,6 +95,13 @@ done = function(summary, latency, requests)
   io.write(string.format('%s{"requests":%d,"duration_us":%d,"errors":%d,"p50":%d,"p90":%d,"p99":%d,"max":%d}\\n',
     '""" + MARK + """', summary.requests, summary.duration, e.status + e.connect + e.read + e.write + e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+  -- every latency (microseconds) and its count, for merging runs exactly (load.merge)
+  local parts = {}
+  for i = 1, #latency do
+    local v, c = latency(i)
+    parts[#parts + 1] = string.format('[%d,%d]', v, c)
+  end
+  io.write('""" + MARK + """H[' .. table.concat(parts, ',') .. ']\\n')
 end
 """
 
@@ -100,10 +133,16 @@ def _wrk(url: str, method: str, body: str, tokens: Sequence[str], seconds: float
                               "-s", path, url], capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     finally:
         os.unlink(path)
-    line = next(ln for ln in out.splitlines() if ln.startswith(MARK))
+    line = next(ln for ln in out.splitlines() if ln.startswith(MARK + "{"))
     d = json.loads(line[len(MARK):])
+    hist_line = next((ln for ln in out.splitlines() if ln.startswith(MARK + "H")), None)
+    hist = None
+    if hist_line is not None:
+        hist = {}
+        for value, count in json.loads(hist_line[len(MARK) + 1:]):
+            hist[int(value)] = hist.get(int(value), 0) + int(count)
     return RunStats(d["requests"], d["duration_us"] / 1e6, d["errors"], d["p50"] / 1000, d["p90"] / 1000,
-                    d["p99"] / 1000, d["max"] / 1000, "wrk")
+                    d["p99"] / 1000, d["max"] / 1000, "wrk", hist)
 
 
 async def _aiohttp_run(url: str, method: str, body: str, tokens: Sequence[str], seconds: float, connections: int,
@@ -147,7 +186,11 @@ async def _aiohttp_run(url: str, method: str, body: str, tokens: Sequence[str], 
                 i += 1
             await asyncio.gather(*tasks)
         elapsed = loop.time() - start
-    return RunStats(len(lat), elapsed, errors, pct(lat, 50), pct(lat, 90), pct(lat, 99), max(lat, default=0), "aiohttp")
+    hist: dict[int, int] = {}
+    for ms in lat:
+        hist[round(ms * 1000)] = hist.get(round(ms * 1000), 0) + 1
+    return RunStats(len(lat), elapsed, errors, pct(lat, 50), pct(lat, 90), pct(lat, 99), max(lat, default=0),
+                    "aiohttp", hist)
 
 
 def saturate(url: str, tokens: Sequence[str], *, method: str = "GET", body: str = "", seconds: float = 8,
