@@ -39,6 +39,7 @@ class WorkerContext:
     avaturn: AvaturnClient
     metrics: WorkerMetrics
     mux: RedisMux | None = None
+    index_trim_due: float = 0.0  # time.monotonic() when this worker's sweep trims the indexes again (jobs/sweep.py)
 
     @classmethod
     def build(cls, settings: Settings, metrics: WorkerMetrics) -> WorkerContext:

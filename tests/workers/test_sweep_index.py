@@ -26,6 +26,12 @@ from workers.metrics import WorkerMetrics
 RETENTION_MS = RETENTION_SECONDS * 1000
 
 
+@pytest.fixture(autouse=True)
+def trim_on_every_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests look at the trim run by run: no 30 s between two trims of one worker."""
+    monkeypatch.setattr(sweep_module, "INDEX_TRIM_EVERY_S", 0.0)
+
+
 @pytest.fixture
 async def ctx(redis: aioredis.Redis, redis_url: str, sandbox: Any) -> AsyncIterator[WorkerContext]:
     wc = WorkerContext.build(make_settings(redis_url, sandbox), WorkerMetrics())
@@ -189,3 +195,33 @@ async def test_a_tenant_of_old_live_records_does_not_stall_the_pass(
     for s in others:
         assert await index(redis, s) == s.kept
     assert await index(redis, stalled) == stalled.kept
+
+
+async def test_a_worker_trims_at_most_once_per_period(ctx: WorkerContext, redis: aioredis.Redis,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: the trim costs an idle deployment nothing between two periods: a second sweep
+    of the same worker within INDEX_TRIM_EVERY_S leaves dead entries for the next period."""
+    monkeypatch.setattr(sweep_module, "INDEX_TRIM_EVERY_S", 30.0)
+    tid = "ten_period"
+    await redis.zadd(TENANTS_INDEX, {tid: 1})
+    old = now_ms() - RETENTION_MS - 60_000
+    await redis.zadd(TenantScope(tid).sessions_index(), {new_session_id(): old})
+    assert (await sweep({"wc": ctx}))["trimmed"] == 1
+    await redis.zadd(TenantScope(tid).sessions_index(), {new_session_id(): old})
+    assert (await sweep({"wc": ctx}))["trimmed"] == 0
+    assert await redis.zcard(TenantScope(tid).sessions_index()) == 1
+
+
+async def test_a_trim_that_used_its_budget_runs_again_at_the_next_sweep(
+        ctx: WorkerContext, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: a backlog is not held to one trim per period: a run that used up its entry
+    budget is followed by another at the next sweep, until the backlog is gone."""
+    monkeypatch.setattr(sweep_module, "INDEX_TRIM_EVERY_S", 30.0)
+    monkeypatch.setattr(sweep_module, "INDEX_ENTRIES_PER_SWEEP", 5)
+    tid = "ten_backlog"
+    await redis.zadd(TENANTS_INDEX, {tid: 1})
+    old = now_ms() - RETENTION_MS - 60_000
+    await redis.zadd(TenantScope(tid).sessions_index(), {new_session_id(): old + i for i in range(12)})
+    trimmed = [(await sweep({"wc": ctx}))["trimmed"] for _ in range(4)]
+    assert trimmed == [5, 5, 2, 0], trimmed  # the third run had budget left: the fourth waits
+    assert await redis.zcard(TenantScope(tid).sessions_index()) == 0
