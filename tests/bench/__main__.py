@@ -92,6 +92,7 @@ def main() -> int:
     measurements: dict[str, Any] = {}
     try:
         run(stack, measurements, only)
+        measurements["redis_stalls"] = stack.redis_stalls()
     except BaseException:
         with open(args.out, "w") as f:  # what was measured before the failure
             json.dump({"machine": report.machine(), "incomplete": True, "measurements": measurements}, f, indent=2)
@@ -110,6 +111,8 @@ def main() -> int:
         json.dump(result, f, indent=2)
     print(report.table(rows))
     print(f"\n{result['machine']}; load: {result['load_tool']}; {result['duration_s']} s; JSON: {os.path.abspath(args.out)}")
+    print(f"Redis during the run (forks, AOF writes delayed by a slow fsync): {measurements.get('redis_stalls')}; "
+          f"its log and the processes' logs: {log_dir}")
     missed = [r.name for r in rows if r.met is False]
     if missed:
         print(f"targets missed: {len(missed)}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,16 @@ class Stack:
         self.r.set(FLOOR_KEY, "floor")
         return self
 
+    def redis_stalls(self) -> dict[str, Any]:
+        """What Redis itself did that can stall every client: forks (AOF rewrites) and AOF
+        writes that had to wait for a slow fsync (its log says "Asynchronous AOF fsync is taking
+        too long"): to read a run's latency outliers with."""
+        persistence, stats = self.r.info("persistence"), self.r.info("stats")
+        return {"aof_rewrites": int(persistence.get("aof_rewrites", 0) or 0),
+                "aof_delayed_fsync": int(persistence.get("aof_delayed_fsync", 0) or 0),
+                "total_forks": int(stats.get("total_forks", 0) or 0),
+                "latest_fork_usec": int(stats.get("latest_fork_usec", 0) or 0)}
+
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
@@ -100,6 +111,9 @@ class Stack:
         if self._r is not None:
             self._r.close()
         self.sandbox.stop()
+        log = os.path.join(self.redis_server.data_dir, "redis.log")
+        if os.path.exists(log):  # kept with the processes' logs (the data dir goes)
+            shutil.copy(log, os.path.join(self.log_dir, "redis.log"))
         self.redis_server.cleanup()
 
     @property
