@@ -3,9 +3,13 @@ client library normalises, and a walk over every route of the app."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
+import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,6 +17,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from broker.api.app import create_app
+from broker.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
 from broker.settings import Settings
 from tenants.apikeys import checksum
 
@@ -20,6 +25,30 @@ ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]*$")
 PUBLIC_PREFIXES = ("/healthz", "/readyz", "/metrics", "/schema")
 # well-formed ids that exist nowhere (a route answers 401 before it could look them up)
 PATH_VALUES = {"session_id": "ses_" + "A" * 22, "tenant_id": "ten_" + "B" * 22, "key_id": "key_" + "C" * 16}
+
+
+@contextlib.contextmanager
+def broker_logs(level: str = "DEBUG", library_level: str = "WARNING") -> Iterator[io.StringIO]:
+    """The broker's own logging setup (JSON, ``configure_logging``) writing into a buffer, to look
+    for secrets in every line; the logging configuration it changed is restored afterwards."""
+    root = logging.getLogger()
+    names = ("uvicorn.access", ARQ_WORKER_LOGGER, *CHATTY_LOGGERS)
+    handlers, root_level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in names}
+    arq_filters = logging.getLogger(ARQ_WORKER_LOGGER).filters[:]
+    buffer = io.StringIO()
+    configure_logging("json", level, library_level)
+    handler = root.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(buffer)
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        for name, saved in levels.items():
+            logging.getLogger(name).setLevel(saved)
+        logging.getLogger(ARQ_WORKER_LOGGER).filters[:] = arq_filters
 
 
 def unknown_key() -> str:

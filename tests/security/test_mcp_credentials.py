@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import secrets
 import subprocess
@@ -24,7 +23,6 @@ from cryptography.fernet import Fernet, InvalidToken
 from jsonschema import Draft202012Validator, ValidationError
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
 from broker.settings import Settings
 from tenants.crypto import generate_secret_key
 from tenants.scope import TenantScope, tenant_record
@@ -32,7 +30,7 @@ from tenants.session_secrets import REDACTED, SEALED_PREFIX
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, make_settings, tenant_client
 from workers.sandbox import SandboxServer
 
-from .support import assert_error, leaked_fragments, redis_dump
+from .support import assert_error, broker_logs, leaked_fragments, redis_dump
 
 
 class Creds:
@@ -109,23 +107,8 @@ def _cli_env(settings: Settings, keys: str | None = None) -> dict[str, str]:
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
     """The broker's logging (JSON, DEBUG, libraries at DEBUG too) into a buffer; restored after."""
-    root = logging.getLogger()
-    names = ("uvicorn.access", ARQ_WORKER_LOGGER, *CHATTY_LOGGERS)
-    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in names},
-             logging.getLogger(ARQ_WORKER_LOGGER).filters[:])
-    buffer = io.StringIO()
-    configure_logging("json", "DEBUG", "DEBUG")
-    handler = root.handlers[0]
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(buffer)
-    try:
+    with broker_logs("DEBUG", "DEBUG") as buffer:
         yield buffer
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
-        for name, level in saved[2].items():
-            logging.getLogger(name).setLevel(level)
-        logging.getLogger(ARQ_WORKER_LOGGER).filters[:] = saved[3]
 
 
 # ---- views -------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ the Avaturn frontend token may appear only in its own tenant's session answers.
 from __future__ import annotations
 
 import io
-import logging
 import re
 import secrets
 from collections.abc import Iterator
@@ -22,11 +21,10 @@ import pytest
 from prometheus_client import generate_latest
 
 from broker.embedded_redis import EmbeddedRedis, free_port
-from broker.logs import configure_logging
 from tests.fixtures.stack import ApiServer, WorkerThread, make_settings
 from workers.sandbox import SandboxServer, fingerprint
 
-from .support import leaked_fragments, redis_dump
+from .support import broker_logs, leaked_fragments, redis_dump
 
 EK = re.compile(r"ek_[A-Za-z0-9_\-]{8,}")
 
@@ -68,21 +66,8 @@ class Scenario:
 @pytest.fixture(scope="module")
 def log_buffer() -> Iterator[io.StringIO]:
     """The broker's own logging setup (JSON, DEBUG) writing into a buffer; restored afterwards."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    noisy = {name: logging.getLogger(name).level for name in ("uvicorn.access", "httpx", "httpcore")}
-    buffer = io.StringIO()
-    configure_logging("json", "DEBUG")
-    handler = root.handlers[0]
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(buffer)
-    try:
+    with broker_logs("DEBUG") as buffer:
         yield buffer
-    finally:
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        for name, level in noisy.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def _tenant(admin: httpx.Client, cap: Scenario, label: str, **body: Any) -> tuple[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,15 +24,6 @@ from workers.jobs.terminate import terminate_session
 from workers.metrics import WorkerMetrics
 
 TENANTS = ("tenant_a", "tenant_b")
-
-
-@pytest.fixture
-async def ctx(redis: aioredis.Redis, redis_url: str, sandbox: Any) -> AsyncIterator[WorkerContext]:
-    wc = WorkerContext.build(make_settings(redis_url, sandbox), WorkerMetrics())
-    try:
-        yield wc
-    finally:
-        await wc.close()
 
 
 async def seed_ready(ctx: WorkerContext, tenant_id: str, expires_at: int, ttl: int = 60) -> tuple[str, str]:

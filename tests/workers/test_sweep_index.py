@@ -8,7 +8,6 @@ retention is simply absent (Redis expired it), whatever its entry's score."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,15 +29,6 @@ RETENTION_MS = RETENTION_SECONDS * 1000
 def trim_on_every_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests look at the trim run by run: no 30 s between two trims of one worker."""
     monkeypatch.setattr(sweep_module, "INDEX_TRIM_EVERY_S", 0.0)
-
-
-@pytest.fixture
-async def ctx(redis: aioredis.Redis, redis_url: str, sandbox: Any) -> AsyncIterator[WorkerContext]:
-    wc = WorkerContext.build(make_settings(redis_url, sandbox), WorkerMetrics())
-    try:
-        yield wc
-    finally:
-        await wc.close()
 
 
 class Seeded:
