@@ -65,3 +65,67 @@ async def listen_invalidations(
                 await pubsub.aclose()
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 2.0)
+
+
+class InvalidationSubscription:
+    """One cache's side of :func:`listen_invalidations`: its listener task (start, wait, stop)
+    and the two things the cache checks before serving or storing an entry.
+
+    - ``listening``: entries may be served only while True (every channel confirmed);
+    - ``generation``: moved by every invalidation (:meth:`bump`) and every reset, so a cache
+      fill that raced one (read before it, stored after it) is not stored.
+
+    ``on_message(channel, data)`` drops what a message names; ``on_reset()`` drops everything
+    (on subscribing, and whenever the subscription is lost or stopped)."""
+
+    def __init__(self, redis: aioredis.Redis, channels: tuple[str, ...], *, on_message: Callable[[str, str], None],
+                 on_reset: Callable[[], None], name: str, log: logging.Logger) -> None:
+        self._redis = redis
+        self._channels = channels
+        self._on_message = on_message
+        self._on_reset = on_reset
+        self._name = name
+        self._log = log
+        self.listening = False
+        self.generation = 0
+        self.subscriptions = 0  # successful (re)subscriptions, for health checks and tests
+        self._subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def bump(self) -> None:
+        self.generation += 1
+
+    def start(self) -> None:
+        """Start the listener (the cache is bypassed until it is subscribed)."""
+        if self._task is None:
+            self._subscribed.clear()
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name=self._name)
+
+    async def wait_subscribed(self, timeout: float = 5.0) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        return self.listening
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._reset(listening=False)
+
+    def _reset(self, listening: bool) -> None:
+        self.generation += 1
+        self._on_reset()
+        self.listening = listening
+
+    def _subscribed_now(self) -> None:
+        self._reset(listening=True)
+        self.subscriptions += 1
+        self._subscribed.set()
+
+    async def _listen(self) -> None:
+        await listen_invalidations(
+            self._redis, self._channels, on_subscribed=self._subscribed_now, on_message=self._on_message,
+            on_lost=lambda: self._reset(listening=False), log=self._log,
+        )

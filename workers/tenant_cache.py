@@ -14,14 +14,12 @@ so it can never be served stale; a credential that does not decrypt is never cac
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
 import redis.asyncio as aioredis
 
-from tenants.invalidation import listen_invalidations
+from tenants.invalidation import InvalidationSubscription
 from tenants.models import Tenant
 from tenants.scope import TENANT_CHANGED_CHANNEL
 from tenants.service import TenantService
@@ -40,24 +38,28 @@ class TenantCache:
         self._max_entries = max_entries
         self._tenants: dict[str, tuple[Tenant, float]] = {}
         self._credentials: dict[tuple[str | None, str | None], Credentials] = {}
-        self._generation = 0
-        self._listening = False
-        self.subscriptions = 0  # successful (re)subscriptions, for tests
-        self._subscribed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._sub = InvalidationSubscription(
+            redis, (TENANT_CHANGED_CHANNEL,), on_message=lambda _channel, tenant_id: self.invalidate(tenant_id),
+            on_reset=self._tenants.clear, name="worker-tenant-invalidation", log=log,
+        )
 
     @property
     def listening(self) -> bool:
-        return self._listening
+        return self._sub.listening
+
+    @property
+    def subscriptions(self) -> int:
+        """Successful (re)subscriptions of the listener, for tests."""
+        return self._sub.subscriptions
 
     async def get(self, tenant_id: str) -> Tenant:
         """The tenant (cached while the listener is subscribed), or NotFound."""
-        cached = self._tenants.get(tenant_id) if self._listening else None
+        cached = self._tenants.get(tenant_id) if self._sub.listening else None
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        generation = self._generation
+        generation = self._sub.generation
         tenant = await self._service.get(tenant_id)
-        if self._listening and generation == self._generation:
+        if self._sub.listening and generation == self._sub.generation:
             if len(self._tenants) >= self._max_entries:
                 self._tenants.clear()
             self._tenants[tenant_id] = (tenant, time.monotonic() + self._ttl)
@@ -77,46 +79,20 @@ class TenantCache:
         return found
 
     def invalidate(self, tenant_id: str) -> None:
-        self._generation += 1
+        self._sub.bump()
         self._tenants.pop(tenant_id, None)
-
-    def _reset(self, listening: bool) -> None:
-        self._generation += 1
-        self._tenants.clear()
-        self._listening = listening
 
     def start(self) -> TenantCache:
         """Start the listener (the cache is bypassed until it is subscribed)."""
-        if self._task is None:
-            self._subscribed.clear()
-            self._task = asyncio.get_running_loop().create_task(self._listen(), name="worker-tenant-invalidation")
+        self._sub.start()
         return self
 
     async def wait_subscribed(self, timeout: float = 5.0) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), timeout)
-        return self._listening
+        return await self._sub.wait_subscribed(timeout)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._reset(listening=False)
+        await self._sub.stop()
         self._credentials.clear()
-
-    async def _listen(self) -> None:
-        await listen_invalidations(
-            self._redis, (TENANT_CHANGED_CHANNEL,),
-            on_subscribed=self._on_subscribed, on_message=lambda _channel, tenant_id: self.invalidate(tenant_id),
-            on_lost=lambda: self._reset(listening=False), log=log,
-        )
-
-    def _on_subscribed(self) -> None:
-        self._reset(listening=True)
-        self.subscriptions += 1
-        self._subscribed.set()
 
 
 __all__ = ["TenantCache"]
