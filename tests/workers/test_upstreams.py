@@ -396,3 +396,51 @@ def test_sanitize_and_retry_after() -> None:
     assert parse_retry_after({"retry-after": "2"}) == 2.0
     assert parse_retry_after({"retry-after": "Thu, 01 Jan 2026 00:00:10 GMT"}, now=1767225600.0) == 10.0
     assert parse_retry_after({"retry-after": "soon"}) is None and parse_retry_after({}) is None
+
+
+# -- no state shared between tenants through the pool ------------------------------------------
+
+
+async def test_no_cookie_crosses_tenants() -> None:
+    """Invariant: one tenant's upstream answer never changes what goes out with another's request.
+
+    Both clients are shared by every tenant, and OpenAI's edge sets cookies (Cloudflare's
+    ``__cf_bm``/``_cfuvid``) on API answers. A server here sets one on every answer and records
+    the Cookie header of each request; ``localhost`` (not an IP) so that aiohttp's own jar, which
+    skips IP hosts, would store it too."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        if request.path.endswith("/client_secrets"):
+            body: dict[str, Any] = {"value": f"ek_cookie_test_{len(seen)}", "expires_at": 2_000_000_000,
+                                    "session": SESSION}
+        else:
+            body = {"session_id": f"s{len(seen)}", "token": "frontend-token"}
+        response = web.json_response(body)
+        response.set_cookie("__cf_bm", f"edge-{len(seen)}", path="/", httponly=True)
+        response.headers.add("Set-Cookie", f"_cfuvid=visitor-{len(seen)}; Path=/; Domain=localhost")
+        return response
+
+    app = web.Application()
+    app.router.add_route("POST", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    minter = OpenAIMinter(f"http://localhost:{port}/v1", 5.0)
+    avaturn = AvaturnClient(f"http://localhost:{port}/api/v1", 5.0)
+    try:
+        for key in (KEY, KEY_B, KEY):
+            await minter.mint(key, SESSION, 60)
+        for key in (AV_KEY, "av-project-key-b", AV_KEY):
+            await avaturn.create_session(key, "ek_x", avatar_id="a", background="default",
+                                         user_absent_timeout=30, max_duration=60)
+    finally:
+        await minter.aclose()
+        await avaturn.aclose()
+        await runner.cleanup()
+    assert len(seen) == 6
+    assert seen == [None] * 6, seen

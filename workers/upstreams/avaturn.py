@@ -1,7 +1,7 @@
 """Avaturn: create and end live avatar sessions (``POST``/``DELETE {base}/sessions``).
 
-One shared ``httpx.AsyncClient`` on ``httpx_aiohttp.AiohttpTransport`` (aiohttp's pool is far
-faster than httpx's own under concurrency), explicit timeouts, the project API key per request.
+One shared ``httpx.AsyncClient`` on ``httpx_aiohttp.AiohttpTransport`` with no cookies (see
+:mod:`workers.upstreams.http`), explicit timeouts, the project API key per request.
 Create has no idempotency upstream: a timeout or dropped connection after the request was sent
 surfaces as ``UpstreamUnavailable(maybe_applied=True)`` so the caller can avoid a blind second
 billed session. Error bodies are never passed on (FastAPI's 422 can echo the input, secret
@@ -27,6 +27,7 @@ from workers.upstreams.errors import (
     transient_status_error,
     transport_error,
 )
+from workers.upstreams.http import aiohttp_session_factory, no_cookie_jar
 
 UPSTREAM = "avaturn"
 _LOC_PART = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -89,11 +90,11 @@ class AvaturnClient:
     def __init__(self, base_url: str, timeout: float, max_connections: int = 1000) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits),
+            transport=AiohttpTransport(client=aiohttp_session_factory(max_connections, httpx.create_ssl_context())),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
+            cookies=no_cookie_jar(),
         )
 
     def __repr__(self) -> str:

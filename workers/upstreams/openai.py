@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any, cast
 
 import aiohttp
+import httpx
 import msgspec
 import openai.resources.realtime.realtime  # noqa: F401 - the SDK imports it lazily: at startup, not in the first job
 from openai import (
@@ -28,6 +29,7 @@ from openai import (
     DefaultAioHttpClient,
     OpenAIError,
 )
+from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own transport for DefaultAioHttpClient
 
 from workers.upstreams.errors import (
     UpstreamError,
@@ -39,8 +41,10 @@ from workers.upstreams.errors import (
     transient_status_error,
     transport_error,
 )
+from workers.upstreams.http import aiohttp_session_factory, no_cookie_jar
 
 UPSTREAM = "openai"
+MAX_CONNECTIONS = 1000  # the SDK's default for its aiohttp client
 _PARAM = re.compile(r"^[A-Za-z0-9_.\[\]]{1,120}$")
 _REJECTED = {
     401: ("openai_invalid_api_key", "OpenAI rejected the API key configured for this tenant."),
@@ -99,7 +103,12 @@ class OpenAIMinter:
         self.timeout = timeout
         self.max_clients = max_clients
         self.clients_created = 0
-        self._http = DefaultAioHttpClient(timeout=timeout)
+        # the SDK's aiohttp client and transport, with the pool they would build (1,000
+        # connections) but no cookies (see workers.upstreams.http)
+        self._http = DefaultAioHttpClient(
+            timeout=timeout, cookies=no_cookie_jar(),
+            transport=AiohttpTransport(client=aiohttp_session_factory(MAX_CONNECTIONS, httpx.create_ssl_context())),
+        )
         self._clients: OrderedDict[str, AsyncOpenAI] = OrderedDict()
 
     def __repr__(self) -> str:
