@@ -242,9 +242,31 @@ class RedisMux:
 async def evalsha(execute: Execute, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
     """``script(keys=..., args=...)`` sent with ``execute`` (a client's ``execute_command`` or
     :meth:`RedisMux.execute`), without redis-py's layers around EVALSHA (argument copies, a
-    deprecation-check wrapper, an import per call); a server that does not know the script yet
-    (restarted, flushed) gets it loaded by redis-py's own call."""
+    deprecation-check wrapper, an import per call).
+
+    A server that does not know the script (a fresh worker's first jobs, a restarted or flushed
+    Redis) gets it loaded once per process, however many callers met the NOSCRIPT together: each
+    used to load it through redis-py's own call, so the hundreds of admissions or jobs in flight
+    after a Redis restart each sent a SCRIPT LOAD, and each took a pool connection to do so."""
     try:
         return await execute("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
+        await _load_once(script)
+    try:
+        return await execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:  # flushed again in between: redis-py's call loads it and runs it
         return await script(keys=keys, args=args)
+
+
+_loads: dict[tuple[str, int], asyncio.Future[Any]] = {}  # (sha, client) -> the load in flight
+
+
+async def _load_once(script: AsyncScript) -> None:
+    """Load ``script`` into its client's server; callers that arrive while a load is in flight
+    wait for that one (a failed load fails them all, like their own would have)."""
+    key = (script.sha, id(script.registered_client))
+    load = _loads.get(key)
+    if load is None or load.get_loop() is not asyncio.get_running_loop():
+        load = _loads[key] = asyncio.ensure_future(script.registered_client.script_load(script.script))
+        load.add_done_callback(lambda done: _loads.pop(key, None) if _loads.get(key) is done else None)
+    await asyncio.shield(load)

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -147,3 +148,30 @@ async def test_a_closed_mux_refuses_commands(redis: aioredis.Redis) -> None:
     await mux.aclose()
     with pytest.raises(RedisConnectionError):
         await asyncio.wait_for(mux.execute("PING"), 2)
+
+
+async def test_a_script_unknown_to_redis_is_loaded_once_for_all_the_callers_that_met_it(
+    redis: aioredis.Redis, mux: RedisMux
+) -> None:
+    """Invariant: 300 concurrent calls of a script Redis does not know (fresh process, restarted or
+    flushed Redis) all get their own result, with one SCRIPT LOAD between them and no extra
+    pool connection; a flush later is handled again the same way."""
+    from broker.redis_mux import evalsha
+
+    script = redis.register_script("return {KEYS[1], tonumber(ARGV[1]) * 2}")
+    await mux.execute("PING")  # the mux's own connection is made on first use
+
+    async def burst() -> tuple[list[Any], int, int]:
+        await redis.script_flush()
+        loads = (await redis.info("commandstats")).get("cmdstat_script", {}).get("calls", 0)
+        clients = await _clients(redis)
+        out = await asyncio.gather(*(evalsha(mux.execute, script, [f"k{i}"], [i]) for i in range(300)))
+        stats = await redis.info("commandstats")
+        # SCRIPT FLUSH and the two INFO calls are not loads; CLIENT LIST is not a SCRIPT command
+        return out, stats["cmdstat_script"]["calls"] - loads, await _clients(redis) - clients
+
+    for _ in range(2):
+        out, loads, new_clients = await burst()
+        assert out == [[f"k{i}".encode(), 2 * i] for i in range(300)]
+        assert loads == 1
+        assert new_clients == 0
