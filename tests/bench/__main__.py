@@ -60,12 +60,15 @@ def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
         m["direct_800ms_c200"] = scenarios.direct_pattern(stack, 300, 500, total=2000, concurrency=200)
         stack.stop_proc("baseline_b")
 
+    if "worker" in want:
+        _step("the upstream calls alone (CPU), before the drain")
+        calls_before = scenarios.upstream_cpu(stack, 3000, 500)
     if want & {"worker", "terminations"}:
         _step("one worker draining 3000 sessions at 300 + 500 ms")
         m["worker_throughput"] = scenarios.worker_throughput(stack, stack.tenant("bench-worker"), 3000)
     if "worker" in want:
-        _step("the same upstream calls alone (CPU)")
-        m["upstream_cpu"] = scenarios.upstream_cpu(stack, 3000, 500)
+        _step("the upstream calls alone (CPU), after the drain")
+        m["upstream_cpu"] = scenarios.upstream_cpu_both(calls_before, scenarios.upstream_cpu(stack, 3000, 500))
     if "terminations" in want:
         _step(f"{TERMINATIONS} sessions expiring within {WINDOW_S:.0f} s")
         rate = m["worker_throughput"]["sessions_per_s"]
