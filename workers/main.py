@@ -136,10 +136,13 @@ def build_worker(
         ctx["expiry"] = ExpiryLoop(ctx["wc"]).start()  # ends due sessions (workers/expiry.py)
         ctx["claims"] = ctx["expiry"].claims           # the stop jobs claim through the same script
         ctx["keeper"] = ctx["expiry"].keeper           # and their claims are renewed with the loop's
+        mux = ctx["wc"].mux
+        ctx["arq_worker"].script_execute = mux.execute if mux else None  # the claim and finish scripts too
         if gc_thresholds is not None:
             tune_gc(gc_thresholds)  # everything alive now (modules, SDK, clients) out of the collector's way
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        ctx["arq_worker"].script_execute = None  # the pool again: the mux closes with the context
         for name in ("heartbeat", "shared_gauges"):
             task = ctx.get(name)
             if task:

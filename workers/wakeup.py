@@ -40,6 +40,7 @@ from arq.jobs import serialize_result
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
 
+from broker.redis_mux import Execute, evalsha
 from broker.sessions.jobs import WAKE_CAP, WAKE_LIST, JobFinish
 
 from .arq_run import PrefetchedRunMixin
@@ -131,6 +132,9 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
         self._slot_freed = asyncio.Event()
         self._finished_inline: set[str] = set()  # jobs whose finish a job's own script already made
         self.ctx["arq_worker"] = self  # for inline_finish (the jobs' ctx is a copy of self.ctx)
+        # How the claim and finish scripts are sent: the jobs' pipelined connection once the
+        # worker's context has one (set in on_startup, cleared in on_shutdown), else the pool.
+        self.script_execute: Execute | None = None
 
     async def _poll_iteration(self) -> None:
         if self.burst:
@@ -149,10 +153,10 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
         if self._claim_script is None:
             self._claim_script = self.pool.register_script(CLAIM)
         room = self.max_jobs - self.job_counter
-        reply = await self._claim_script(
-            keys=[self.queue_name],
-            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, self.queue_read_limit,
-                  in_progress_key_prefix, "" if self.allow_abort_jobs else job_key_prefix, retry_key_prefix],
+        reply = await evalsha(
+            self.script_execute or self.pool.execute_command, self._claim_script, [self.queue_name],
+            [timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, self.queue_read_limit,
+             in_progress_key_prefix, "" if self.allow_abort_jobs else job_key_prefix, retry_key_prefix],
         )
         for i in range(1, len(reply), 4):
             job_id, score = _text(reply[i]), int(float(reply[i + 1]))
@@ -264,10 +268,11 @@ class WakeupWorker(PrefetchedRunMixin, Worker):
         if self._finish_script is None:
             self._finish_script = self.pool.register_script(FINISH)
         ttl = "" if keep_result_forever or result_timeout_s is None else to_ms(result_timeout_s)
-        await self._finish_script(
-            keys=[in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id,
-                  result_key_prefix + job_id, self.queue_name, abort_jobs_ss, WAKE_LIST],
-            args=[job_id, "1" if finish else "", result_data or "", ttl, incr_score or "",
-                  "" if keep_in_progress is None else to_ms(keep_in_progress), WAKE_CAP],
+        await evalsha(
+            self.script_execute or self.pool.execute_command, self._finish_script,
+            [in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id,
+             result_key_prefix + job_id, self.queue_name, abort_jobs_ss, WAKE_LIST],
+            [job_id, "1" if finish else "", result_data or "", ttl, incr_score or "",
+             "" if keep_in_progress is None else to_ms(keep_in_progress), WAKE_CAP],
         )
 

@@ -29,7 +29,7 @@ def restore_gc() -> Iterator[None]:
 
 async def _start_and_stop(settings: Settings, **kwargs: Any) -> None:
     worker = worker_main.build_worker(settings, WorkerMetrics(), Health(), handle_signals=False, **kwargs)
-    ctx: dict[str, Any] = {}
+    ctx = worker.ctx  # what arq passes
     await worker.on_startup(ctx)
     try:
         await asyncio.sleep(0)

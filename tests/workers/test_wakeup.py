@@ -28,6 +28,7 @@ from broker.sessions.jobs import (
     job_deserializer,
     job_serializer,
 )
+from broker.redis_mux import RedisMux
 from workers.wakeup import WakeupWorker
 
 FALLBACK_S = 5.0
@@ -45,13 +46,23 @@ class Runs:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(redis_url: str, job: Job, *, max_jobs: int = 100,
-                         fallback: float = FALLBACK_S) -> AsyncIterator[WakeupWorker]:
+async def running_worker(redis_url: str, job: Job, *, max_jobs: int = 100, fallback: float = FALLBACK_S,
+                         via_mux: bool = False) -> AsyncIterator[WakeupWorker]:
+    """``via_mux``: the claim and finish scripts go over a pipelined connection, as in the worker
+    process (``workers.main``'s on_startup), instead of arq's pool."""
     pool = ArqRedis.from_url(redis_url)
     pool.job_serializer, pool.job_deserializer, pool.default_queue_name = job_serializer, job_deserializer, QUEUE_NAME
     worker = WakeupWorker(functions=[func(job, name=PROVISION), func(job, name=TERMINATE)], redis_pool=pool, queue_name=QUEUE_NAME,
                           poll_delay=fallback, max_jobs=max_jobs, handle_signals=False, keep_result=5,
                           job_serializer=job_serializer, job_deserializer=job_deserializer)
+    mux = RedisMux(aioredis.Redis.from_url(redis_url)) if via_mux else None
+    sent: list[Any] = []
+    if mux is not None:
+        def execute(*args: Any) -> Any:
+            sent.append(args[1])  # the script's sha
+            return mux.execute(*args)
+        worker.script_execute = execute
+    worker.mux_sent = sent  # type: ignore[attr-defined]
     task = asyncio.create_task(worker.async_run())
     await asyncio.sleep(0.3)  # the first iteration has run: the worker is blocked on the wake-up list
     try:
@@ -64,6 +75,8 @@ async def running_worker(redis_url: str, job: Job, *, max_jobs: int = 100,
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await worker.close()
+        if mux is not None:
+            await mux.aclose()
 
 
 @pytest.fixture
@@ -148,7 +161,8 @@ async def test_jobs_due_a_millisecond_apart_all_start_on_time(redis_url: str, qu
     assert max(late) < 0.3 and min(late) > -0.01, (min(late), max(late))
 
 
-async def test_a_retried_job_runs_again_after_its_delay(redis_url: str, queue: JobQueue) -> None:
+@pytest.mark.parametrize("via_mux", [False, True], ids=["pool", "mux"])
+async def test_a_retried_job_runs_again_after_its_delay(redis_url: str, queue: JobQueue, via_mux: bool) -> None:
     """Invariant: Retry(defer=0.3) re-runs the job about 0.3 s later, not at the fallback poll."""
     runs = Runs()
 
@@ -157,14 +171,17 @@ async def test_a_retried_job_runs_again_after_its_delay(redis_url: str, queue: J
         if ctx["job_try"] == 1:
             raise Retry(defer=0.3)
 
-    async with running_worker(redis_url, job):
+    async with running_worker(redis_url, job, via_mux=via_mux) as worker:
         assert await queue.provision("ten_a", "ses_retry")
         await _until(lambda: len(runs.started.get("ses_retry", [])) == 2, FALLBACK_S)
+        # arq's finish of the first try (re-queued with a delay) went over it too
+        assert (worker._finish_script is not None and worker._finish_script.sha in worker.mux_sent) == via_mux  # type: ignore[attr-defined]
         first, second = runs.started["ses_retry"]
         assert 0.29 <= second - first < 0.8, second - first
 
 
-async def test_two_workers_never_run_a_job_twice(redis_url: str, queue: JobQueue) -> None:
+@pytest.mark.parametrize("via_mux", [False, True], ids=["pool", "mux"])
+async def test_two_workers_never_run_a_job_twice(redis_url: str, queue: JobQueue, via_mux: bool) -> None:
     """Invariant: with two workers claiming from one queue, each of 300 jobs runs exactly once."""
     runs = Runs()
 
@@ -172,11 +189,14 @@ async def test_two_workers_never_run_a_job_twice(redis_url: str, queue: JobQueue
         runs.record(session_id)
         await asyncio.sleep(0.01)
 
-    async with running_worker(redis_url, job, max_jobs=20), running_worker(redis_url, job, max_jobs=20):
+    async with running_worker(redis_url, job, max_jobs=20, via_mux=via_mux), \
+            running_worker(redis_url, job, max_jobs=20, via_mux=via_mux) as second:
         await asyncio.gather(*(queue.provision("ten_a", f"ses_{i}") for i in range(300)))
         await _until(lambda: len(runs.started) == 300, 20)
         await asyncio.sleep(0.3)
     assert sorted(len(v) for v in runs.started.values()) == [1] * 300
+    claims = second.mux_sent.count(second._claim_script.sha if second._claim_script else None)  # type: ignore[attr-defined]
+    assert (claims > 0) == via_mux  # the claims went over the pipelined connection when it is set
 
 
 async def test_a_full_worker_leaves_the_wakeup_to_an_idle_one(redis_url: str, queue: JobQueue) -> None:
