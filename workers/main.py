@@ -42,7 +42,7 @@ SWEEP_EVERY_S = 2
 # defaults ran 85-95 middle collections and 7-8 full ones (up to 53 ms each), 630-930 ms of GC in
 # all; these ran 10 middle ones (35 ms at most) and no full one, 460 ms. Young collections stay
 # as frequent (pauses under 5 ms); garbage cycles wait longer for the older collections, whose
-# triggers are counts of young ones, so under load they still run every few seconds.
+# triggers are counts of young ones (in the drain the middle ones still ran about once a second).
 GC_THRESHOLDS = (700, 100, 100)
 HEALTH_STALE_S = 15
 # Redis unreachable (restart, failover): the poll loop pauses this long and tries again; a
