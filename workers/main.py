@@ -143,10 +143,12 @@ def build_worker(
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         ctx["arq_worker"].script_execute = None  # the pool again: the mux closes with the context
-        for name in ("heartbeat", "shared_gauges"):
-            task = ctx.get(name)
-            if task:
-                task.cancel()
+        # cancelled and waited for: one cut off inside a pipeline must leave it (and give its
+        # connection back) before the clients close, or the pipeline is left holding it
+        background = [task for task in (ctx.get("heartbeat"), ctx.get("shared_gauges")) if task]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if ctx.get("expiry"):
             await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
         wc: WorkerContext | None = ctx.get("wc")
