@@ -195,7 +195,14 @@ class SessionService:
     # ---- stop -----------------------------------------------------------------------------
 
     async def stop(self, tenant_id: str, session_id: str, reason: str = "requested") -> SessionRecord:
-        """Never limited by quota. Idempotent: a terminal session is returned as it is."""
+        """Never limited by quota. Idempotent: a terminal session is returned as it is.
+
+        The answer is the record read before the stop job is enqueued: once it is, an idle
+        worker can end the session within a millisecond (0 ms upstream), and a read after that
+        turned this call's answer into "already terminated" (200) for a session it had just
+        moved to ``terminating`` (202, CONTRACT.md). The expiry loop takes a stop only
+        ``STOP_GRACE_MS`` after it, so before the read only a provisioning job already running
+        can end it (when its own step sees the stop): that session is then reported as it is."""
         rec = await self.get(tenant_id, session_id)
         if rec.status in ("terminated", "failed"):
             return rec
@@ -210,8 +217,10 @@ class SessionService:
                 fields={"termination_reason": reason, "terminating_at": now},
                 publish=True,
             )
-        await self.queue.terminate(tenant_id, session_id, tag="stop")
-        return await self.get(tenant_id, session_id)
+        current = await self.get(tenant_id, session_id)
+        if current.live:
+            await self.queue.terminate(tenant_id, session_id, tag="stop")
+        return current
 
     async def stop_all(self, tenant_id: str, reason: str) -> int:
         count = 0
