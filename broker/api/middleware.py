@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.logs import bind_log_context, reset_log_context
@@ -31,6 +32,7 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
     only for answers >= 400, ``off`` none (metrics count every request regardless)."""
     observe = metrics.request_observer()
     min_status = {"all": 0, "errors": 400}.get(access, 1000)
+    allow = _allow_headers(app)
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,6 +52,11 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
                 status = message["status"]
                 headers: list[Any] = list(message.get("headers", []))
                 headers.append(request_id_header)
+                if status == 204 and scope["method"] == "OPTIONS":
+                    allowed = allow.get(scope.get("path_template", ""))  # type: ignore[call-overload]
+                    if allowed is not None:
+                        headers = [h for h in headers if h[0].lower() != b"allow"]
+                        headers.append((b"allow", allowed))
                 message["headers"] = headers  # type: ignore[typeddict-unknown-key]
             await send(message)
 
@@ -67,6 +74,15 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
             reset_log_context(token)
 
     return wrapped
+
+
+def _allow_headers(app: ASGIApp) -> dict[str, bytes]:
+    """``Allow`` of each route (by path template): every method its handlers serve. Litestar's
+    own OPTIONS handler lists only the methods of the first handler registered on a path (the
+    route is rebuilt when a second one is added, its OPTIONS handler is not), so an OPTIONS of
+    /v1/sessions said "OPTIONS, POST", without GET; the answer is corrected on its way out."""
+    routes = getattr(app, "routes", ())
+    return {r.path_format: ", ".join(sorted(r.methods)).encode() for r in routes if isinstance(r, HTTPRoute)}
 
 
 _template: dict[str, Any] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, get
+from litestar import MediaType, Response, get
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,7 +30,10 @@ async def readyz(state: State) -> Response[Any]:
 
 @get("/metrics", include_in_schema=False)
 async def metrics(state: State) -> Response[bytes]:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # as bytes with the whole content type in the header: Litestar adds "; charset=utf-8" to a
+    # text/* media type that already carries one (it said charset=utf-8 twice)
+    body = generate_latest(state.metrics.registry)
+    return Response(body, media_type=MediaType.TEXT, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
 ops_handlers = [healthz, readyz, metrics]
