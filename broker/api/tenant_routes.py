@@ -22,6 +22,7 @@ from tenants.usage import usage as read_usage
 
 from .body import read_json
 from .answer import json_answer
+from .middleware import CLIENT_GONE
 from .deps import TENANT_SCOPE_KEY, authenticate_tenant, provide_tenant, raw_header
 from .ratelimit import ratelimit_header_items, ratelimit_headers
 
@@ -91,7 +92,10 @@ async def create_session(request: Request) -> ASGIApp:
         _check_characters(req)
         rec, outcome = await state.sessions.create(tenant, req, body=body, idempotency_key=idem)
     except Exception as exc:
-        metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
+        if scope.get(CLIENT_GONE):  # type: ignore[misc] # left mid-body: not an error of the broker
+            metrics.count_admission(tenant.id, "abandoned", "client_disconnected")
+        else:
+            metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
         raise
     admitted = isinstance(outcome, Admitted)
     metrics.admission_result(tenant.id, replayed=not admitted)
