@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     secrets_ = sub.add_parser("secrets", help="BROKER_SECRET_KEY helpers")
     ssub = secrets_.add_subparsers(dest="secrets_command", required=True)
     ssub.add_parser("generate", help="print a new key for BROKER_SECRET_KEY")
-    ssub.add_parser("rotate", help="re-encrypt every tenant credential with the first BROKER_SECRET_KEY key")
+    ssub.add_parser(
+        "rotate", help="re-encrypt every tenant credential with the first BROKER_SECRET_KEY key: all or "
+        "nothing, one line per tenant; exit 0 done, 1 nothing written (a credential no key decrypts), 2 error",
+    )
 
     from .cli_tenants import add_tenant_commands
 
@@ -98,15 +101,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         settings.require_secret_key()
         from .cli_tenants import rotate_secrets
-        from .errors import BrokerError
 
-        try:
-            count = asyncio.run(rotate_secrets(settings))
-        except BrokerError as exc:
-            print(f"session-broker: {exc.code}: {exc.message}", file=sys.stderr)
-            return 1
-        print(f"re-encrypted credentials of {count} tenant(s)")
-        return 0
+        return rotate_secrets(settings)
     from .cli_tenants import run_tenant_command
 
     return run_tenant_command(args, settings)
