@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--admin-port", type=int, default=None,
                      help="serve the admin API on this port only (not on --port)")
+    api.add_argument("--metrics-port", type=int, default=None,
+                     help="serve /metrics (and /healthz) on this port; never on --port")
+    api.add_argument("--metrics-host", default=None, help="address of --metrics-port (default: --host)")
 
     worker = sub.add_parser("worker", help="run one arq worker process")
     worker.add_argument("--metrics-port", type=int, default=None)
@@ -74,7 +77,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_secret_key()
         from .serve import serve_api
 
-        serve_api(settings, args.host, args.port, admin_port=args.admin_port)
+        serve_api(settings, args.host, args.port, admin_port=args.admin_port, metrics_port=args.metrics_port,
+                  metrics_host=args.metrics_host)
         return 0
     if cmd == "worker":
         settings.require_secret_key()

@@ -1,4 +1,6 @@
-"""Public operational routes: liveness, readiness, metrics. No authentication."""
+"""Operational routes, no authentication: liveness and readiness (on every port of the API),
+and the Prometheus metrics, served only on the operators' ``--metrics-port`` (they name the
+busiest tenants and their counts: the public tenant port answers 404 for /metrics)."""
 
 from __future__ import annotations
 
@@ -36,4 +38,5 @@ async def metrics(state: State) -> Response[bytes]:
     return Response(body, media_type=MediaType.TEXT, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
-ops_handlers = [healthz, readyz, metrics]
+ops_handlers = [healthz, readyz]
+metrics_handlers = [metrics]
