@@ -107,3 +107,35 @@ def test_an_admin_key_not_after_beyond_the_calendar_is_a_400(api, admin: Admin) 
         r = admin.http.post(f"/admin/v1/tenants/{tenant['id']}/keys", json={"not_after": value})
         assert r.status_code == 400, (value, r.status_code, r.text)
         assert r.json()["error"]["field"] == "not_after"
+
+
+def test_random_cursors_are_400s_never_500s(api, admin: Admin) -> None:
+    """Invariant: 300 random cursors (random bytes base64url-encoded, random printable text,
+    valid-looking cursors with one byte changed) each answer 400 naming ``cursor`` (or 200 for
+    the rare one that is well-formed), never a 5xx."""
+    import random
+    import re
+
+    well_formed = re.compile(rb"[0-9]{1,16}\|ses_[A-Za-z0-9]{1,60}")
+    rng = random.Random(17)
+    _, key = admin.tenant("acme")
+    cursors: list[tuple[str, bool]] = []
+    for i in range(300):
+        kind = i % 3
+        if kind == 0:
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+            cursors.append((_b64(raw), bool(well_formed.fullmatch(raw))))
+        elif kind == 1:
+            text = "".join(chr(rng.randrange(32, 0x250)) for _ in range(rng.randrange(1, 30)))
+            cursors.append((text, False))
+        else:
+            raw = bytearray(b"%d|" % rng.randrange(10**13) + SID)
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+            cursors.append((_b64(bytes(raw)), bool(well_formed.fullmatch(bytes(raw)))))
+    with tenant_client(api.url, key) as c:
+        for cursor, ok in cursors:
+            r = c.get("/v1/sessions", params={"cursor": cursor})
+            if ok:
+                assert r.status_code == 200, (cursor, r.text)
+            else:
+                assert r.status_code == 400 and r.json()["error"]["field"] == "cursor", (cursor, r.status_code, r.text)
