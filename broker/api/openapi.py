@@ -209,7 +209,7 @@ _REASONS_BY_STATUS = {
     400: "Invalid input; `error.field` names the field.", 401: "Missing, unknown, revoked or expired credential.",
     403: "The tenant is disabled.", 404: "Not found (another tenant's id answers exactly like an unknown one).",
     409: "A request with this Idempotency-Key is still being admitted.", 413: "The body is larger than 64 KiB.",
-    415: "The body is not JSON.", 422: "The Idempotency-Key was used with another body.",
+    415: "The body is not JSON, or its Content-Type names a charset other than UTF-8.", 422: "The Idempotency-Key was used with another body.",
     429: "A quota is exhausted; the body states the limit and the current usage.",
     503: "Redis is unreachable; retry after Retry-After.",
 }
