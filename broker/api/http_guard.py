@@ -106,6 +106,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if phase == _HEADERS and self._guard_timer is None:
             self._guard_arm(self.header_timeout)   # headers incomplete after this read
         elif phase == _BODY:
+            if self.transport.get_protocol() is not self:  # upgraded (WebSocket): no longer an HTTP body
+                self._guard_phase = _CLOSED
+                self._guard_cancel()
+                return
             self._guard_arm(self.body_timeout)     # body incomplete after this read: (re)start its clock
 
     # ---- httptools parser callbacks --------------------------------------------------------

@@ -22,13 +22,13 @@ from tenants.usage import usage as read_usage
 
 from .body import read_json
 from .answer import json_answer
-from .middleware import CLIENT_GONE
 from .deps import TENANT_SCOPE_KEY, authenticate_tenant, provide_tenant, raw_header
+from .middleware import CLIENT_GONE
 from .ratelimit import ratelimit_header_items, ratelimit_headers
 
 MAX_WAIT = 30.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 controls, DEL, C1 controls
 # what a query number may look like (JSON's grammar): no "1_0", " 1", "nan", "inf" (Python's float/int accept them)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0 controls, DEL, C1 controls
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
