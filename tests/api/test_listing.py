@@ -139,3 +139,16 @@ def test_random_cursors_are_400s_never_500s(api, admin: Admin) -> None:
                 assert r.status_code == 200, (cursor, r.text)
             else:
                 assert r.status_code == 400 and r.json()["error"]["field"] == "cursor", (cursor, r.status_code, r.text)
+
+
+def test_crafted_admin_tenant_cursors_are_never_500s(api, admin: Admin) -> None:
+    """Invariant: the admin tenant listing's cursor, crafted the same ways, is a 400 naming
+    ``cursor`` or a page (a well-formed position), never a 5xx."""
+    admin.tenant("acme")
+    for raw in (b"1_0:x", b"5 :x", "\u0663:x".encode(), b"5\n:x", b"9" * 40 + b":ten_x", b"-5:ten_x", b"nan:x",
+                b"inf:x", b"5:", b":x", b"\xff:x", b"5:ten_\x00"):
+        for cursor in (_b64(raw), base64.urlsafe_b64encode(raw).decode(), "!!" + _b64(raw)):
+            r = admin.http.get("/admin/v1/tenants", params={"cursor": cursor})
+            assert r.status_code in (200, 400), (raw, cursor, r.status_code, r.text)
+            if r.status_code == 400:
+                assert r.json()["error"]["field"] == "cursor"
