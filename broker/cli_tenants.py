@@ -200,6 +200,8 @@ def run_tenant_command(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:  # e.g. a Sentinel set-up with a unix:// BROKER_REDIS_URL
         print(f"session-broker: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout closed early (`... | head`): Redis errors never surface as this
+        return 1
     except UNREACHABLE_ERRORS as exc:  # OSError included: a file apply cannot read says so below
         if isinstance(exc, OSError) and exc.filename is not None:
             print(f"session-broker: {exc.filename}: {exc.strerror}", file=sys.stderr)

@@ -4,6 +4,7 @@ and the worker while it waits for Redis."""
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
@@ -38,6 +39,14 @@ def where(settings: Settings) -> str:
 
 def reason(exc: BaseException) -> str:
     """A short cause: ``Connection refused`` rather than redis-py's multi-part message."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # the socket error redis-py wrapped, if any: its strerror is the short cause
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and (seen.strerror or seen.errno):
+            # asyncio's "Connect call failed (...)" says less than the errno's own text
+            return os.strerror(seen.errno) if seen.errno and seen.errno > 0 else str(seen.strerror)
+        seen = seen.__cause__ or seen.__context__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     # redis-py: "Error 111 connecting to 127.0.0.1:1. Connection refused."
     if "connecting to" in text and ". " in text:
