@@ -4,6 +4,7 @@ handlers through ``app.state``. ``asgi_app(settings)`` adds the outermost metric
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from broker.metrics import ApiMetrics
+from broker.redis_check import ping, unreachable_line
 from broker.redis_client import create_redis
 from broker.redis_mux import RedisMux
 from broker.sessions.events import SessionEvents
@@ -34,6 +36,7 @@ from .tenant_routes import tenant_router
 MAX_BODY = 64 * 1024
 ALL_SURFACES = ("tenant", "admin", "ops")
 SCHEMA_PATH = "/schema"
+log = logging.getLogger("broker.api")
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -72,7 +75,12 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
                 cipher=cipher,
             ),
         )
-        await auth.start()
+        # issue 18: Redis down at start is one line, and no 5 s wait for the subscription that cannot come
+        redis_down = await ping(redis)
+        if redis_down is not None:
+            log.warning(unreachable_line(settings, redis_down, hint=(
+                "the API starts anyway and answers 503 redis_unavailable until Redis is back; check BROKER_REDIS_URL")))
+        await auth.start(ready_timeout=0.0 if redis_down else 5.0)
         await events.start()
         try:
             yield
