@@ -26,6 +26,7 @@ from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
 from .admin_routes import admin_router
+from .docs_viewer import assets_router, render_plugins
 from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
 from .openapi import document_openapi
@@ -46,7 +47,8 @@ def openapi_config() -> OpenAPIConfig:
     the contract's JSON shape. The plugin registers its handlers on this router as it would on
     its default one (same path, not in the schema)."""
     router = Router(SCHEMA_PATH, route_handlers=[], include_in_schema=False, after_request=docs_error_hook)
-    return OpenAPIConfig(title="Session Broker", version="1.0.0", path=SCHEMA_PATH, openapi_router=router)
+    return OpenAPIConfig(title="Session Broker", version="1.0.0", path=SCHEMA_PATH, openapi_router=router,
+                         render_plugins=render_plugins(SCHEMA_PATH))  # one viewer, served offline: docs_viewer.py
 
 
 def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Litestar:
@@ -90,7 +92,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
             await mux.aclose()
             await redis.aclose()
 
-    handlers: list[object] = []
+    handlers: list[object] = [assets_router(SCHEMA_PATH)]
     if "tenant" in surfaces:
         handlers.append(tenant_router)
     if "admin" in surfaces and settings.admin_token:
