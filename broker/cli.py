@@ -11,7 +11,13 @@ from .settings import Settings, SettingsError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in every option's help; the epilog (the environment variables) kept as written."""
+    """Defaults in every option's help (none shown for an option off by default); the
+    description and epilog (the environment variables) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 _ENV_COMMON = """\
@@ -55,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="log format (default: BROKER_LOG_FORMAT, else json; `dev`: console)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    api = sub.add_parser("api", help="run the HTTP API", description="The HTTP API: tenant API, admin API, "
+    api = sub.add_parser("api", help="run the HTTP API", description="The HTTP API: tenant API, admin API,\n"
                          "/metrics, /healthz, /readyz, OpenAPI under /schema.",
                          formatter_class=_HelpFormatter, epilog=_ENV_API)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -74,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=8100, help="port to listen on")
 
     dev = sub.add_parser("dev", help="everything on one machine, with a demo tenant", formatter_class=_HelpFormatter,
-                         description="Redis (embedded unless BROKER_REDIS_URL is set), the sandbox upstreams, "
+                         description="Redis (embedded unless BROKER_REDIS_URL is set), the sandbox upstreams,\n"
                          "one API and one worker; a demo tenant and a curl line.", epilog=_ENV_DEV)
     dev.add_argument("--port", type=int, default=8000, help="API port")
     dev.add_argument("--sandbox-port", type=int, default=8100, help="sandbox upstreams port")

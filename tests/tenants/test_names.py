@@ -19,6 +19,7 @@ from tenants.models import TenantPatch
 from tenants.repository import TENANT_NAMES
 from tenants.scope import TENANTS_INDEX, tenant_record
 from tenants.service import TenantService, decode_create
+from tests.fixtures.stack import Admin, tenant_client
 
 
 @pytest.fixture
@@ -115,3 +116,35 @@ async def test_apply_reports_created_updated_unchanged_per_entry(service: Tenant
     # a key set to another value is a change, even though both are stored encrypted
     assert [r["action"] for r in await apply(service, [{"name": "one", "avaturn": {"api_key": "avt-key-0002"}}])] \
         == ["updated"]
+
+
+def test_the_admin_api_answers_409_and_the_shared_disable_and_revoke_shapes(admin: Admin, worker: object) -> None:
+    """Over HTTP: a duplicate name is 409 tenant_name_taken in the contract's error shape (so is
+    a rename onto it); disable answers the tenant with sessions_stopped (a live session of the
+    tenant is stopped); revoke answers the key's record with revoked: true."""
+    first = admin.http.post("/admin/v1/tenants", json={"name": "acme"})
+    assert first.status_code == 201
+    tid = first.json()["id"]
+    again = admin.http.post("/admin/v1/tenants", json={"name": "acme"})
+    assert again.status_code == 409, again.text
+    assert again.json() == {"error": {"code": "tenant_name_taken", "field": "name",
+                                      "message": again.json()["error"]["message"]}}
+    other = admin.http.post("/admin/v1/tenants", json={"name": "other"}).json()
+    renamed = admin.http.patch(f"/admin/v1/tenants/{other['id']}", json={"name": "acme"})
+    assert renamed.status_code == 409 and renamed.json()["error"]["code"] == "tenant_name_taken"
+
+    key = admin.http.post(f"/admin/v1/tenants/{tid}/keys").json()
+    with tenant_client(admin.http.base_url.__str__().rstrip("/"), key["key"]) as client:
+        session = client.post("/v1/sessions", json={"ttl_seconds": 60})
+        assert session.status_code == 202, session.text
+    disabled = admin.http.post(f"/admin/v1/tenants/{tid}/disable")
+    assert disabled.status_code == 200
+    body = disabled.json()
+    assert body["id"] == tid and body["status"] == "disabled" and body["sessions_stopped"] == 1
+    assert set(body) - {"sessions_stopped"} == set(admin.http.get(f"/admin/v1/tenants/{tid}").json())
+
+    revoked = admin.http.delete(f"/admin/v1/tenants/{tid}/keys/{key['id']}")
+    assert revoked.status_code == 200
+    assert revoked.json()["id"] == key["id"] and revoked.json()["revoked"] is True
+    assert revoked.json()["revoked_at"] is not None and revoked.json()["prefix"] == key["prefix"]
+    assert admin.http.delete(f"/admin/v1/tenants/{tid}/keys/{key['id']}").json() == revoked.json()  # idempotent
