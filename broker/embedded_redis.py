@@ -79,7 +79,10 @@ class EmbeddedRedis:
             "--hash-max-ziplist-value", "1024",
         ]
         log = open(os.path.join(self.data_dir, "redis.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # process_group=0: a group of its own, so a terminal's Ctrl-C (sent to the foreground group)
+        # does not stop Redis before the processes that still write to it; its owner stops it last
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     process_group=0)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

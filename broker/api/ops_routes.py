@@ -1,20 +1,26 @@
-"""Public operational routes: liveness, readiness, metrics. No authentication."""
+"""Public operational routes: liveness, readiness, metrics. No authentication.
+
+``/healthz`` and ``/readyz`` answer HEAD as GET (same status and headers, no body): load
+balancers and uptime checks often probe with HEAD."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, get
+from litestar import HttpMethod, Response, get, route
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
-@get("/healthz", exclude_from_auth=True, include_in_schema=False)
+_GET_HEAD = [HttpMethod.GET, HttpMethod.HEAD]
+
+
+@route("/healthz", http_method=_GET_HEAD, exclude_from_auth=True, include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", include_in_schema=False)
+@route("/readyz", http_method=_GET_HEAD, include_in_schema=False)
 async def readyz(state: State) -> Response[Any]:
     try:
         await state.redis.ping()
