@@ -70,6 +70,23 @@ function localTime(iso) {
   return iso ? new Date(iso).toLocaleString() : "";
 }
 
+// "14:03:07" today, "2026-11-23 14:03" another day (the list's columns)
+function shortTime(iso) {
+  if (!iso) return "";
+  const when = new Date(iso);
+  const pad = (n) => String(n).padStart(2, "0");
+  const clock = `${pad(when.getHours())}:${pad(when.getMinutes())}`;
+  if (when.toDateString() === new Date().toDateString()) return `${clock}:${pad(when.getSeconds())}`;
+  return `${when.getFullYear()}-${pad(when.getMonth() + 1)}-${pad(when.getDate())} ${clock}`;
+}
+
+// "14:03:07.123": the timeline's moments, to the millisecond the session object records
+function preciseTime(ms) {
+  const when = new Date(ms);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(when.getHours())}:${pad(when.getMinutes())}:${pad(when.getSeconds())}.${pad(when.getMilliseconds(), 3)}`;
+}
+
 function announce(text) {
   $("announce").textContent = text;
 }
@@ -184,9 +201,9 @@ function renderSessions(page) {
     el("td", {}, el("a", { href: `#/sessions/${encodeURIComponent(s.id)}` }, el("code", {}, s.id))),
     el("td", {}, statusBadge(s.status)),
     el("td", {}, s.end_user || ""),
-    el("td", {}, localTime(s.created_at)),
-    el("td", {}, localTime(s.ready_at)),
-    el("td", {}, localTime(s.expires_at)),
+    el("td", {}, shortTime(s.created_at)),
+    el("td", {}, shortTime(s.ready_at)),
+    el("td", {}, shortTime(s.expires_at)),
   )));
   $("sessions-empty").hidden = page.data.length > 0;
   $("sessions-next").hidden = !page.next_cursor;
@@ -300,10 +317,10 @@ function renderTimeline(session, seen) {
   $("s-timeline").replaceChildren(...rows.map((row) => {
     const when = row.at === null
       ? "time not recorded"
-      : `${row.source === "seen" ? "≈ " : ""}${new Date(row.at).toLocaleTimeString()}`;
+      : `${row.source === "seen" ? "≈ " : ""}${preciseTime(row.at)}`;
     let spent = "";
     if (row.spent !== null) {
-      spent = row.current ? `for ${formatDuration(row.spent)} so far` : `${formatDuration(row.spent)}`;
+      spent = `for ${formatDuration(row.spent)}${row.current ? " so far" : ""}`;
       if (row.until) spent += ` (until ${row.until})`;
     }
     return el("li", { class: row.current ? "current" : "" },
