@@ -267,3 +267,41 @@ def test_every_input_is_labelled_and_the_create_flow_works_with_the_keyboard(
     with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}) as tenant_api:
         created = tenant_api.get("/v1/sessions").json()["data"]
     assert len(created) == 1 and created[0]["end_user"] == "keyboard-user"
+
+
+def test_the_timeline_is_built_from_the_session_objects_timestamps(page: Page, stack: tuple[ApiServer, Admin]) -> None:
+    """Invariant: the timeline's times and durations come from the session object's own
+    timestamps; a status the object has no time for shows when the page first saw it, or no time
+    when that sighting came after a later status's recorded start (a stop answered after the
+    worker had finished); the current status counts up to now."""
+    api, _ = stack
+    page.goto(f"{api.url}/console")
+    rows = page.evaluate("""async () => {
+        const { buildTimeline } = await import('/console/assets/timeline.js');
+        const t = Date.parse('2026-12-01T10:00:00.000Z');
+        const base = { created_at: '2026-12-01T10:00:00.000Z', ready_at: null, terminated_at: null };
+        const brief = (rows) => rows.map((r) => [r.status, r.at === null ? null : r.at - t, r.source, r.spent,
+                                                r.until, r.current]);
+        return {
+            ready: brief(buildTimeline({ ...base, status: 'ready', ready_at: '2026-12-01T10:00:02.500Z' },
+                                       { queued: t + 40, ready: t + 2600 }, t + 10000)),
+            raced: brief(buildTimeline({ ...base, status: 'terminated', ready_at: '2026-12-01T10:00:01.000Z',
+                                         terminated_at: '2026-12-01T10:00:05.000Z' },
+                                       { provisioning: t + 300, terminating: t + 5003, terminated: t + 5010 }, t + 9000)),
+            failed: brief(buildTimeline({ ...base, status: 'failed', terminated_at: '2026-12-01T10:00:20.000Z' },
+                                        {}, t + 30000)),
+        };
+    }""")
+    assert rows["ready"] == [
+        ["queued", 0, "record", 2500, "ready", False],
+        ["provisioning", None, None, None, None, False],
+        ["ready", 2500, "record", 7500, None, True],
+    ]
+    assert rows["raced"] == [
+        ["queued", 0, "record", 300, None, False],
+        ["provisioning", 300, "seen", 700, None, False],
+        ["ready", 1000, "record", 4000, "terminated", False],
+        ["terminating", None, None, None, None, False],
+        ["terminated", 5000, "record", None, None, True],
+    ]
+    assert rows["failed"] == [["queued", 0, "record", 20000, None, False], ["failed", 20000, "record", None, None, True]]

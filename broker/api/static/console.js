@@ -185,7 +185,7 @@ function showSessions() {
       if (stopped) return;
       renderSessions(data);
       showBanner($("sessions-error"), "");
-      $("sessions-refreshed").textContent = `refreshed ${new Date().toLocaleTimeString()}`;
+      $("sessions-refreshed").textContent = `refreshed ${shortTime(new Date().toISOString())}`;
     } catch (error) {
       if (!stopped) showBanner($("sessions-error"), error.message);
     }
@@ -384,7 +384,10 @@ function showSession(id) {
     showBanner($("s-fetch-error"), "");
     renderSession(session, seen);
   };
-  const onError = (error) => showBanner($("s-fetch-error"), error.message);
+  const onError = (error) => {
+    showBanner($("s-fetch-error"), error.message);
+    if (error.status === 404) source.stop(); // a wrong id stays wrong
+  };
   source.start(onSession, onError);
   const ticker = setInterval(() => { if (last) renderTimeline(last, seen); }, 1000); // time spent, ticking
   $("s-stop").onclick = async () => {
@@ -449,7 +452,7 @@ function showUsage() {
         ["RateLimit", headers.get("RateLimit") || "(none)"],
       ]);
       pairs($("usage-quotas"), Object.entries(data.quotas).map(([k, v]) => [k, String(v)]));
-      $("usage-refreshed").textContent = `refreshed ${new Date().toLocaleTimeString()}`;
+      $("usage-refreshed").textContent = `refreshed ${shortTime(new Date().toISOString())}`;
       showBanner($("usage-error"), "");
     } catch (error) {
       if (!stopped) showBanner($("usage-error"), error.message);

@@ -75,6 +75,14 @@ export function buildTimeline(session, seen, now) {
     const source = recorded !== null ? "record" : seen[status] !== undefined ? "seen" : null;
     return { status, at, source, spent: null, until: null, current: status === current };
   });
+  // A status first seen after a later status's recorded start (a stop answered "terminating"
+  // when the worker had already finished) was entered at some unknown moment before that.
+  rows.forEach((row, i) => {
+    if (row.source === "seen" && rows.slice(i + 1).some((r) => r.source === "record" && r.at < row.at)) {
+      row.at = null;
+      row.source = null;
+    }
+  });
   rows.forEach((row, i) => {
     if (row.at === null) return;
     if (row.current) {
