@@ -13,6 +13,7 @@ import httpx
 from playwright.sync_api import Page, expect
 
 from tests.fixtures.stack import Admin, ApiServer, tenant_client
+from workers.sandbox import SandboxServer
 from tests.security.support import unknown_key
 
 from .conftest import screenshot
@@ -215,6 +216,44 @@ def test_state_changing_calls_without_the_csrf_token_are_refused(page: Page, sta
     assert [s["id"] for s in listed] == [sid] and listed[0]["status"] in ("queued", "provisioning", "ready")
     page.reload()
     expect(page.get_by_role("heading", name="Sessions", exact=True)).to_be_visible()  # still signed in
+    page.get_by_role("button", name="Sign out").click()  # with its token: signed out for good
+    expect(page.get_by_label("API key")).to_be_visible()
+    assert _until_no_cookie(page)
+    page.reload()
+    expect(page.get_by_label("API key")).to_be_visible()
+
+
+def _until_no_cookie(page: Page, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while page.context.cookies():
+        if time.monotonic() > deadline:
+            return False
+        page.wait_for_timeout(20)
+    return True
+
+
+def test_a_failed_session_shows_its_error_explained(
+    page: Page, stack: tuple[ApiServer, Admin], sandbox: SandboxServer
+) -> None:
+    """Invariant: a session that fails (the sandbox's OpenAI answers 429 insufficient_quota)
+    shows ``failed``, the error code, the API's message and what the code means."""
+    api, admin = stack
+    _, key = admin.tenant("acme")
+    sandbox.configure({"mint": {"fail": [{"status": 429, "code": "insufficient_quota"}]}})
+    with tenant_client(api.url, key) as tenant_api:
+        sid = tenant_api.post("/v1/sessions", json={"ttl_seconds": 60}).json()["id"]
+    _sign_in(page, api.url, key)
+    page.locator("#sessions-body a", has_text=sid).click()
+    expect(_status(page)).to_have_text("failed", timeout=SLOW)
+    with tenant_client(api.url, key) as tenant_api:
+        error = tenant_api.get(f"/v1/sessions/{sid}").json()["error"]
+    box = page.locator("#s-error")
+    expect(box).to_contain_text("openai_insufficient_quota")
+    expect(box).to_contain_text(error["message"])
+    expect(box).to_contain_text("out of credit")
+    expect(page.locator("#s-waiting")).to_contain_text("upstream_failed")
+    expect(page.get_by_role("button", name="Stop session")).to_be_hidden()
+    screenshot(page, "session-failed")
 
 
 def _unlabelled(page: Page) -> list[str]:

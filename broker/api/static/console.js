@@ -349,7 +349,8 @@ function renderSession(session, seen) {
   if (error) {
     $("s-error-code").textContent = error.code;
     $("s-error-message").textContent = error.message;
-    $("s-error-explained").textContent = ERROR_EXPLAINED[error.code] || "";
+    const meaning = ERROR_EXPLAINED[error.code];
+    $("s-error-explained").textContent = meaning ? `What it means: ${meaning}` : "";
   }
   renderTimeline(session, seen);
   const token = session.avaturn && session.avaturn.token;

@@ -115,7 +115,7 @@ export const WAITING_FOR = {
   ready: "Live: hand the frontend token to the Avaturn Web SDK. The broker ends it at expires_at, or when you stop it.",
   terminating: "A worker is ending the upstream Avaturn session (DELETE); the status becomes terminated when it is done.",
   terminated: "Ended; its concurrency slot is free again.",
-  failed: "Provisioning failed; the error below says why. Nothing is left running upstream.",
+  failed: "Provisioning failed; the error below says why.",
 };
 
 export const TERMINATION_REASONS = {
