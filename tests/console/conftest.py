@@ -9,11 +9,12 @@ except in CI (``CI=true``), where a missing browser fails them."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Browser, BrowserType, Playwright, sync_playwright
 
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread
 
@@ -36,12 +37,42 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS, "headless": True}
 
 
-@pytest.fixture(scope="session")
-def base_url() -> None:
-    """Replaces pytest-playwright 0.10's fallback ``base_url`` fixture, declared as a method of a
-    plugin object, which pytest 9 warns about (an error under ``filterwarnings = error``).
-    These tests pass whole URLs."""
-    return None
+# pytest-playwright keeps one Playwright and one browser for the whole pytest session. Its sync
+# API runs an asyncio loop in the main thread for as long as Playwright lives, so every asyncio
+# test collected after these ones found "a running event loop" and failed. Here they live for
+# the tests/console package only (same fixtures, narrower scope).
+@pytest.fixture(scope="package")
+def playwright() -> Iterator[Playwright]:
+    pw = sync_playwright().start()
+    yield pw
+    pw.stop()
+
+
+@pytest.fixture(scope="package")
+def browser_type(playwright: Playwright, browser_name: str) -> BrowserType:
+    return getattr(playwright, browser_name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="package")
+def launch_browser(browser_type_launch_args: dict[str, Any], browser_type: BrowserType) -> Callable[..., Browser]:
+    def launch(**kwargs: Any) -> Browser:
+        return browser_type.launch(**{**browser_type_launch_args, **kwargs})
+
+    return launch
+
+
+@pytest.fixture(scope="package")
+def browser(launch_browser: Callable[..., Browser]) -> Iterator[Browser]:
+    instance = launch_browser()
+    yield instance
+    instance.close()
+
+
+@pytest.fixture(scope="package")
+def browser_context_args() -> dict[str, Any]:
+    """Every context as Chromium makes it. (The plugin's version reads ``playwright`` too, and
+    ``base_url``, whose fallback fixture pytest 9 warns about: these tests pass whole URLs.)"""
+    return {}
 
 
 @pytest.fixture
