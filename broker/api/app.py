@@ -26,6 +26,7 @@ from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
 from .admin_routes import admin_router
+from .console_routes import console_routers
 from .docs_viewer import assets_router, render_plugins
 from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
@@ -95,6 +96,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
     handlers: list[object] = [assets_router(SCHEMA_PATH)]
     if "tenant" in surfaces:
         handlers.append(tenant_router)
+        handlers.extend(console_routers)  # the web console: its page, files and sign-in (tenant surface)
     if "admin" in surfaces and settings.admin_token:
         handlers.append(admin_router)
     if "ops" in surfaces:
