@@ -135,16 +135,40 @@ class ConsoleFormatter(logging.Formatter):
 # not. They log at ``library_level`` (BROKER_LIBRARY_LOG_LEVEL, default WARNING: their warnings
 # and errors still show); BROKER_LIBRARY_LOG_LEVEL=INFO brings the per-job/per-request lines back.
 # arq's worker keeps its INFO lifecycle lines (start, signal, shutdown summary): only its
-# per-job lines (their format starts with the job's elapsed time) are dropped, by a filter.
+# per-job lines (their format starts with the job's elapsed time) and its "recording health"
+# line (every health_check_interval, 5 s) are dropped, by a filter. Its "shutdown on SIGxxx"
+# line is written once: a second signal (Ctrl-C in a terminal whose process group also got a
+# SIGTERM from a supervisor) repeats it with the other signal's name, as if it were news.
 CHATTY_LOGGERS = ("arq.jobs", "arq.connections", "httpx", "httpx2", "httpcore", "openai")
 ARQ_WORKER_LOGGER = "arq.worker"
 
 
 class _ArqJobLines(logging.Filter):
-    """Drops arq's per-job INFO lines ("%6.2fs → job(...)", "← ... ●", "↻ retrying")."""
+    """Drops arq's per-job INFO lines ("%6.2fs → job(...)", "← ... ●", "↻ retrying") and its
+    periodic "recording health: ..." line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not str(record.msg).startswith("%6.2fs")
+        if record.levelno >= logging.WARNING:
+            return True
+        msg = str(record.msg)
+        return not (msg.startswith("%6.2fs") or msg.startswith("recording health"))
+
+
+class _ArqShutdownOnce(logging.Filter):
+    """Lets each of arq's "shutdown on %s ..." formats through once per process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if not msg.startswith("shutdown on %s"):
+            return True
+        if msg in self._seen:
+            return False
+        self._seen.add(msg)
+        return True
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO", library_level: str = "WARNING") -> None:
@@ -160,8 +184,9 @@ def configure_logging(fmt: str = "json", level: str = "INFO", library_level: str
     for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(library_level)
     arq = logging.getLogger(ARQ_WORKER_LOGGER)
-    for old in [f for f in arq.filters if isinstance(f, _ArqJobLines)]:
+    for old in [f for f in arq.filters if isinstance(f, (_ArqJobLines, _ArqShutdownOnce))]:
         arq.removeFilter(old)
     arq.setLevel(min(logging.INFO, logging.getLevelName(library_level)))
     if logging.getLevelName(library_level) > logging.INFO:
         arq.addFilter(_ArqJobLines())
+    arq.addFilter(_ArqShutdownOnce())

@@ -110,6 +110,13 @@ def _redis_url(env: Mapping[str, str]) -> str:
         parsed.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         raise SettingsError("BROKER_REDIS_URL has a malformed port") from exc
+    # redis-py reads a path that is not a number as db 0, silently: refuse it like any other
+    # malformed value (redis://host:port/abc is a typo, not a request for db 0)
+    db = parsed.path.removeprefix("/")
+    if parsed.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
+        raise SettingsError(
+            f"BROKER_REDIS_URL has a malformed database number {db[:32]!r}: use redis://host:port/N with N a number"
+        )
     return value
 
 

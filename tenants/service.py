@@ -23,16 +23,16 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput, NotFound
+from broker.errors import Conflict, InvalidInput, NotFound
 from tenants.apikeys import ApiKeyService
 from tenants.crypto import CredentialCipher, CredentialError
 from tenants.models import (
     DEFAULT_MODEL, ApiKeyCreated, ApiKeyMeta, AvaturnConfig, AvaturnInput, OpenAIInput, Tenant, TenantCreate, TenantPatch,
 )
 from tenants.quotas import build_quotas
-from tenants.repository import TenantRepository, parse_rfc3339, rfc3339, utc_now
+from tenants.repository import TenantNameTaken, TenantRepository, parse_rfc3339, rfc3339, utc_now
 from tenants.session_config import GA_FIELDS, MAX_SESSION_BYTES, validate_session
-from tenants.session_secrets import SEALED_PREFIX, is_sealed, keep_stored, reseal, seal, slots
+from tenants.session_secrets import SEALED_PREFIX, is_sealed, keep_stored, reseal, seal, slots, unseal
 
 __all__ = ["TenantService", "decode_create", "decode_patch", "parse_rfc3339", "rfc3339", "utc_now"]
 
@@ -139,7 +139,8 @@ class TenantService:
 
     # ---- tenants ---------------------------------------------------------------------
 
-    async def create(self, data: TenantCreate) -> Tenant:
+    def build(self, data: TenantCreate) -> Tenant:
+        """The tenant ``create`` would store (every field checked), without storing it."""
         now = rfc3339(self._clock())
         tenant = Tenant(
             id="ten_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(22)),
@@ -148,9 +149,21 @@ class TenantService:
             updated_at=now,
             quotas=build_quotas(data.quotas),
         )
-        tenant = self._apply_config(tenant, data.openai, data.avaturn)
-        await self.repo.insert(tenant)
+        return self._apply_config(tenant, data.openai, data.avaturn)
+
+    async def create(self, data: TenantCreate) -> Tenant:
+        """409 ``tenant_name_taken`` when another tenant has this name (names are unique per
+        deployment, taken atomically: of two concurrent creates of one name, one wins)."""
+        tenant = self.build(data)
+        try:
+            await self.repo.insert(tenant)
+        except TenantNameTaken as exc:
+            raise _name_taken(exc) from None
         return tenant
+
+    async def find_by_name(self, name: str) -> Tenant | None:
+        tenant_id = await self.repo.find_by_name(name.strip())
+        return None if tenant_id is None else await self.repo.get(tenant_id)
 
     async def get(self, tenant_id: str) -> Tenant:
         tenant = await self.repo.get(tenant_id) if _plausible_id(tenant_id, "ten_") else None
@@ -170,21 +183,38 @@ class TenantService:
     async def update(self, tenant_id: str, patch: TenantPatch) -> Tenant:
         """Merge ``patch``: quotas field by field; ``openai.session`` and ``allowed_overrides`` are
         replaced whole (the session is validated; an MCP credential sent as the view's marker
-        keeps the stored one); ``api_key: ""`` clears a key."""
+        keeps the stored one); ``api_key: ""`` clears a key. A new ``name`` taken by another
+        tenant: 409 ``tenant_name_taken``."""
+        return await self._modify(tenant_id, lambda tenant: self.patched(tenant, patch))
 
-        def change(tenant: Tenant) -> Tenant:
-            changes: dict[str, Any] = {"updated_at": rfc3339(self._clock())}
-            if patch.name is not None:
-                changes["name"] = _check_name(patch.name)
-            if patch.status is not None:
-                if patch.status not in ("active", "disabled"):
-                    raise _invalid("status", 'status must be "active" or "disabled"')
-                changes["status"] = patch.status
-            if patch.quotas is not None:
-                changes["quotas"] = build_quotas(patch.quotas, tenant.quotas)
-            return self._apply_config(msgspec.structs.replace(tenant, **changes), patch.openai, patch.avaturn)
+    def patched(self, tenant: Tenant, patch: TenantPatch) -> Tenant:
+        """``tenant`` with ``patch`` applied (every field checked), without storing it."""
+        changes: dict[str, Any] = {"updated_at": rfc3339(self._clock())}
+        if patch.name is not None:
+            changes["name"] = _check_name(patch.name)
+        if patch.status is not None:
+            if patch.status not in ("active", "disabled"):
+                raise _invalid("status", 'status must be "active" or "disabled"')
+            changes["status"] = patch.status
+        if patch.quotas is not None:
+            changes["quotas"] = build_quotas(patch.quotas, tenant.quotas)
+        return self._apply_config(msgspec.structs.replace(tenant, **changes), patch.openai, patch.avaturn)
 
-        return await self._modify(tenant_id, change)
+    def same_settings(self, a: Tenant, b: Tenant) -> bool:
+        """Whether two versions of a tenant hold the same settings: ``updated_at`` aside, and
+        credentials compared by their plaintext (each encryption of one value differs)."""
+        return self._comparable(a) == self._comparable(b)
+
+    def _comparable(self, tenant: Tenant) -> Any:
+        out = msgspec.to_builtins(tenant)
+        out.pop("updated_at", None)
+        if self._cipher is not None:
+            for part in ("openai", "avaturn"):
+                token = out[part].get("api_key_enc")
+                out[part]["api_key_enc"] = None if token is None else self._cipher.decrypt(token)
+            if slots(out["openai"]["session"]):
+                unseal(out["openai"]["session"], self._cipher)
+        return out
 
     async def disable(self, tenant_id: str) -> Tenant:
         return await self.update(tenant_id, TenantPatch(status="disabled"))
@@ -195,7 +225,10 @@ class TenantService:
     async def _modify(self, tenant_id: str, change: Callable[[Tenant], Tenant]) -> Tenant:
         if not _plausible_id(tenant_id, "ten_"):
             raise NotFound("No tenant with this id.", code="tenant_not_found")
-        tenant = await self.repo.modify(tenant_id, change)
+        try:
+            tenant = await self.repo.modify(tenant_id, change)
+        except TenantNameTaken as exc:
+            raise _name_taken(exc) from None
         if tenant is None:
             raise NotFound("No tenant with this id.", code="tenant_not_found")
         await self.repo.publish_tenant_changed(tenant_id)
@@ -393,6 +426,11 @@ def _rotated(tenant: Tenant, cipher: CredentialCipher) -> Tenant:
 
 def _gone(tenant_id: str) -> Tenant:
     raise CredentialError(f"tenant {tenant_id} changed during the rotation and could not be read back")
+
+
+def _name_taken(exc: TenantNameTaken) -> Conflict:
+    return Conflict(f"A tenant named {exc.name!r} already exists ({exc.owner_id}); tenant names are unique.",
+                    code="tenant_name_taken", field="name")
 
 
 def _has_credentials(tenant: Tenant) -> bool:

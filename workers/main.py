@@ -254,6 +254,14 @@ async def run_worker(settings: Settings, metrics_port: int | None, metrics_host:
     metrics = WorkerMetrics()
     health = Health()
     runner = await _serve_metrics(metrics, health, metrics_host, metrics_port) if metrics_port else None
+    # --- issue 18: wait for Redis before arq starts (workers/startup.py); a signal meanwhile ends the process
+    from .startup import wait_for_redis
+
+    if not await wait_for_redis(settings):
+        if runner:
+            await runner.cleanup()
+        return
+    # --- end issue 18
     worker = build_worker(settings, metrics, health, gc_thresholds=GC_THRESHOLDS)
     try:
         await worker.async_run()

@@ -4,6 +4,7 @@ handlers through ``app.state``. ``asgi_app(settings)`` adds the outermost metric
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from broker.metrics import ApiMetrics
+from broker.redis_check import ping, unreachable_line
 from broker.redis_client import create_redis
 from broker.redis_mux import RedisMux
 from broker.sessions.events import SessionEvents
@@ -24,6 +26,8 @@ from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
 from .admin_routes import admin_router
+from .console_routes import console_routers
+from .docs_viewer import assets_router, render_plugins
 from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
 from .openapi import document_openapi
@@ -40,6 +44,7 @@ PUBLIC_SURFACES = ("tenant", "ops")
 ADMIN_SURFACES = ("admin", "ops")
 METRICS_SURFACES = ("metrics",)
 SCHEMA_PATH = "/schema"
+log = logging.getLogger("broker.api")
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -49,7 +54,8 @@ def openapi_config() -> OpenAPIConfig:
     the contract's JSON shape. The plugin registers its handlers on this router as it would on
     its default one (same path, not in the schema)."""
     router = Router(SCHEMA_PATH, route_handlers=[], include_in_schema=False, after_request=docs_error_hook)
-    return OpenAPIConfig(title="Session Broker", version="1.0.0", path=SCHEMA_PATH, openapi_router=router)
+    return OpenAPIConfig(title="Session Broker", version="1.0.0", path=SCHEMA_PATH, openapi_router=router,
+                         render_plugins=render_plugins(SCHEMA_PATH))  # one viewer, served offline: docs_viewer.py
 
 
 def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metrics: ApiMetrics | None = None) -> Litestar:
@@ -81,7 +87,12 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
                 cipher=cipher,
             ),
         )
-        await auth.start()
+        # issue 18: Redis down at start is one line, and no 5 s wait for the subscription that cannot come
+        redis_down = await ping(redis)
+        if redis_down is not None:
+            log.warning(unreachable_line(settings, redis_down, hint=(
+                "the API starts anyway and answers 503 redis_unavailable until Redis is back; check BROKER_REDIS_URL")))
+        await auth.start(ready_timeout=0.0 if redis_down else 5.0)
         await events.start()
         try:
             yield
@@ -91,9 +102,10 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
             await mux.aclose()
             await redis.aclose()
 
-    handlers: list[object] = []
+    handlers: list[object] = [assets_router(SCHEMA_PATH)]
     if "tenant" in surfaces:
         handlers.append(tenant_router)
+        handlers.extend(console_routers)  # the web console: its page, files and sign-in (tenant surface)
     if "admin" in surfaces and settings.admin_token:
         handlers.append(admin_router)
     if "ops" in surfaces:

@@ -1,22 +1,28 @@
 """Operational routes, no authentication: liveness and readiness (on every port of the API),
 and the Prometheus metrics, served only on the operators' ``--metrics-port`` (they name the
-busiest tenants and their counts: the public tenant port answers 404 for /metrics)."""
+busiest tenants and their counts: the public tenant port answers 404 for /metrics).
+
+``/healthz`` and ``/readyz`` answer HEAD as GET (same status and headers, no body): load
+balancers and uptime checks often probe with HEAD."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import MediaType, Response, get
+from litestar import HttpMethod, MediaType, Response, get, route
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
-@get("/healthz", exclude_from_auth=True, include_in_schema=False)
+_GET_HEAD = [HttpMethod.GET, HttpMethod.HEAD]
+
+
+@route("/healthz", http_method=_GET_HEAD, exclude_from_auth=True, include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", include_in_schema=False)
+@route("/readyz", http_method=_GET_HEAD, include_in_schema=False)
 async def readyz(state: State) -> Response[Any]:
     try:
         await state.redis.ping()

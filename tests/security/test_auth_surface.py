@@ -43,7 +43,8 @@ def _send(base: str, method: str, path: str, headers: dict[str, str] | None = No
 
 
 def test_route_walk_covers_every_route_and_only_public_ones_are_open(settings: Settings, api: ApiServer) -> None:
-    """Invariant: a route that answers without a credential is one of /healthz, /readyz, /metrics, /schema*."""
+    """Invariant: a route that answers without a credential is one of /healthz, /readyz, /metrics, /schema*,
+    and the console's page and files (/console, /console/assets/*)."""
     table = route_table(full_app(settings))
     assert len(table) >= 30  # 15 documented operations, their OPTIONS, the public routes
     open_routes = set()

@@ -82,7 +82,7 @@ def test_options_lists_the_methods_each_path_has(api: ApiServer, admin: Admin) -
         "/v1/usage": {"GET", "OPTIONS"},
         "/admin/v1/tenants": {"GET", "POST", "OPTIONS"},
         "/admin/v1/tenants/ten_x": {"GET", "PATCH", "OPTIONS"},
-        "/healthz": {"GET", "OPTIONS"},
+        "/healthz": {"GET", "HEAD", "OPTIONS"},
     }
     with tenant_client(api.url, key) as c:
         for path, methods in expect.items():
