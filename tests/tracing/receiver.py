@@ -55,7 +55,11 @@ class Span:
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    def __init__(self, decode: bool = True) -> None:
+        """``decode=False``: count the exports and their bytes only (the bench: decoding in Python
+        would take CPU from the processes measured)."""
+        self.decode = decode
+        self.received_bytes = 0
         self.spans: list[Span] = []
         self.bodies: list[bytes] = []
         self.requests = 0
@@ -98,6 +102,11 @@ class OtlpReceiver:
         self.server.server_close()
 
     def _add(self, raw: bytes) -> None:
+        if not self.decode:
+            with self._lock:
+                self.requests += 1
+                self.received_bytes += len(raw)
+            return
         request = ExportTraceServiceRequest.FromString(raw)
         spans = []
         for rs in request.resource_spans:
@@ -131,3 +140,24 @@ class OtlpReceiver:
             if result or time.monotonic() > deadline:
                 return result
             time.sleep(0.1)
+
+
+def main() -> None:
+    """``python -m tests.tracing.receiver``: a receiver on its own for the bench's tracing-on runs
+    (``OTEL_EXPORTER_OTLP_ENDPOINT=<printed endpoint> python -m tests.bench --only admission``):
+    prints its endpoint, and at SIGTERM/SIGINT how many exports and bytes it received."""
+    import signal
+
+    receiver = OtlpReceiver(decode=False)
+    print(receiver.endpoint, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        receiver.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print(f"{receiver.requests} exports, {receiver.received_bytes} bytes", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,9 +28,11 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from broker.embedded_redis import EmbeddedRedis
+from broker.embedded_redis import EmbeddedRedis, free_port
 from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
 from tests.multiprocess.procs import BrokerProcess, broker_env
+from tests.observability.helpers import prometheus_binaries
+from tests.observability.live import ROOT, Proc, prometheus_config
 
 from .receiver import OtlpReceiver, Span
 
@@ -215,3 +217,55 @@ def _check(traced: dict[str, Any], receiver: OtlpReceiver, worker: BrokerProcess
     exemplars = [line for line in om.text.splitlines()
                  if line.startswith("broker_time_to_ready_seconds_bucket") and "# {" in line]
     assert len(exemplars) == 1 and f'trace_id="{trace_id}"' in exemplars[0], exemplars
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_prometheus_keeps_the_exemplar_that_the_time_to_ready_panel_shows(traced: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """Invariant: a real Prometheus (exemplar storage on, as deploy/compose.yaml runs it) scraping
+    the worker with the project's scrape config stores the time-to-ready observation's exemplar,
+    whose trace_id is the creation's trace; the dashboard's "Time to ready" panel asks for
+    exemplars, and its own queries return that one."""
+    prom_bin, _ = prometheus_binaries()
+    api, worker = traced["api"], traced["worker"]
+    api_target = api.url.removeprefix("http://")
+    worker_target = worker.health_url.removeprefix("http://").removesuffix("/healthz")
+    config = prometheus_config(tmp_path, api_target, [worker_target])
+    port = free_port()
+    prom = Proc([prom_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", "--enable-feature=exemplar-storage"],
+                tmp_path / "prometheus.log")
+    try:
+        prom.wait_http(f"http://127.0.0.1:{port}/-/ready")
+        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10) as admin:
+            tenant = admin.post("/admin/v1/tenants", json={"name": "exemplar"}).json()
+            key = admin.post(f"/admin/v1/tenants/{tenant['id']}/keys").json()["key"]
+        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=20) as client:
+            created = client.post("/v1/sessions", json={"ttl_seconds": 600})
+            assert created.status_code == 202, created.text
+            m = TRACERESPONSE.match(created.headers["traceresponse"])
+            assert m
+            assert _wait_status(client, created.json()["id"], {"ready", "failed"})["status"] == "ready"
+        trace_id = m.group(1)
+        dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "session-broker.json").read_text())
+        [panel] = [p for p in dashboard["panels"] if p.get("title") == "Time to ready"]
+        assert panel["targets"] and all(t.get("exemplar") is True for t in panel["targets"])
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m")
+
+            def exemplar_trace_ids() -> set[str]:
+                now = time.time()
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query_exemplars",
+                              params={"query": expr, "start": now - 300, "end": now + 60}, timeout=10)
+                assert r.status_code == 200, r.text
+                return {e["labels"].get("trace_id", "") for series in r.json()["data"] for e in series["exemplars"]}
+
+            deadline = time.monotonic() + 30
+            seen = exemplar_trace_ids()
+            while trace_id not in seen and time.monotonic() < deadline:
+                time.sleep(0.5)
+                seen = exemplar_trace_ids()
+            assert seen == {trace_id}, (expr, seen, prom.log.read_text()[-2000:])
+    finally:
+        prom.stop()
