@@ -1,7 +1,8 @@
 """Tracing off costs nothing: a process that creates, provisions and terminates sessions through
 its API and worker (tests/tracing/off_probe.py) without any OTEL_* variable imports neither
 OpenTelemetry's SDK, nor an exporter, nor the aiohttp instrumentation (Litestar itself imports the
-API, its plugin module and the ASGI middleware under it when installed), creates no span object and attaches no context."""
+API, its plugin module and the ASGI middleware under it when installed), creates no span object
+and attaches no context."""
 
 from __future__ import annotations
 

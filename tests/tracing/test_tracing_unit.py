@@ -145,8 +145,8 @@ async def test_upstream_calls_are_client_spans_without_credentials(exported: InM
     try:
         with tracing.provisioning("ten_a", "ses_1", None):
             minted = await minter.mint(openai_key, {"type": "realtime", "model": "gpt-realtime"}, expires_seconds=60)
-            created = await avaturn.create_session(avaturn_key, minted.value, avatar_id="jane_20240829", background="default",
-                                                   user_absent_timeout=60, max_duration=120)
+            created = await avaturn.create_session(avaturn_key, minted.value, avatar_id="jane_20240829",
+                                                   background="default", user_absent_timeout=60, max_duration=120)
             assert await avaturn.delete_session(avaturn_key, created.session_id)
     finally:
         await minter.aclose()
@@ -161,3 +161,27 @@ async def test_upstream_calls_are_client_spans_without_credentials(exported: InM
     for value in (openai_key, avaturn_key, minted.value, created.token):
         assert value not in text
     assert "authorization" not in text.lower() and "bearer" not in text.lower()
+
+
+async def test_the_admission_span_records_the_outcome_and_a_refusal_code(exported: InMemorySpanExporter) -> None:
+    from tenants.admission import Admitted, Refused
+    from tenants.usage import QuotaUsage, UsageSnapshot
+
+    usage = UsageSnapshot(minute=QuotaUsage.of(1, 1, 60), day=QuotaUsage.of(10, 1, 100),
+                          concurrency=QuotaUsage.of(1, 1, 0), end_user=None)
+
+    async def step(outcome: Any) -> Any:
+        return outcome
+
+    with tracing._state.tracer.start_as_current_span("POST /v1/sessions"):  # type: ignore[union-attr]
+        admitted = Admitted(session_id="ses_1", replaced=[], usage=usage)
+        assert await tracing.admission("ten_a", "ses_1", step(admitted)) is admitted
+        refused = Refused(code="concurrency_limit", limit=1, current=1, retry_after_s=1, usage=usage)
+        assert await tracing.admission("ten_a", "ses_2", step(refused)) is refused
+    first, second, request = _spans(exported)
+    assert first.name == second.name == "admission"
+    assert first.parent.span_id == request.context.span_id
+    assert first.attributes["broker.outcome"] == "admitted" and "error.code" not in first.attributes
+    assert second.attributes["broker.outcome"] == "refused"
+    assert second.attributes["error.code"] == "concurrency_limit"
+    assert request.attributes["tenant.id"] == "ten_a"
