@@ -34,7 +34,7 @@ class Panel:
     description: str = ""
     width: int = 8
     instant: bool = False
-    exemplars: bool = False                 # show the series' exemplars (trace ids: a link to a trace)
+    exemplars: bool = False                 # the first query shows its series' exemplars (trace ids)
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, object]:
     height = 4 if p.kind == "stat" else 8
     targets = [{"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(65 + i),
                 **({"instant": True, "range": False, "format": "table"} if p.instant else {}),
-                **({"exemplar": True} if p.exemplars else {})}
+                **({"exemplar": True} if p.exemplars and i == 0 else {})}  # once: all share the buckets
                for i, (expr, legend) in enumerate(p.targets)]
     out: dict[str, object] = {
         "id": pid, "type": p.kind, "title": p.title, "description": p.description, "datasource": DS,

@@ -250,8 +250,9 @@ def test_prometheus_keeps_the_exemplar_that_the_time_to_ready_panel_shows(traced
         trace_id = m.group(1)
         dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "session-broker.json").read_text())
         [panel] = [p for p in dashboard["panels"] if p.get("title") == "Time to ready"]
-        assert panel["targets"] and all(t.get("exemplar") is True for t in panel["targets"])
-        for target in panel["targets"]:
+        flagged = [t for t in panel["targets"] if t.get("exemplar") is True]
+        assert len(flagged) == 1, panel["targets"]  # the quantiles share one histogram: its dots once
+        for target in flagged:
             expr = target["expr"].replace("$__rate_interval", "1m")
 
             def exemplar_trace_ids() -> set[str]:
