@@ -185,3 +185,19 @@ async def test_the_admission_span_records_the_outcome_and_a_refusal_code(exporte
     assert second.attributes["broker.outcome"] == "refused"
     assert second.attributes["error.code"] == "concurrency_limit"
     assert request.attributes["tenant.id"] == "ten_a"
+
+
+def test_a_retry_is_an_outcome_not_an_error(exported: InMemorySpanExporter) -> None:
+    from arq import Retry
+
+    from workers.jobs.terminate import TerminationPending
+
+    with pytest.raises(Retry):
+        with tracing.provisioning("ten_a", "ses_1", None):
+            raise Retry(defer=1)
+    with pytest.raises(TerminationPending):
+        with tracing.termination("ten_a", "ses_1", None):
+            raise TerminationPending(2.0)
+    for span in _spans(exported):
+        assert span.attributes["broker.outcome"] == "retry"
+        assert span.status.status_code == StatusCode.UNSET and "error.type" not in span.attributes
