@@ -73,6 +73,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     create_state: str = ""               # "" | inflight | done | unknown
     attempts: int = 0
     delete_attempts: int = 0
+    traceparent: str = ""                # W3C context of the request that admitted it (tracing on)
 
     @property
     def live(self) -> bool:
