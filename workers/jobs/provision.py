@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from arq import Retry
 
+from broker import tracing
 from broker.errors import NotFound
 from broker.sessions.jobs import PROVISION
 from broker.sessions.models import SessionRecord, now_ms
@@ -29,6 +30,7 @@ from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
 from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, fail_session, patiently, timed
+from .session_key import inflight_mark
 from .terminate import TerminationPending, stop_upstream_and_finish
 
 log = logging.getLogger("workers.provision")
@@ -39,7 +41,6 @@ MAX_INLINE_MINT_WAIT = 5.0
 
 async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id: str) -> str:
     ctx: WorkerContext = arq_ctx["wc"]
-    job_try: int = arq_ctx.get("job_try", 1)
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     try:
         tenant: Tenant | None = await ctx.tenants.get(tenant_id)  # the worker's cache (workers/tenant_cache.py)
@@ -55,6 +56,14 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
             tenant_id, session_id, now_ms(), deadline_ms, schedule(tenant.quotas.openai_requests_per_minute))
     if rec is None or rec.status in ("ready", "terminated", "failed"):
         return "noop"
+    # issue 23: the consumer span of this provisioning, child of the request that admitted it
+    with tracing.provisioning(rec.tenant_id, rec.id, rec.traceparent) as step:
+        return step.outcome(await _provision(ctx, arq_ctx, rec, tenant, started, before, mint_at, deadline_ms))
+
+
+async def _provision(ctx: WorkerContext, arq_ctx: dict[str, Any], rec: SessionRecord, tenant: Tenant | None,
+                     started: bool, before: str, mint_at: int | None, deadline_ms: int) -> str:
+    tenant_id, session_id, job_try = rec.tenant_id, rec.id, arq_ctx.get("job_try", 1)
     if rec.status == "terminating":
         return await _stop(ctx, rec)
     deadline = rec.created_at + deadline_ms
@@ -86,7 +95,7 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
         return "not-configured"
 
     try:
-        got = await _secret(ctx, rec, tenant, openai_key, mint_at)
+        got = await _secret(ctx, rec, tenant, openai_key, mint_at, avaturn_key=avaturn_key)
         if got is None:
             return await _stopped_meanwhile(ctx, tenant_id, session_id)
         return await _create(ctx, rec, tenant, avaturn_key, *got, arq_ctx=arq_ctx)
@@ -110,12 +119,13 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
 
 async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str, reason: str = "upstream_failed") -> None:
     """``fail_session`` with one log line (arq's per-job lines are off by default)."""
+    tracing.set_error_code(code)  # issue 23: on the provisioning span
     if (await fail_session(ctx, rec, code, message, reason=reason)).applied:
         log.warning("provisioning failed: %s", code)
 
 
 async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str,
-                  mint_at: int | None = None) -> tuple[str, bool] | None:
+                  mint_at: int | None = None, *, avaturn_key: str) -> tuple[str, bool] | None:
     """The client secret to use: the one recorded by an earlier attempt while still valid,
     else a new one (rate-limited per tenant across all workers: ``mint_at`` is the slot the
     start step already reserved, if any), and whether the create is already marked in flight
@@ -146,7 +156,7 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         rec,
         allowed="provisioning",
         fields={"secret_enc": ctx.cipher.encrypt(minted.value), "secret_expires_at": minted.expires_at,
-                "create_state": "inflight"},  # the create follows at once
+                **inflight_mark(ctx, avaturn_key)},  # the create follows at once (with the key it uses)
     )
     return (minted.value, True) if saved.applied else None
 
@@ -158,8 +168,8 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         # Avaturn has no idempotency key and no list endpoint: we create again; the possible
         # orphan has no token holder and ends by itself (user_absent_timeout, max_duration).
         ctx.metrics.possible_orphans.inc()
-    if not marked and not (
-        await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": "inflight"})
+    if not marked and not (  # the mark and the key of the create (session_key.py), before it can happen
+        await ctx.repo.transition(rec, allowed="provisioning", fields=inflight_mark(ctx, api_key))
     ).applied:
         return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
     max_duration = max(60, rec.ttl_seconds)
