@@ -36,6 +36,8 @@ _ENV_API = _ENV_COMMON + """\
   BROKER_ADMIN_TOKEN        Bearer token of /admin/v1 (default: none, the admin API is off)
   BROKER_ACCESS_LOG         all|errors|off (default: all)
   BROKER_METRICS_TOP_TENANTS   tenants with their own metric series (default: 20)
+  BROKER_HTTP_MAX_HEADER_BYTES (default: 16384), BROKER_HTTP_HEADER_TIMEOUT_SECONDS (default: 10),
+  BROKER_HTTP_BODY_TIMEOUT_SECONDS (default: 30)   limits of each connection (431 / dropped)
 """
 _ENV_WORKER = _ENV_COMMON + """\
   BROKER_WORKER_MAX_JOBS    jobs run at once (default: 500)
@@ -62,12 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     api = sub.add_parser("api", help="run the HTTP API", description="The HTTP API: tenant API, admin API,\n"
-                         "/metrics, /healthz, /readyz, OpenAPI under /schema.",
+                         "/healthz, /readyz, OpenAPI under /schema; /metrics on --metrics-port only.",
                          formatter_class=_HelpFormatter, epilog=_ENV_API)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on")
     api.add_argument("--port", type=int, default=8000, help="port to listen on")
     api.add_argument("--admin-port", type=int, default=None,
                      help="serve the admin API on this port only (not on --port)")
+    api.add_argument("--metrics-port", type=int, default=None,
+                     help="serve /metrics (and /healthz) on this port; never on --port")
+    api.add_argument("--metrics-host", default=None, help="address of --metrics-port (default: --host)")
 
     worker = sub.add_parser("worker", help="run one arq worker process", formatter_class=_HelpFormatter,
                             description="One worker process (run several).", epilog=_ENV_WORKER)
@@ -90,7 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     secrets_ = sub.add_parser("secrets", help="BROKER_SECRET_KEY helpers")
     ssub = secrets_.add_subparsers(dest="secrets_command", required=True)
     ssub.add_parser("generate", help="print a new key for BROKER_SECRET_KEY")
-    ssub.add_parser("rotate", help="re-encrypt every tenant credential with the first BROKER_SECRET_KEY key")
+    ssub.add_parser(
+        "rotate", help="re-encrypt every tenant credential with the first BROKER_SECRET_KEY key: all or "
+        "nothing, one line per tenant; exit 0 done, 1 nothing written (a credential no key decrypts), 2 error",
+    )
 
     from .cli_tenants import add_tenant_commands
 
@@ -126,7 +134,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         tracing.configure(settings, "session-broker-api")
 
-        serve_api(settings, args.host, args.port, admin_port=args.admin_port)
+        serve_api(settings, args.host, args.port, admin_port=args.admin_port, metrics_port=args.metrics_port,
+                  metrics_host=args.metrics_host)
         return 0
     if cmd == "worker":
         settings.require_secret_key()
@@ -156,15 +165,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         settings.require_secret_key()
         from .cli_tenants import rotate_secrets
-        from .errors import BrokerError
 
-        try:
-            count = asyncio.run(rotate_secrets(settings))
-        except BrokerError as exc:
-            print(f"session-broker: {exc.code}: {exc.message}", file=sys.stderr)
-            return 1
-        print(f"re-encrypted credentials of {count} tenant(s)")
-        return 0
+        return rotate_secrets(settings)
     from .cli_tenants import run_tenant_command
 
     return run_tenant_command(args, settings)

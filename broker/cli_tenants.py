@@ -211,7 +211,35 @@ def run_tenant_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def rotate_secrets(settings: Settings) -> int:
-    async with _services(settings) as (tenants, _):
-        count: int = await tenants.rotate_secrets()
-        return count
+def rotate_secrets(settings: Settings) -> int:
+    """``session-broker secrets rotate``: every tenant record is checked before any is written.
+    One line per tenant on stdout, ``<outcome> <tenant id> <records>`` with outcome ``rotated``,
+    ``unchanged``, ``cannot-decrypt`` (the records no configured key opens) or ``rotatable``
+    (the run was refused, so not written), then a summary. Exit code: 0 done (every credential
+    is now under the first key), 1 nothing was written because some credential cannot be
+    decrypted (the lines say which), 2 another error (Redis, settings)."""
+    from tenants.service import RotationReport
+
+    async def run() -> RotationReport:
+        async with _services(settings) as (tenants, _):
+            report: RotationReport = await tenants.rotate_all()
+            return report
+
+    try:
+        report = asyncio.run(run())
+    except BrokerError as exc:
+        print(f"session-broker: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except (OSError, ConnectionError) as exc:
+        print(f"session-broker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines:
+        print(f"{line.outcome:<14} {line.tenant_id} {', '.join(line.records)}".rstrip())
+    if report.refused:
+        print(f"session-broker: credentials of {len(report.refused)} tenant(s) cannot be decrypted with any "
+              "configured BROKER_SECRET_KEY (add the key that encrypted them to the list): nothing was "
+              "re-encrypted", file=sys.stderr)
+        return 1
+    rotated = sum(1 for line in report.lines if line.outcome == "rotated")
+    print(f"re-encrypted credentials of {rotated} tenant(s); {len(report.lines) - rotated} unchanged")
+    return 0

@@ -307,7 +307,7 @@ def _banner(api: str, sandbox: str, metrics_port: int, redis_url: str, env_hint:
     )
     print(f"""
 Session Broker is running.
-  API          {api}   (OpenAPI: {api}/schema/openapi.json, metrics: {api}/metrics)
+  API          {api}   (OpenAPI: {api}/schema/openapi.json; its /metrics only with `api --metrics-port`)
   console      {api}/console   (sign in with the demo key below)
   worker       metrics http://127.0.0.1:{metrics_port}/metrics
   sandbox      {sandbox}   (audit: {sandbox}/_sandbox/audit)

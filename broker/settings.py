@@ -47,6 +47,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     library_log_level: str = "WARNING"   # arq, httpx, httpx2, openai: INFO logs a line per job/request
     metrics_top_tenants: int = 20
     access_log: str = "all"              # API access lines: all | errors (status >= 400) | off
+    # HTTP input limits of the API's ports (CONTRACT.md section 14; broker/api/http_guard.py)
+    http_max_header_bytes: int = 16 * 1024    # request line + headers: more is a 431, connection closed
+    http_header_timeout_seconds: float = 10.0  # headers not complete this long after they began: dropped
+    http_body_timeout_seconds: float = 30.0    # no body bytes for this long mid-body: dropped
     # Tracing (broker/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
     otel_traces_exporter: str = "none"
     otel_service_name: str | None = None
@@ -89,6 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                                       ("DEBUG", "INFO", "WARNING", "ERROR")),
             metrics_top_tenants=int(_number(env, "BROKER_METRICS_TOP_TENANTS", 20, 0, 1000)),
             access_log=_choice(env, "BROKER_ACCESS_LOG", "all", ("all", "errors", "off")),
+            http_max_header_bytes=int(_number(env, "BROKER_HTTP_MAX_HEADER_BYTES", 16 * 1024, 1024, 1024 * 1024)),
+            http_header_timeout_seconds=_number(env, "BROKER_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, 0.1, 300.0),
+            http_body_timeout_seconds=_number(env, "BROKER_HTTP_BODY_TIMEOUT_SECONDS", 30.0, 0.1, 600.0),
             otel_traces_exporter=_traces_exporter(env),
             otel_service_name=_optional(env, "OTEL_SERVICE_NAME"),
         )

@@ -18,7 +18,7 @@ import secrets
 import string
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -32,7 +32,7 @@ from tenants.models import (
 from tenants.quotas import build_quotas
 from tenants.repository import TenantNameTaken, TenantRepository, parse_rfc3339, rfc3339, utc_now
 from tenants.session_config import GA_FIELDS, MAX_SESSION_BYTES, validate_session
-from tenants.session_secrets import keep_stored, reseal, seal, slots, unseal
+from tenants.session_secrets import SEALED_PREFIX, is_sealed, keep_stored, reseal, seal, slots, unseal
 
 __all__ = ["TenantService", "decode_create", "decode_patch", "parse_rfc3339", "rfc3339", "utc_now"]
 
@@ -300,33 +300,50 @@ class TenantService:
         return self._cipher.decrypt(token)
 
     async def rotate_secrets(self) -> int:
+        """:meth:`rotate_all`, the count of tenants rewritten; CredentialError (nothing written)
+        when some stored credential cannot be decrypted."""
+        report = await self.rotate_all()
+        if report.refused:
+            raise CredentialError(
+                f"credentials of {len(report.refused)} tenant(s) cannot be decrypted with any configured "
+                "BROKER_SECRET_KEY: nothing was re-encrypted"
+            )
+        return sum(1 for line in report.lines if line.outcome == "rotated")
+
+    async def rotate_all(self) -> RotationReport:
         """Re-encrypt every tenant's credentials (upstream keys and the MCP credentials of its
-        session defaults) with the first BROKER_SECRET_KEY; the count of tenants rewritten.
-        Afterwards the older keys can be dropped from BROKER_SECRET_KEY. Session hashes are not
-        rewritten: a session's config is opened only while it is provisioned (at most
-        ``BROKER_PROVISION_DEADLINE_SECONDS``), so the old key must stay until those have settled."""
+        session defaults) with the first BROKER_SECRET_KEY; afterwards the older keys can be
+        dropped from BROKER_SECRET_KEY. Session hashes are not rewritten: a session's config is
+        opened only while it is provisioned (at most ``BROKER_PROVISION_DEADLINE_SECONDS``), so
+        the old key must stay until those have settled.
+
+        Every record is checked first; if any credential cannot be decrypted with the configured
+        keys, nothing is written (``refused``) and each tenant's line says what it would be (or
+        which record cannot be decrypted). Otherwise every tenant whose credentials are not all
+        under the first key already is rewritten (WATCH/MULTI, re-checked on the fresh record)."""
         cipher = self._cipher
         if cipher is None:
             raise CredentialError("BROKER_SECRET_KEY is not set: nothing can be re-encrypted")
-
-        def change(tenant: Tenant) -> Tenant:
-            oa, av = tenant.openai, tenant.avaturn
-            session = reseal(oa.session, cipher)
-            return msgspec.structs.replace(
-                tenant,
-                openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc),
-                                               session=oa.session if session is None else session),
-                avaturn=msgspec.structs.replace(av, api_key_enc=av.api_key_enc and cipher.rotate(av.api_key_enc)),
-            )
-
-        count = 0
+        lines: list[RotationLine] = []
         async for tenant_id in self.repo.iter_ids():
             tenant = await self.repo.get(tenant_id)
-            if tenant is None or not _has_credentials(tenant):
-                continue
-            if await self.repo.modify(tenant_id, change) is not None:
-                count += 1
-        return count
+            if tenant is not None:
+                lines.append(_rotation_check(tenant, cipher))
+        refused = [line for line in lines if line.outcome == "cannot-decrypt"]
+        if refused:
+            lines = [RotationLine(line.tenant_id, "rotatable", line.records) if line.outcome == "rotated" else line
+                     for line in lines]
+            return RotationReport(lines, refused)
+        written: list[RotationLine] = []
+        for line in lines:
+            if line.outcome == "rotated":
+                try:
+                    if await self.repo.modify(line.tenant_id, lambda t: _rotated(t, cipher)) is None:
+                        line = RotationLine(line.tenant_id, "unchanged", ("deleted meanwhile",))
+                except CredentialError:  # changed meanwhile to a credential no key opens
+                    line = _rotation_check(await self.repo.get(line.tenant_id) or _gone(line.tenant_id), cipher)
+            written.append(line)
+        return RotationReport(written, [line for line in written if line.outcome == "cannot-decrypt"])
 
     # ---- API keys --------------------------------------------------------------------
 
@@ -350,6 +367,65 @@ class TenantService:
 
     async def record_key_use(self, tenant_id: str, key_id: str) -> None:
         await self.keys.record_use(tenant_id, key_id)
+
+
+class RotationLine(NamedTuple):
+    """One tenant's outcome of a rotation: ``rotated`` (or ``rotatable`` when the run was
+    refused), ``unchanged`` (no credential, or all under the first key already), or
+    ``cannot-decrypt``; ``records`` names the credentials concerned (never their values)."""
+
+    tenant_id: str
+    outcome: str
+    records: tuple[str, ...]
+
+
+class RotationReport(NamedTuple):
+    lines: list[RotationLine]
+    refused: list[RotationLine]  # non-empty: nothing was written
+
+
+def _tokens(tenant: Tenant) -> list[tuple[str, str]]:
+    """(record name, stored value) of every credential of ``tenant``; MCP values are sealed
+    tokens or plaintext left by an older version."""
+    out = [(name, enc) for name, enc in (("openai.api_key", tenant.openai.api_key_enc),
+                                         ("avaturn.api_key", tenant.avaturn.api_key_enc)) if enc]
+    out += [(f"openai.{slot.path}", slot.value) for slot in slots(tenant.openai.session)]
+    return out
+
+
+def _rotation_check(tenant: Tenant, cipher: CredentialCipher) -> RotationLine:
+    bad, stale = [], []
+    for name, value in _tokens(tenant):
+        sealed = not name.startswith("openai.session") or is_sealed(value)
+        token = value[len(SEALED_PREFIX):] if name.startswith("openai.session") and sealed else value
+        if not sealed:
+            stale.append(name)  # plaintext of an older version: sealed by the rotation
+        elif not cipher.is_current(token):
+            try:
+                cipher.decrypt(token)
+                stale.append(name)
+            except CredentialError:
+                bad.append(name)
+    if bad:
+        return RotationLine(tenant.id, "cannot-decrypt", tuple(bad))
+    if stale:
+        return RotationLine(tenant.id, "rotated", tuple(stale))
+    return RotationLine(tenant.id, "unchanged", ("no stored credential",) if not _tokens(tenant) else ())
+
+
+def _rotated(tenant: Tenant, cipher: CredentialCipher) -> Tenant:
+    oa, av = tenant.openai, tenant.avaturn
+    session = reseal(oa.session, cipher)
+    return msgspec.structs.replace(
+        tenant,
+        openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc),
+                                       session=oa.session if session is None else session),
+        avaturn=msgspec.structs.replace(av, api_key_enc=av.api_key_enc and cipher.rotate(av.api_key_enc)),
+    )
+
+
+def _gone(tenant_id: str) -> Tenant:
+    raise CredentialError(f"tenant {tenant_id} changed during the rotation and could not be read back")
 
 
 def _name_taken(exc: TenantNameTaken) -> Conflict:

@@ -85,6 +85,12 @@ async def create_key(request: Request, state: State, tenant_id: FromPath[str]) -
     not_after = req.not_after
     if not_after is not None and not_after.tzinfo is None:
         not_after = not_after.replace(tzinfo=UTC)
+    if not_after is not None:
+        try:  # 9999-12-31T23:59:59-12:00 is past the last instant a datetime holds in UTC
+            not_after = not_after.astimezone(UTC)
+        except OverflowError:
+            raise InvalidInput("not_after is outside the representable range of times", code="invalid_field",
+                               field="not_after") from None
     created = await state.tenants.create_key(tenant_id, not_after=not_after)
     return Response(content=created, status_code=201)
 

@@ -33,11 +33,17 @@ from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
 from .openapi import document_openapi
 from .redis_packing import use_hiredis_packing
-from .ops_routes import ops_handlers
+from .ops_routes import healthz, metrics_handlers, ops_handlers
 from .tenant_routes import tenant_router
 
 MAX_BODY = 64 * 1024
-ALL_SURFACES = ("tenant", "admin", "ops")
+ALL_SURFACES = ("tenant", "admin", "ops", "metrics")
+# What each port of `session-broker api` serves: the tenant port never /metrics (CONTRACT.md
+# section 14: it names tenants); the admin API on --admin-port when given, else on the tenant
+# port; /metrics (and /healthz) on --metrics-port only.
+PUBLIC_SURFACES = ("tenant", "ops")
+ADMIN_SURFACES = ("admin", "ops")
+METRICS_SURFACES = ("metrics",)
 SCHEMA_PATH = "/schema"
 log = logging.getLogger("broker.api")
 
@@ -53,9 +59,12 @@ def openapi_config() -> OpenAPIConfig:
                          render_plugins=render_plugins(SCHEMA_PATH))  # one viewer, served offline: docs_viewer.py
 
 
-def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Litestar:
+def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metrics: ApiMetrics | None = None) -> Litestar:
+    """``metrics``: the process's metrics, shared by the apps of its ports (one /metrics)."""
     surfaces = tuple(surfaces)
-    metrics = ApiMetrics(settings.metrics_top_tenants)
+    metrics = metrics if metrics is not None else ApiMetrics(settings.metrics_top_tenants)
+    if set(surfaces) <= {"metrics"}:
+        return _metrics_only_app(metrics)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -102,6 +111,8 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
         handlers.append(admin_router)
     if "ops" in surfaces:
         handlers.extend(ops_handlers)
+    if "metrics" in surfaces:
+        handlers.extend(metrics_handlers)
     app = Litestar(
         route_handlers=handlers,  # type: ignore[arg-type]
         lifespan=[lifespan],
@@ -119,6 +130,20 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
     return app
 
 
-def asgi_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> ASGIApp:
-    app = create_app(settings, surfaces)
+def _metrics_only_app(metrics: ApiMetrics) -> Litestar:
+    """The --metrics-port app: /metrics and /healthz (like the worker's metrics port), no
+    clients of its own (nothing there reads Redis)."""
+    app = Litestar(
+        route_handlers=[healthz, *metrics_handlers],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        openapi_config=None,
+        debug=False,
+        logging_config=None,
+    )
+    app.state.metrics = metrics
+    return app
+
+
+def asgi_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metrics: ApiMetrics | None = None) -> ASGIApp:
+    app = create_app(settings, surfaces, metrics)
     return metrics_middleware(app, app.state.metrics, settings.access_log)

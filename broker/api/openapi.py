@@ -212,7 +212,8 @@ _REASONS_BY_STATUS = {
     403: "The tenant is disabled.", 404: "Not found (another tenant's id answers exactly like an unknown one).",
     409: "A request with this Idempotency-Key is still being admitted (`idempotency_key_in_flight`); on the "
          "admin API: another tenant has this name (`tenant_name_taken`).", 413: "The body is larger than 64 KiB.",
-    415: "The body is not JSON.", 422: "The Idempotency-Key was used with another body.",
+    415: "The body is not JSON, or its Content-Type names a charset other than UTF-8.",
+    422: "The Idempotency-Key was used with another body.",
     429: "A quota is exhausted; the body states the limit and the current usage.",
     503: "Redis is unreachable; retry after Retry-After.",
 }
