@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8000, help="API port")
     dev.add_argument("--sandbox-port", type=int, default=8100, help="sandbox upstreams port")
     dev.add_argument("--metrics-port", type=int, default=9100, help="worker metrics port")
+    dev.add_argument("--api-metrics-port", type=int, default=9101, help="API metrics port (its /metrics)")
     dev.add_argument("--data-dir", default=".dev", help="state: Redis AOF, secret key, admin token, env, lock")
 
     secrets_ = sub.add_parser("secrets", help="BROKER_SECRET_KEY helpers")

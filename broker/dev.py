@@ -115,7 +115,8 @@ class DevRunner:
 
     def _start(self, lock: DevLock) -> None:
         args, settings = self.args, self.settings
-        ports = {"--port": args.port, "--sandbox-port": args.sandbox_port, "--metrics-port": args.metrics_port}
+        ports = {"--port": args.port, "--sandbox-port": args.sandbox_port, "--metrics-port": args.metrics_port,
+                 "--api-metrics-port": args.api_metrics_port}
         busy = [f"{port} ({flag})" for flag, port in ports.items() if not _port_free(port)]
         if busy:
             raise DevFailed(f"port {', '.join(busy)} is in use on 127.0.0.1: stop what uses it or pick another port")
@@ -126,7 +127,8 @@ class DevRunner:
         env = self._child_env(redis_url, sandbox)
         self._spawn("sandbox", env, "sandbox", "--port", str(args.sandbox_port))
         self._wait_http("sandbox", f"{sandbox}/_sandbox/healthz")
-        self._spawn("API", env, "api", "--port", str(args.port))
+        self._spawn("API", env, "api", "--port", str(args.port), "--metrics-port", str(args.api_metrics_port),
+                    "--metrics-host", "127.0.0.1")
         self._wait_http("API", f"{api}/readyz")
         self._spawn("worker", env, "worker", "--metrics-port", str(args.metrics_port), "--metrics-host", "127.0.0.1")
         self._wait_http("worker", f"http://127.0.0.1:{args.metrics_port}/healthz")
@@ -134,7 +136,7 @@ class DevRunner:
         write_env(self.env_path, env, api, os.getpid())
         log.info("dev_ready", extra={"fields": {"api": api, "sandbox": sandbox, "redis": masked_url(redis_url),
                                                 "env_file": str(self.env_path), "demo_tenant": tenant_id}})
-        _banner(api, sandbox, args.metrics_port, masked_url(redis_url), self._env_hint(), tenant_id, key, prefix)
+        _banner(api, sandbox, args.metrics_port, args.api_metrics_port, masked_url(redis_url), self._env_hint(), tenant_id, key, prefix)
 
     def _redis(self) -> str:
         if self.settings.redis_configured:
@@ -292,7 +294,7 @@ def _demo_key(api: str, admin_token: str) -> tuple[str, str | None, str | None]:
         return tenant_id, str(created.json()["key"]), None
 
 
-def _banner(api: str, sandbox: str, metrics_port: int, redis_url: str, env_hint: str, tenant_id: str,
+def _banner(api: str, sandbox: str, metrics_port: int, api_metrics_port: int, redis_url: str, env_hint: str, tenant_id: str,
             key: str | None, prefix: str | None) -> None:
     cli = _cli_name()
     if key is not None:
@@ -307,7 +309,7 @@ def _banner(api: str, sandbox: str, metrics_port: int, redis_url: str, env_hint:
     )
     print(f"""
 Session Broker is running.
-  API          {api}   (OpenAPI: {api}/schema/openapi.json; its /metrics only with `api --metrics-port`)
+  API          {api}   (OpenAPI: {api}/schema/openapi.json; metrics http://127.0.0.1:{api_metrics_port}/metrics)
   console      {api}/console   (sign in with the demo key below)
   worker       metrics http://127.0.0.1:{metrics_port}/metrics
   sandbox      {sandbox}   (audit: {sandbox}/_sandbox/audit)

@@ -29,7 +29,8 @@ STOP_LIMIT_S = 5.0
 class Dev:
     def __init__(self, data: Path, log: Path, extra_env: dict[str, str] | None = None) -> None:
         self.data, self.log = data, log
-        self.ports = {"port": free_port(), "sandbox_port": free_port(), "metrics_port": free_port()}
+        self.ports = {"port": free_port(), "sandbox_port": free_port(), "metrics_port": free_port(),
+                      "api_metrics_port": free_port()}
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
         env.update(extra_env or {})
         self.env = env
@@ -46,7 +47,8 @@ class Dev:
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "broker.cli", "dev", "--data-dir", str(self.data),
                 "--port", str(self.ports["port"]), "--sandbox-port", str(self.ports["sandbox_port"]),
-                "--metrics-port", str(self.ports["metrics_port"])]
+                "--metrics-port", str(self.ports["metrics_port"]),
+                "--api-metrics-port", str(self.ports["api_metrics_port"])]
 
     def start(self) -> Dev:
         with open(self.log, "ab") as out:
@@ -114,6 +116,11 @@ def test_ctrl_c_mid_job_stops_everything_in_time_redis_last_and_nothing_is_lost(
     key = re.search(r"\b(sbk_[A-Za-z0-9]+)\b", first_output)
     assert key, first_output
     assert "dev_ready [" in first_output and '{"event"' not in first_output  # console format, as the rest
+    # the API's metrics on their own port (never on the tenant port), as the banner says
+    api_metrics = f"http://127.0.0.1:{dev.ports['api_metrics_port']}/metrics"
+    assert api_metrics in first_output
+    assert "broker_http_requests_total" in httpx.get(api_metrics).text
+    assert httpx.get(f"{dev.api}/metrics").status_code == 404
 
     # a second runner on the same data dir: refused at once, one line naming the running one
     second = Dev(dev.data, tmp_path / "second.log")
