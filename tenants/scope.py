@@ -21,6 +21,10 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:mint                 hash  worker-side OpenAI mint bucket
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
+    sb:t:{tid}:sched:prov           zset  sid -> when the scheduler takes it next (ms): the reserved mint
+                                          slot, then a retry time or a claim lease (broker/sessions/schedule.py)
+    sb:sched:prov:tenants           zset  tid -> no later than the earliest score of its sched:prov
+    sb:sched:prov:wake              list  wake-up tokens for idle provisioning loops (BLPOP)
     sb:stats:live                   hash  status -> count of sessions in that live status
     sb:sweep:index_cursor           string "{rank}:{tid}:{score}": where the sweeper's trim of the
                                            sessions indexes resumes (workers/jobs/sweep.py)
@@ -36,6 +40,8 @@ PREFIX = "sb:"
 TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
 DUE_PROVISION = PREFIX + "due:provision"
+PROVISION_TENANTS = PREFIX + "sched:prov:tenants"  # zset: tenant id -> earliest score of its provision schedule
+PROVISION_WAKE = PREFIX + "sched:prov:wake"        # list: wake-up tokens for idle provisioning loops
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
@@ -102,6 +108,9 @@ class TenantScope:
 
     def mint_bucket(self) -> str:
         return self._base + "mint"
+
+    def provision_schedule(self) -> str:
+        return self._base + "sched:prov"
 
     def events_channel(self, session_id: str) -> str:
         return f"{PREFIX}events:{self.tenant_id}:{session_id}"

@@ -71,7 +71,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     secret_enc: str = ""                 # minted client secret, encrypted; dropped when terminal
     secret_expires_at: int = 0
     create_state: str = ""               # "" | inflight | done | unknown
-    attempts: int = 0
+    attempts: int = 0                    # provisioning claims (broker/sessions/schedule.py)
+    mint_at: int = 0                     # the OpenAI mint slot reserved at admission (ms); 0: none
     delete_attempts: int = 0
 
     @property

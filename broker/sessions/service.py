@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from broker.api.ratelimit import refusal_headers
 from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
-from tenants.admission import AdmissionRequest, Admitted, KeyReused, QueuedJob, Refused, Replayed, admit
+from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
 from tenants.session_secrets import seal
@@ -111,7 +111,6 @@ class SessionService:
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
-        job = self.queue.provision_job(tenant.id, sid)
         outcome = await admit(
             self.repo.redis,
             AdmissionRequest(
@@ -125,7 +124,6 @@ class SessionService:
                 session_fields=fields,
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
                 provision_deadline_ms=now + self.provision_deadline_ms,
-                job=QueuedJob(keys=job.keys(), args=job.args()),  # enqueued by the same script
             ),
             self.repo.execute,
         )
@@ -146,6 +144,7 @@ class SessionService:
             if rec is None:  # admitted by a request that has not finished writing: impossible with one script
                 raise Conflict("a request with this Idempotency-Key is still being admitted; retry shortly")
             return rec, outcome
+        fields["mint_at"] = str(await _schedule_interim(self.repo.redis, tenant, sid, now))
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
         # The record as the script wrote it (no read back: a worker may already be on it).
@@ -231,6 +230,25 @@ class SessionService:
             except NotFound:
                 continue
         return count
+
+
+async def _schedule_interim(redis: Any, tenant: Tenant, sid: str, now: int) -> int:
+    """INTERIM (issue-15b branch only, replaced by issue-15a's admission): reserve the mint slot
+    and schedule the admitted session, in a second step after the admission script."""
+    from tenants.mint_rate import reserve_mint
+    from tenants.scope import PROVISION_TENANTS, PROVISION_WAKE, TenantScope
+
+    scope = TenantScope(tenant.id)
+    slot = now + int(round(await reserve_mint(redis, tenant.id, tenant.quotas.openai_requests_per_minute, now) * 1000))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(scope.session(sid), "mint_at", slot)
+        pipe.zadd(scope.provision_schedule(), {sid: slot})
+        pipe.zadd(PROVISION_TENANTS, {tenant.id: slot}, lt=True)
+        if slot <= now + 1000:
+            pipe.lpush(PROVISION_WAKE, "1")
+            pipe.ltrim(PROVISION_WAKE, 0, 63)
+        await pipe.execute()
+    return slot
 
 
 def _digest(data: bytes) -> str:
