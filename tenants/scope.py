@@ -18,9 +18,12 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:rate                 hash  token bucket {tokens, ts}
     sb:t:{tid}:day:{yyyymmdd}       string counter, expires after 48 h
     sb:t:{tid}:idem:{sha256(key)}   hash  {body, sid, state}            (24 h)
-    sb:t:{tid}:mint                 hash  worker-side OpenAI mint bucket
+    sb:t:{tid}:mint                 hash  OpenAI mint schedule (GCRA {tat, last}), reserved at admission
+    sb:t:{tid}:sched:prov           zset  sid -> mint slot (ms) reserved at admission (provisioning schedule)
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
+    sb:sched:prov:tenants           zset  tenant id -> earliest score of its provisioning schedule
+    sb:sched:prov:wake              list  wake-up tokens for idle provisioning workers (at most 64)
     sb:stats:live                   hash  status -> count of sessions in that live status
     sb:sweep:index_cursor           string "{rank}:{tid}:{score}": where the sweeper's trim of the
                                            sessions indexes resumes (workers/jobs/sweep.py)
@@ -36,6 +39,9 @@ PREFIX = "sb:"
 TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
 DUE_PROVISION = PREFIX + "due:provision"
+PROVISION_TENANTS = PREFIX + "sched:prov:tenants"  # zset: tenants with scheduled provisioning work
+PROVISION_WAKE = PREFIX + "sched:prov:wake"        # list: LPUSHed when a slot is due (BLPOPped by idle workers)
+PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM 0 63)
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
@@ -102,6 +108,10 @@ class TenantScope:
 
     def mint_bucket(self) -> str:
         return self._base + "mint"
+
+    def provision_schedule(self) -> str:
+        """zset sid -> score: the session's mint slot (ms) as admission reserved it."""
+        return self._base + "sched:prov"
 
     def events_channel(self, session_id: str) -> str:
         return f"{PREFIX}events:{self.tenant_id}:{session_id}"

@@ -1,4 +1,4 @@
-"""The rules of the session lifecycle on the API side: create (validate, admit, enqueue),
+"""The rules of the session lifecycle on the API side: create (validate, admit and schedule),
 read, list, stop, and stop-all for a disabled tenant."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import msgspec
 
 from broker.api.ratelimit import refusal_headers
 from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
-from tenants.admission import AdmissionRequest, Admitted, KeyReused, QueuedJob, Refused, Replayed, admit
+from broker.settings import mint_window
+from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
 from tenants.session_secrets import seal
@@ -34,10 +35,15 @@ STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated"
 
 class SessionService:
     def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float,
-                 cipher: CredentialCipher | None = None) -> None:
+                 mint_window_s: float | None = None, cipher: CredentialCipher | None = None) -> None:
+        """``mint_window_s``: a session is admitted only if its mint slot is at most this far
+        ahead (``Settings.mint_window_seconds()``; default: the deadline minus the default
+        margin, ``broker.settings.mint_window``)."""
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)
+        window_s = mint_window(provision_deadline_s) if mint_window_s is None else mint_window_s
+        self.mint_window_ms = int(window_s * 1000)
         self._cipher = cipher  # seals the MCP credentials of a request's own session override
         self._default_configs: dict[bytes, str] = {}
 
@@ -111,7 +117,6 @@ class SessionService:
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
-        job = self.queue.provision_job(tenant.id, sid)
         outcome = await admit(
             self.repo.redis,
             AdmissionRequest(
@@ -124,18 +129,18 @@ class SessionService:
                 body_digest=_digest(_canonical(req)) if idempotency_key else None,
                 session_fields=fields,
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
-                provision_deadline_ms=now + self.provision_deadline_ms,
-                job=QueuedJob(keys=job.keys(), args=job.args()),  # enqueued by the same script
+                # its mint slot, reserved here, is scheduled by the same script: no job to enqueue
+                mint_window_ms=self.mint_window_ms,
             ),
             self.repo.execute,
         )
         if isinstance(outcome, Refused):
-            raise QuotaExceeded(
-                _refusal_message(outcome),
-                code=outcome.code,
-                headers=refusal_headers(outcome),
-                extra={"limit": outcome.limit, "current": outcome.current, "retry_after": outcome.retry_after_s},
-            )
+            extra: dict[str, int] = {"limit": outcome.limit, "current": outcome.current,
+                                     "retry_after": outcome.retry_after_s}
+            if outcome.code == "provisioning_backlog":
+                extra["backlog"] = outcome.current
+            raise QuotaExceeded(_refusal_message(outcome), code=outcome.code, headers=refusal_headers(outcome),
+                                extra=extra)
         if isinstance(outcome, KeyReused):
             raise Unprocessable(
                 "this Idempotency-Key was already used with a different request body",
@@ -268,6 +273,9 @@ def _skip_through(batch: list[tuple[str, int]], after: str | None) -> list[tuple
 
 
 def _refusal_message(r: Refused) -> str:
+    if r.code == "provisioning_backlog":
+        return (f"openai_requests_per_minute of {r.limit} leaves no mint slot for a new session before its "
+                f"provisioning deadline ({r.current} sessions already waiting); retry after {r.retry_after_s} s")
     what = {
         "rate_limited": "sessions_per_minute",
         "concurrency_limit": "max_concurrent_sessions",

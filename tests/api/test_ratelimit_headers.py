@@ -76,7 +76,7 @@ async def test_refusal_headers_from_a_real_refusal(redis: aioredis.Redis) -> Non
     def req(sid: str, at: int) -> AdmissionRequest:
         return AdmissionRequest(
             tenant_id="ten_h", session_id=sid, now_ms=at, quotas=q, session_fields={"status": "queued"},
-            lease_until_ms=at + 60_000, provision_deadline_ms=at + 1000,
+            lease_until_ms=at + 60_000, mint_window_ms=40_000,
         )
 
     first = await admit(redis, req("ses_1", now))
