@@ -151,6 +151,7 @@ class SessionService:
             if rec is None:  # admitted by a request that has not finished writing: impossible with one script
                 raise Conflict("a request with this Idempotency-Key is still being admitted; retry shortly")
             return rec, outcome
+        fields["mint_at"] = str(outcome.mint_at)  # the script stores it with the record
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
         # The record as the script wrote it (no read back: a worker may already be on it).
