@@ -69,7 +69,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
             metrics=metrics,
             sessions=SessionService(
                 SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds,
-                cipher=cipher,
+                mint_window_s=settings.mint_window_seconds(), cipher=cipher,
             ),
         )
         await auth.start()

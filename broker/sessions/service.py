@@ -1,16 +1,17 @@
-"""The rules of the session lifecycle on the API side: create (validate, admit, enqueue),
+"""The rules of the session lifecycle on the API side: create (validate, admit and schedule),
 read, list, stop, and stop-all for a disabled tenant."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from broker.api.ratelimit import refusal_headers
 from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from broker.settings import mint_window
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
@@ -34,10 +35,15 @@ STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated"
 
 class SessionService:
     def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float,
-                 cipher: CredentialCipher | None = None) -> None:
+                 mint_window_s: float | None = None, cipher: CredentialCipher | None = None) -> None:
+        """``mint_window_s``: a session is admitted only if its mint slot is at most this far
+        ahead (``Settings.mint_window_seconds()``; default: the deadline minus the default
+        margin, ``broker.settings.mint_window``)."""
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)
+        window_s = mint_window(provision_deadline_s) if mint_window_s is None else mint_window_s
+        self.mint_window_ms = int(window_s * 1000)
         self._cipher = cipher  # seals the MCP credentials of a request's own session override
         self._default_configs: dict[bytes, str] = {}
 
@@ -123,17 +129,18 @@ class SessionService:
                 body_digest=_digest(_canonical(req)) if idempotency_key else None,
                 session_fields=fields,
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
-                provision_deadline_ms=now + self.provision_deadline_ms,
+                # its mint slot, reserved here, is scheduled by the same script: no job to enqueue
+                mint_window_ms=self.mint_window_ms,
             ),
             self.repo.execute,
         )
         if isinstance(outcome, Refused):
-            raise QuotaExceeded(
-                _refusal_message(outcome),
-                code=outcome.code,
-                headers=refusal_headers(outcome),
-                extra={"limit": outcome.limit, "current": outcome.current, "retry_after": outcome.retry_after_s},
-            )
+            extra: dict[str, int] = {"limit": outcome.limit, "current": outcome.current,
+                                     "retry_after": outcome.retry_after_s}
+            if outcome.code == "provisioning_backlog":
+                extra["backlog"] = outcome.current
+            raise QuotaExceeded(_refusal_message(outcome), code=outcome.code, headers=refusal_headers(outcome),
+                                extra=extra)
         if isinstance(outcome, KeyReused):
             raise Unprocessable(
                 "this Idempotency-Key was already used with a different request body",
@@ -144,7 +151,7 @@ class SessionService:
             if rec is None:  # admitted by a request that has not finished writing: impossible with one script
                 raise Conflict("a request with this Idempotency-Key is still being admitted; retry shortly")
             return rec, outcome
-        fields["mint_at"] = str(await _schedule_interim(self.repo.redis, tenant, sid, now))
+        fields["mint_at"] = str(outcome.mint_at)  # the script stores it with the record
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
         # The record as the script wrote it (no read back: a worker may already be on it).
@@ -232,25 +239,6 @@ class SessionService:
         return count
 
 
-async def _schedule_interim(redis: Any, tenant: Tenant, sid: str, now: int) -> int:
-    """INTERIM (issue-15b branch only, replaced by issue-15a's admission): reserve the mint slot
-    and schedule the admitted session, in a second step after the admission script."""
-    from tenants.mint_rate import reserve_mint
-    from tenants.scope import PROVISION_TENANTS, PROVISION_WAKE, TenantScope
-
-    scope = TenantScope(tenant.id)
-    slot = now + int(round(await reserve_mint(redis, tenant.id, tenant.quotas.openai_requests_per_minute, now) * 1000))
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(scope.session(sid), "mint_at", slot)
-        pipe.zadd(scope.provision_schedule(), {sid: slot})
-        pipe.zadd(PROVISION_TENANTS, {tenant.id: slot}, lt=True)
-        if slot <= now + 1000:
-            pipe.lpush(PROVISION_WAKE, "1")
-            pipe.ltrim(PROVISION_WAKE, 0, 63)
-        await pipe.execute()
-    return slot
-
-
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -286,6 +274,9 @@ def _skip_through(batch: list[tuple[str, int]], after: str | None) -> list[tuple
 
 
 def _refusal_message(r: Refused) -> str:
+    if r.code == "provisioning_backlog":
+        return (f"openai_requests_per_minute of {r.limit} leaves no mint slot for a new session before its "
+                f"provisioning deadline ({r.current} sessions already waiting); retry after {r.retry_after_s} s")
     what = {
         "rate_limited": "sessions_per_minute",
         "concurrency_limit": "max_concurrent_sessions",
