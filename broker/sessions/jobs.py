@@ -28,8 +28,8 @@ def job_deserializer(data: bytes) -> Any:
 class JobQueue:
     """Enqueues session jobs (arq's ``enqueue_job``). Job ids make every enqueue idempotent."""
 
-    def __init__(self, arq: ArqRedis) -> None:
-        self.arq = arq
+    def __init__(self, pool: ArqRedis) -> None:
+        self.arq = pool
 
     async def terminate(self, tenant_id: str, session_id: str, *, tag: str = "stop") -> bool:
         """Enqueue the termination of a session now; False if a job with its id exists already."""
