@@ -71,10 +71,12 @@ class ProvisioningLoop:
         self.claim_calls = 0
         self.last_run = 0.0        # time.monotonic() of the last completed iteration
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}  # session id -> its attempt in flight
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._draining = False
+        self._redis_lost = False
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._last_warning = 0.0
@@ -133,6 +135,7 @@ class ProvisioningLoop:
             except REDIS_ERRORS as exc:
                 self.ctx.metrics.redis_errors.labels("provision").inc()
                 self._warn("redis unreachable (%s); the provisioning loop keeps retrying", type(exc).__name__)
+                self._redis_lost = True
                 delay = REDIS_DOWN_PAUSE_S
             except Exception:
                 log.exception("provisioning loop iteration failed; going on")
@@ -148,6 +151,11 @@ class ProvisioningLoop:
             await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             await asyncio.sleep(FULL_GATHER_S)
             return 0.0
+        if self._redis_lost:
+            # Redis is back: renew this worker's claims before claiming (an outage longer than
+            # the lease let them lapse), so its own sessions in flight are not taken again
+            await self.keeper.renew_now()
+            self._redis_lost = False
         now = now_ms()
         self._wake.clear()  # a token from now on means: claim again
         next_due, claims = await self.schedule.claim(now, now + self.lease_ms, free)
@@ -170,8 +178,15 @@ class ProvisioningLoop:
                 await self._wake.wait()
 
     def _spawn(self, claimed: Claimed) -> None:
+        sid = claimed.record.id
+        if sid in self._running:
+            # Its lease lapsed while this worker still works on it (Redis away, a stalled loop):
+            # the claim only renewed it; the attempt in flight goes on, no second one.
+            return
         self.claimed += 1
         task = asyncio.create_task(self._provision(claimed))
+        self._running[sid] = task
+        task.add_done_callback(lambda _t, sid=sid: self._running.pop(sid, None))
         self._in_flight.add(task)
         if len(self._in_flight) >= self.max_in_flight:
             self._room.clear()

@@ -154,25 +154,34 @@ class ClaimKeeper:
             if self._held[entry] <= 0:
                 del self._held[entry]
 
+    def holds(self, tenant_id: str, session_id: str) -> bool:
+        return self.locate(tenant_id, session_id) in self._held
+
     async def _renew(self) -> None:
         while self._held:
             await asyncio.sleep(self.every_s)
             if not self._held:
                 return
-            until = now_ms() + self.lease_ms
-            by_key: dict[str, dict[str, int]] = {}
-            for key, member in self._held:
-                by_key.setdefault(key, {})[member] = until
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key, members in by_key.items():
-                        pipe.zadd(key, members, xx=True)
-                    await pipe.execute()
-                self.renewals += 1
+                await self.renew_now()
             except (RedisConnectionError, RedisTimeoutError):
                 self.metrics.redis_errors.labels(self.source).inc()  # the next tick tries again
             except Exception:  # never let a renewal failure end the loop: the leases would lapse
                 log.exception("renewing claims failed; trying again")
+
+    async def renew_now(self) -> None:
+        """Renew every held claim now (one round trip); Redis errors are the caller's."""
+        if not self._held:
+            return
+        until = now_ms() + self.lease_ms
+        by_key: dict[str, dict[str, int]] = {}
+        for key, member in list(self._held):
+            by_key.setdefault(key, {})[member] = until
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, members in by_key.items():
+                pipe.zadd(key, members, xx=True)
+            await pipe.execute()
+        self.renewals += 1
 
     async def stop(self) -> None:
         if self._task is not None:
