@@ -145,6 +145,7 @@ class ProvisioningLoop:
     async def step(self) -> float:
         """One iteration: claim what is due and start it; returns how long to sleep at most."""
         if self._draining:
+            self._wake.clear()
             return 3600.0
         free = self.max_in_flight - len(self._in_flight)
         if free <= 0:

@@ -368,3 +368,21 @@ async def test_a_session_claimed_past_its_deadline_is_failed(ctx: WorkerContext,
         rec = await _wait_status(ctx.repo, tid, "ses_old", {"failed"}, 5)
     assert (rec.error_code, rec.termination_reason) == ("provision_deadline_exceeded", "reaped")
     assert sandbox.audit()["sessions"] == []
+
+
+async def test_a_drained_loop_claims_nothing_and_leaves_the_event_loop_free(ctx: WorkerContext, starts: Starts) -> None:
+    """Invariant: after drain() (SIGTERM) the loop claims no new session, what was in flight
+    ends by itself (wait_idle), and the event loop keeps running other work meanwhile."""
+    starts.hold = 0.3
+    async with running_loop(ctx) as loop:
+        await admit(ctx.redis, "ten_a", "ses_running", now_ms())
+        await _until(lambda: "ses_running" in starts.at, 2)
+        loop.drain()
+        await admit(ctx.redis, "ten_a", "ses_after", now_ms())
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)
+        assert time.monotonic() - t0 < 0.5  # not starved by a busy loop
+        assert await loop.wait_idle(5)
+        await asyncio.sleep(0.3)
+        assert "ses_after" not in starts.at and loop.claimed == 1
+        assert await ProvisionSchedule(ctx.redis).entries("ten_a") != []
