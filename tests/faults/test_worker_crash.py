@@ -57,6 +57,8 @@ def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_
     w1.kill()
     killed_at = time.time()
     rec_c, rec_m = led.record(in_create), led.record(in_mint)
+    slots = {sid: led.record(sid).mint_at for sid in (in_create, in_mint)}
+    assert all(slots.values())  # reserved at admission
     assert (rec_c.status, rec_c.create_state, bool(rec_c.secret_enc)) == ("provisioning", "inflight", True)
     assert (rec_m.status, rec_m.create_state, bool(rec_m.secret_enc)) == ("provisioning", "", False)
     assert led.record(expiring).status == led.record(requested).status == "terminating"
@@ -74,6 +76,7 @@ def test_sigkill_at_every_step_is_finished_by_another_worker(make_harness, make_
     assert recovered_after <= LEASE_S + 1, recovered_after  # the lease + 1 s
     for sid in (in_create, in_mint):
         assert led.record(sid).attempts == 2  # claimed twice: by the killed worker, then by the survivor
+        assert led.record(sid).mint_at == slots[sid]  # the same mint slot: none taken by the re-run
 
     # the sandbox finishes what the killed worker had asked (a slow server does not stop when
     # its client goes away): the takeover is faster than those 5 s calls
