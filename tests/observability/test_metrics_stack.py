@@ -95,6 +95,8 @@ def test_provisioning_upstream_and_job_metrics(api, worker, admin: Admin, sandbo
         wait_status(c, sid, {"ready"})
     with tenant_client(api.url, bad_key) as c:
         assert c.post("/v1/sessions?wait=10").status_code == 502
+    # the answer leaves when the status is published; the worker counts its attempt just after
+    wait_for(lambda: value(r, "broker_worker_jobs_total", function="provision", outcome="ok") == 3, 5, "attempts counted")
     assert value(r, "broker_provisions_total", outcome="ready", code="") == 2
     assert value(r, "broker_provisions_total", outcome="failed", code="openai_invalid_api_key") == 1
     assert value(r, "broker_time_to_ready_seconds_count") == 2
