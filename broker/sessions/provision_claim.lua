@@ -21,7 +21,7 @@
 --
 -- KEYS: 1 ring, 2 stats hash (live status -> count)
 -- ARGV: 1 now (ms), 2 lease until (ms), 3 room (sessions to claim at most),
---       4 tenants looked at per call at most,
+--       4 tenants read from the ring per call at most (room + 32 below that),
 --       5, 6 the tenant schedule key around the tenant id (prefix, suffix),
 --       7, 8, 9 the session key around tenant id and session id (prefix, middle, suffix)
 -- Reply: {earliest ring score after the claim or "", then per claimed session:
@@ -34,13 +34,17 @@ local kp, km, ks = ARGV[7], ARGV[8], ARGV[9]
 local out = {''}
 
 if room > 0 then
-  local tenants = redis.call('ZRANGEBYSCORE', ring, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
-  local served = {}
+  -- the due tenants, earliest first: as many as can be served, plus some whose ring entry may
+  -- lag (nothing due any more: corrected below)
+  local want = math.min(tonumber(ARGV[4]), room + 32)
+  local tenants = redis.call('ZRANGEBYSCORE', ring, '-inf', ARGV[1], 'LIMIT', 0, want)
+  local served, looked = {}, {}
   local active = tenants
   while room > 0 and #active > 0 do
     local still = {}
     for _, tid in ipairs(active) do
       if room <= 0 then break end
+      looked[tid] = true
       local sched = sp .. tid .. ss
       local due = redis.call('ZRANGEBYSCORE', sched, '-inf', ARGV[1], 'LIMIT', 0, 1)
       local sid = due[1]
@@ -64,17 +68,19 @@ if room > 0 then
     end
     active = still
   end
-  -- every tenant looked at gets its true place in the ring
+  -- every tenant looked at gets its true place in the ring (one not reached keeps its due score)
   for _, tid in ipairs(tenants) do
-    local sched = sp .. tid .. ss
-    local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
-    if not first[2] then
-      redis.call('ZREM', ring, tid)
-    else
-      local score = tonumber(first[2])
-      if served[tid] and score <= now then score = now end
-      if served[tid] or score > now then
-        redis.call('ZADD', ring, string.format('%d', score), tid)
+    if looked[tid] then
+      local sched = sp .. tid .. ss
+      local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+      if not first[2] then
+        redis.call('ZREM', ring, tid)
+      else
+        local score = tonumber(first[2])
+        if served[tid] and score <= now then score = now end
+        if served[tid] or score > now then
+          redis.call('ZADD', ring, string.format('%d', score), tid)
+        end
       end
     end
   end

@@ -386,3 +386,25 @@ async def test_a_drained_loop_claims_nothing_and_leaves_the_event_loop_free(ctx:
         await asyncio.sleep(0.3)
         assert "ses_after" not in starts.at and loop.claimed == 1
         assert await ProvisionSchedule(ctx.redis).entries("ten_a") != []
+
+
+async def test_lagging_ring_entries_are_corrected_and_never_hide_due_work(redis: aioredis.Redis) -> None:
+    """Invariant: 100 tenants whose ring entries say "due" although their only sessions are
+    leased (a lagging hint) cost a claim call no more than room + 32 of them each, are set to
+    their true score as they are looked at, and the tenant with a really due session behind
+    them is claimed within a few calls (each call reports work due, so the loop calls again)."""
+    sched = ProvisionSchedule(redis)
+    now = now_ms()
+    for i in range(100):
+        await admit(redis, f"ten_{i:03d}", f"ses_{i:03d}", now + 60_000, token=False)
+        await redis.zadd(PROVISION_TENANTS, {f"ten_{i:03d}": now - 1_000 + i})  # lags: says due
+    await admit(redis, "ten_zzz", "ses_due", now - 10, token=False)
+    calls = 0
+    while True:
+        calls += 1
+        nxt, claims = await sched.claim(now, now + LEASE, 1)
+        if claims:
+            break
+        assert nxt is not None and nxt <= now  # the caller is told to claim again
+    assert [c.record.id for c in claims] == ["ses_due"] and calls <= 4, calls
+    assert await redis.zscore(PROVISION_TENANTS, "ten_000") == now + 60_000
