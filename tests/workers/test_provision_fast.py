@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import io
 import json
 import logging
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
