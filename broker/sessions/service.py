@@ -207,7 +207,7 @@ class SessionService:
         worker can end the session within a millisecond (0 ms upstream), and a read after that
         turned this call's answer into "already terminated" (200) for a session it had just
         moved to ``terminating`` (202, CONTRACT.md). The expiry loop takes a stop only
-        ``STOP_GRACE_MS`` after it, so before the read only a provisioning job already running
+        ``STOP_GRACE_MS`` after it, so before the read only a provisioning attempt already running
         can end it (when its own step sees the stop): that session is then reported as it is."""
         rec = await self.get(tenant_id, session_id)
         if rec.status in ("terminated", "failed"):

@@ -197,10 +197,10 @@ def restore_logging() -> Iterator[None]:
 def _arq_lines(buffer: io.StringIO) -> list[str]:
     logging.getLogger().handlers[0].setStream(buffer)  # type: ignore[attr-defined]
     arq = logging.getLogger(ARQ_WORKER_LOGGER)
-    arq.info("%6.2fs → %s(%s)%s", 0.01, "prov:ses_x:provision_session", "'ten_x', 'ses_x'", "")
-    arq.info("%6.2fs ← %s ● %s", 0.8, "prov:ses_x:provision_session", "'ready'")
+    arq.info("%6.2fs → %s(%s)%s", 0.01, "term:ses_x:stop:terminate_session", "'ten_x', 'ses_x'", "")
+    arq.info("%6.2fs ← %s ● %s", 0.8, "term:ses_x:stop:terminate_session", "'ready'")
     arq.info("received %s, setting allow_pick_jobs to `False`", "SIGTERM")
-    arq.warning("%6.2fs ! %s max retries %d exceeded", 1.0, "prov:ses_y:provision_session", 1000)
+    arq.warning("%6.2fs ! %s max retries %d exceeded", 1.0, "term:ses_y:stop:terminate_session", 1000)
     return [json.loads(line)["event"] for line in buffer.getvalue().splitlines()]
 
 
@@ -212,7 +212,7 @@ def test_per_job_and_per_request_library_lines_are_off_by_default(log_lines: io.
     assert logging.getLogger("workers.provision").isEnabledFor(logging.INFO)
     events = _arq_lines(log_lines)  # arq: lifecycle lines and warnings stay, per-job lines go
     assert events == ["received SIGTERM, setting allow_pick_jobs to `False`",
-                      "  1.00s ! prov:ses_y:provision_session max retries 1000 exceeded"]
+                      "  1.00s ! term:ses_y:stop:terminate_session max retries 1000 exceeded"]
 
 
 def test_library_lines_come_back_with_their_setting(log_lines: io.StringIO) -> None:

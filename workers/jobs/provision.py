@@ -129,7 +129,7 @@ async def _reschedule(ctx: WorkerContext, rec: SessionRecord, at_ms: int, reason
 
 
 async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str, reason: str = "upstream_failed") -> None:
-    """``fail_session`` with one log line (arq's per-job lines are off by default)."""
+    """``fail_session`` with one log line."""
     if (await fail_session(ctx, rec, code, message, reason=reason)).applied:
         log.warning("provisioning failed: %s", code)
 
