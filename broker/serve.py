@@ -37,21 +37,36 @@ def tune_gc(thresholds: tuple[int, int, int] | None = None) -> None:
         gc.set_threshold(*thresholds)
 
 
-def _config(app: Any, host: str, port: int) -> uvicorn.Config:
+def _config(app: Any, host: str, port: int, settings: Settings) -> uvicorn.Config:
+    """uvicorn with httptools, through the protocol class that adds the header/body limits
+    (:mod:`broker.api.http_guard`)."""
+    from .api.http_guard import guarded_protocol
+
+    protocol = guarded_protocol(settings.http_max_header_bytes, settings.http_header_timeout_seconds,
+                                settings.http_body_timeout_seconds)
     return uvicorn.Config(
-        app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+        app, host=host, port=port, loop="uvloop", http=protocol, lifespan="on",
         access_log=False, log_config=None, timeout_graceful_shutdown=10,
     )
 
 
-def serve_api(settings: Settings, host: str, port: int, *, admin_port: int | None = None) -> None:
-    """One API process (scale out by running more of them: each has its own /metrics)."""
-    from .api.app import asgi_app
+def serve_api(settings: Settings, host: str, port: int, *, admin_port: int | None = None,
+              metrics_port: int | None = None, metrics_host: str | None = None) -> None:
+    """One API process (scale out by running more of them: each has its own /metrics). The
+    tenant port serves the tenant API and /healthz, /readyz (and the admin API unless
+    ``admin_port``); /metrics is served on ``metrics_port`` only (with /healthz), never on the
+    tenant port. The apps of the ports share one set of metrics."""
+    from .api.app import ADMIN_SURFACES, METRICS_SURFACES, PUBLIC_SURFACES, asgi_app
+    from .metrics import ApiMetrics
 
-    main_surfaces = ("tenant", "ops") if admin_port else ("tenant", "admin", "ops")
-    servers = [uvicorn.Server(_config(asgi_app(settings, main_surfaces), host, port))]
+    metrics = ApiMetrics(settings.metrics_top_tenants)
+    main_surfaces = PUBLIC_SURFACES if admin_port else (*PUBLIC_SURFACES, "admin")
+    servers = [uvicorn.Server(_config(asgi_app(settings, main_surfaces, metrics), host, port, settings))]
     if admin_port:
-        servers.append(uvicorn.Server(_config(asgi_app(settings, ("admin", "ops")), host, admin_port)))
+        servers.append(uvicorn.Server(_config(asgi_app(settings, ADMIN_SURFACES, metrics), host, admin_port, settings)))
+    if metrics_port:
+        servers.append(uvicorn.Server(_config(asgi_app(settings, METRICS_SURFACES, metrics),
+                                              metrics_host or host, metrics_port, settings)))
 
     async def run_all() -> None:
         tasks = [asyncio.ensure_future(s.serve()) for s in servers]

@@ -51,6 +51,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     library_log_level: str = "WARNING"   # arq, httpx, httpx2, openai: INFO logs a line per job/request
     metrics_top_tenants: int = 20
     access_log: str = "all"              # API access lines: all | errors (status >= 400) | off
+    # HTTP input limits of the API's ports (CONTRACT.md section 14; broker/api/http_guard.py)
+    http_max_header_bytes: int = 16 * 1024    # request line + headers: more is a 431, connection closed
+    http_header_timeout_seconds: float = 10.0  # headers not complete this long after they began: dropped
+    http_body_timeout_seconds: float = 30.0    # no body bytes for this long mid-body: dropped
+    # Tracing (broker/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
+    otel_traces_exporter: str = "none"
+    otel_service_name: str | None = None
 
     def __repr__(self) -> str:  # never print secrets
         return (
@@ -100,6 +107,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                                       ("DEBUG", "INFO", "WARNING", "ERROR")),
             metrics_top_tenants=int(_number(env, "BROKER_METRICS_TOP_TENANTS", 20, 0, 1000)),
             access_log=_choice(env, "BROKER_ACCESS_LOG", "all", ("all", "errors", "off")),
+            http_max_header_bytes=int(_number(env, "BROKER_HTTP_MAX_HEADER_BYTES", 16 * 1024, 1024, 1024 * 1024)),
+            http_header_timeout_seconds=_number(env, "BROKER_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, 0.1, 300.0),
+            http_body_timeout_seconds=_number(env, "BROKER_HTTP_BODY_TIMEOUT_SECONDS", 30.0, 0.1, 600.0),
+            otel_traces_exporter=_traces_exporter(env),
+            otel_service_name=_optional(env, "OTEL_SERVICE_NAME"),
         )
 
 
@@ -124,6 +136,13 @@ def _redis_url(env: Mapping[str, str]) -> str:
         parsed.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         raise SettingsError("BROKER_REDIS_URL has a malformed port") from exc
+    # redis-py reads a path that is not a number as db 0, silently: refuse it like any other
+    # malformed value (redis://host:port/abc is a typo, not a request for db 0)
+    db = parsed.path.removeprefix("/")
+    if parsed.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
+        raise SettingsError(
+            f"BROKER_REDIS_URL has a malformed database number {db[:32]!r}: use redis://host:port/N with N a number"
+        )
     return value
 
 
@@ -197,6 +216,31 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
         if raw.lower() == choice.lower():
             return choice
     raise SettingsError(f"{name} must be one of {', '.join(choices)}")
+
+
+def _traces_exporter(env: Mapping[str, str]) -> str:
+    """OpenTelemetry's variables, as CONTRACT.md section 13 reads them: tracing is off unless
+    ``OTEL_TRACES_EXPORTER`` names an exporter or an OTLP endpoint is set (then OTLP over HTTP,
+    protobuf: the only protocol shipped); ``OTEL_SDK_DISABLED=true`` turns it off."""
+    if (_optional(env, "OTEL_SDK_DISABLED") or "").lower() == "true":
+        return "none"
+    raw = _optional(env, "OTEL_TRACES_EXPORTER")
+    if raw is not None:
+        kind = raw.lower()
+        if kind not in ("otlp", "console", "none"):
+            raise SettingsError("OTEL_TRACES_EXPORTER must be one of otlp, console, none")
+    elif _optional(env, "OTEL_EXPORTER_OTLP_ENDPOINT") or _optional(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        kind = "otlp"
+    else:
+        return "none"
+    if kind == "otlp":
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = _optional(env, name)
+            if protocol is not None:
+                if protocol != "http/protobuf":
+                    raise SettingsError(f"{name} must be http/protobuf (the only OTLP protocol shipped)")
+                break
+    return kind
 
 
 def _redact_url(url: str) -> str:

@@ -44,6 +44,15 @@ class _CachedKey(msgspec.Struct, frozen=True, gc=False):
     until: float  # monotonic expiry of this cache entry
 
 
+class KeyIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Who an API key is: its tenant, the key's id and hash, and when it stops (unix s, or None)."""
+
+    tenant: Tenant
+    key_id: str
+    key_hash: str
+    not_after: float | None
+
+
 class KeyAuthenticator:
     def __init__(
         self,
@@ -97,21 +106,37 @@ class KeyAuthenticator:
             key_hash = hash_key(key)
             entry = self._cached_key(key_hash)
         if entry is None:
-            if not looks_valid(key):
-                raise Unauthorized(
-                    "The API key is malformed: tenant API keys start with sbk_ and carry a checksum; "
-                    "check it was copied whole.",
-                    code="invalid_api_key",
-                )
-            key_hash = hash_key(key)
-            generation = self._sub.generation
-            found = await self._service.repo.lookup(key_hash)
-            if found is None:
-                raise _invalid_key()
-            not_after = parse_rfc3339(found.not_after).timestamp() if found.not_after else None
-            entry = _CachedKey(found.tenant_id, found.key_id, not_after, time.monotonic() + self._key_ttl)
-            if self._cacheable(generation, self._keys):
-                self._keys[key_hash] = entry
+            key_hash = _checked_hash(key)
+            entry = await self._load_key(key_hash)
+        return await self._admit(key_hash, entry)
+
+    async def identify(self, key: str) -> KeyIdentity:
+        """:meth:`authenticate`, also telling which key it was (a console sign-in records it)."""
+        key_hash = _checked_hash(key)
+        entry = self._cached_key(key_hash) or await self._load_key(key_hash)
+        tenant = await self._admit(key_hash, entry)
+        return KeyIdentity(tenant=tenant, key_id=entry.key_id, key_hash=key_hash, not_after=entry.not_after)
+
+    async def authenticate_hash(self, key_hash: str, key_id: str) -> Tenant:
+        """:meth:`authenticate` for a key known only by its hash and id (a console session holds
+        no key): the same caches, the same revocation and tenant checks."""
+        entry = self._cached_key(key_hash) or await self._load_key(key_hash)
+        if entry.key_id != key_id:
+            raise _invalid_key()
+        return await self._admit(key_hash, entry)
+
+    async def _load_key(self, key_hash: str) -> _CachedKey:
+        generation = self._sub.generation
+        found = await self._service.repo.lookup(key_hash)
+        if found is None:
+            raise _invalid_key()
+        not_after = parse_rfc3339(found.not_after).timestamp() if found.not_after else None
+        entry = _CachedKey(found.tenant_id, found.key_id, not_after, time.monotonic() + self._key_ttl)
+        if self._cacheable(generation, self._keys):
+            self._keys[key_hash] = entry
+        return entry
+
+    async def _admit(self, key_hash: str, entry: _CachedKey) -> Tenant:
         if entry.not_after is not None and entry.not_after <= time.time():
             raise _invalid_key()
         tenant = await self._tenant(entry.tenant_id)
@@ -224,6 +249,16 @@ class KeyAuthenticator:
             self.invalidate_key(data)
         elif channel == TENANT_CHANGED_CHANNEL:
             self.invalidate_tenant(data)
+
+
+def _checked_hash(key: str) -> str:
+    if not looks_valid(key):
+        raise Unauthorized(
+            "The API key is malformed: tenant API keys start with sbk_ and carry a checksum; "
+            "check it was copied whole.",
+            code="invalid_api_key",
+        )
+    return hash_key(key)
 
 
 def _invalid_key() -> Unauthorized:

@@ -27,7 +27,7 @@ def generate_secret_key() -> str:
 
 
 class CredentialCipher:
-    __slots__ = ("_fernet", "key_count")
+    __slots__ = ("_fernet", "_first", "key_count")
 
     def __init__(self, keys: Sequence[str]) -> None:
         if not keys:
@@ -42,6 +42,7 @@ class CredentialCipher:
                     "BROKER_SECRET_KEY must be urlsafe-base64 32-byte key(s), comma-separated"
                 ) from None
         self._fernet = MultiFernet(fernets)
+        self._first = fernets[0]
         self.key_count = len(fernets)
 
     @classmethod
@@ -65,6 +66,14 @@ class CredentialCipher:
                 "a stored tenant credential cannot be decrypted with any configured BROKER_SECRET_KEY "
                 "(was the key that encrypted it removed?)"
             ) from None
+
+    def is_current(self, token: str) -> bool:
+        """Whether ``token`` is encrypted with the first key (a rotation would change nothing)."""
+        try:
+            self._first.decrypt(token.encode("ascii"))
+        except (InvalidToken, UnicodeError, ValueError, TypeError):
+            return False
+        return True
 
     def rotate(self, token: str) -> str:
         """Re-encrypt ``token`` with the first key (it must decrypt with one of the keys)."""

@@ -58,7 +58,9 @@ async def listen_invalidations(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reconnect; meanwhile the cache is bypassed
-            log.warning("tenant invalidation listener lost its connection (%s); reconnecting", type(exc).__name__)
+            # one warning per outage (issue 18): the retries that follow are DEBUG, until subscribed again
+            log.log(logging.WARNING if backoff == 0.05 else logging.DEBUG,
+                    "tenant invalidation listener lost its connection (%s); reconnecting", type(exc).__name__)
         finally:
             on_lost()
             with contextlib.suppress(Exception):

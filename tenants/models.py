@@ -159,3 +159,22 @@ class ApiKeyCreated(msgspec.Struct, kw_only=True):
     prefix: str
     created_at: str
     not_after: str | None = None
+
+
+# ---- the answers of disable and revoke (the same from the admin API and the CLI) --------------
+
+
+class TenantDisabled(TenantView, kw_only=True):
+    sessions_stopped: int         # active sessions the disable terminated (reason tenant_disabled)
+
+
+def disabled_view(tenant: Tenant, sessions_stopped: int) -> TenantDisabled:
+    return TenantDisabled(**msgspec.structs.asdict(TenantView.of(tenant)), sessions_stopped=sessions_stopped)
+
+
+class ApiKeyRevoked(ApiKeyMeta, kw_only=True):
+    revoked: bool = True          # with revoked_at: when (a repeated revoke answers the first time)
+
+
+def revoked_view(meta: ApiKeyMeta) -> ApiKeyRevoked:
+    return ApiKeyRevoked(**msgspec.structs.asdict(meta))

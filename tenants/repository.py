@@ -1,7 +1,8 @@
 """All Redis access for tenants and their API keys (key names come from :mod:`tenants.scope`).
 
 - tenant record: msgspec JSON string at ``tenant_record(id)``; index zset ``TENANTS_INDEX``
-  (id -> created_at ms).
+  (id -> created_at ms); names hash ``TENANT_NAMES`` (name -> id): a name belongs to one tenant
+  of the deployment, checked and taken in the same transaction that writes the record.
 - API key: lookup hash ``api_key_lookup(sha256)`` = {tenant_id, key_id, not_after} (expires at
   ``not_after``; deleted on revocation) and the key's record (with its hash, never the
   plaintext) in ``TenantScope.keys_meta()``; ``last_used_at`` in ``TenantScope.keys_last_used()``
@@ -23,6 +24,7 @@ from redis.exceptions import WatchError
 from tenants.models import ApiKeyMeta, Tenant
 from tenants.scope import (
     KEY_REVOCATIONS_CHANNEL,
+    PREFIX,
     TENANT_CHANGED_CHANNEL,
     TENANTS_INDEX,
     TenantScope,
@@ -31,6 +33,19 @@ from tenants.scope import (
 )
 
 _MAX_WATCH_RETRIES = 100
+TENANT_NAMES = PREFIX + "tenants:names"
+# A field of TENANT_NAMES that no name can be (names are printable): set once the hash holds
+# the names of the tenants created before it existed (see ``_ensure_names``).
+_NAMES_BUILT = "\x00built"
+
+
+class TenantNameTaken(Exception):
+    """The name belongs to another tenant (``owner_id``)."""
+
+    def __init__(self, name: str, owner_id: str) -> None:
+        super().__init__(name)
+        self.name = name
+        self.owner_id = owner_id
 
 
 class KeyRecord(msgspec.Struct, kw_only=True):
@@ -91,12 +106,50 @@ class TenantRepository:
     # ---- tenants ---------------------------------------------------------------------
 
     async def insert(self, tenant: Tenant) -> None:
+        """Store a new tenant and take its name, atomically (WATCH on the names hash): of two
+        concurrent inserts of one name exactly one succeeds; the other raises
+        :class:`TenantNameTaken` and writes nothing."""
+        await self._ensure_names()
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(tenant_record(tenant.id), msgspec.json.encode(tenant), nx=True)
-            pipe.zadd(TENANTS_INDEX, {tenant.id: _epoch_ms(tenant.created_at)})
-            created, _ = await pipe.execute()
+            for _ in range(_MAX_WATCH_RETRIES):
+                try:
+                    await pipe.watch(TENANT_NAMES)
+                    owner = _text(await pipe.hget(TENANT_NAMES, tenant.name))
+                    if owner is not None:
+                        raise TenantNameTaken(tenant.name, owner)
+                    pipe.multi()
+                    pipe.hset(TENANT_NAMES, tenant.name, tenant.id)
+                    pipe.set(tenant_record(tenant.id), msgspec.json.encode(tenant), nx=True)
+                    pipe.zadd(TENANTS_INDEX, {tenant.id: _epoch_ms(tenant.created_at)})
+                    _, created, _ = await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+            else:
+                raise RuntimeError("tenant names are being modified concurrently; try again")
         if not created:  # pragma: no cover - 131-bit random ids
             raise RuntimeError("tenant id collision")
+
+    async def find_by_name(self, name: str) -> str | None:
+        """The id of the tenant called ``name``, or None."""
+        await self._ensure_names()
+        return _text(await self._redis.hget(TENANT_NAMES, name))
+
+    async def _ensure_names(self) -> None:
+        """Deployments older than the names hash: fill it once from the tenant records, oldest
+        first (of two older tenants that share a name, the first keeps it in the hash; the
+        other keeps its record's name until renamed). HSETNX only, so concurrent fillers and
+        inserts agree; an insert watching the hash retries if a filler wrote meanwhile."""
+        if await self._redis.hexists(TENANT_NAMES, _NAMES_BUILT):
+            return
+        after: tuple[int, str] | None = None
+        while True:
+            ids, after = await self.page(100, after)
+            for tenant in await self.get_many(ids):
+                await self._redis.hsetnx(TENANT_NAMES, tenant.name, tenant.id)
+            if after is None:
+                break
+        await self._redis.hset(TENANT_NAMES, _NAMES_BUILT, "1")
 
     async def get(self, tenant_id: str) -> Tenant | None:
         raw = await self._redis.get(tenant_record(tenant_id))
@@ -117,19 +170,32 @@ class TenantRepository:
         """Apply ``change`` atomically (WATCH/MULTI, retried on a concurrent write).
 
         Returns the stored result, or None when the tenant does not exist. ``change`` may raise
-        (e.g. InvalidInput): nothing is written then.
+        (e.g. InvalidInput): nothing is written then. A rename takes the new name in the same
+        transaction (:class:`TenantNameTaken` when another tenant holds it) and frees the old one.
         """
+        await self._ensure_names()
         key = tenant_record(tenant_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_WATCH_RETRIES):
                 try:
-                    await pipe.watch(key)
+                    await pipe.watch(key, TENANT_NAMES)
                     raw = await pipe.get(key)
                     if raw is None:
                         return None
-                    new = change(msgspec.json.decode(raw, type=Tenant))
+                    old = msgspec.json.decode(raw, type=Tenant)
+                    new = change(old)
+                    renamed = new.name != old.name
+                    if renamed:
+                        owner = _text(await pipe.hget(TENANT_NAMES, new.name))
+                        if owner is not None and owner != tenant_id:
+                            raise TenantNameTaken(new.name, owner)
+                        old_owner = _text(await pipe.hget(TENANT_NAMES, old.name))
                     pipe.multi()
                     pipe.set(key, msgspec.json.encode(new))
+                    if renamed:
+                        if old_owner == tenant_id:
+                            pipe.hdel(TENANT_NAMES, old.name)
+                        pipe.hset(TENANT_NAMES, new.name, tenant_id)
                     await pipe.execute()
                     return new
                 except WatchError:

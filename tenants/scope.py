@@ -28,6 +28,8 @@ Layout (prefix ``sb:``)::
     sb:stats:live                   hash  status -> count of sessions in that live status
     sb:sweep:index_cursor           string "{rank}:{tid}:{score}": where the sweeper's trim of the
                                            sessions indexes resumes (workers/jobs/sweep.py)
+    sb:console:{sha256(token)}      hash  {tenant_id, key_id, key_hash, csrf, expires_at}  (a console
+                                           sign-in; expires with it, <= 12 h: broker/api/console_session.py)
     sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
     sb:keys:revoked                 pub/sub channel: a key hash was revoked or its not_after changed
     sb:tenants:changed              pub/sub channel: a tenant record changed (quotas, status, config)
@@ -56,6 +58,11 @@ def tenant_record(tenant_id: str) -> str:
 
 def api_key_lookup(key_hash: str) -> str:
     return f"{PREFIX}apikey:{key_hash}"
+
+
+def console_session(token_digest: str) -> str:
+    """A console session, named by the SHA-256 of its cookie (a Redis dump opens no console)."""
+    return f"{PREFIX}console:{token_digest}"
 
 
 def due_member(tenant_id: str, session_id: str) -> str:

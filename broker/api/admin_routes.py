@@ -15,7 +15,7 @@ from litestar.params import FromPath
 
 from broker.errors import InvalidInput
 from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
-from tenants.models import TenantView
+from tenants.models import TenantView, disabled_view, revoked_view
 from tenants.service import decode_create, decode_patch
 
 from .body import read_json
@@ -64,9 +64,10 @@ async def patch_tenant(request: Request, state: State, tenant_id: FromPath[str])
 
 @post("/tenants/{tenant_id:str}/disable", status_code=200)
 async def disable_tenant(state: State, tenant_id: FromPath[str]) -> Response[Any]:
+    """The tenant with ``sessions_stopped`` (the CLI's ``tenants disable`` prints the same)."""
     tenant = await state.tenants.disable(tenant_id)
-    await state.sessions.stop_all(tenant.id, "tenant_disabled")
-    return _view(tenant)
+    stopped = await state.sessions.stop_all(tenant.id, "tenant_disabled")
+    return Response(content=disabled_view(tenant, stopped), status_code=200)
 
 
 @post("/tenants/{tenant_id:str}/enable", status_code=200)
@@ -84,6 +85,12 @@ async def create_key(request: Request, state: State, tenant_id: FromPath[str]) -
     not_after = req.not_after
     if not_after is not None and not_after.tzinfo is None:
         not_after = not_after.replace(tzinfo=UTC)
+    if not_after is not None:
+        try:  # 9999-12-31T23:59:59-12:00 is past the last instant a datetime holds in UTC
+            not_after = not_after.astimezone(UTC)
+        except OverflowError:
+            raise InvalidInput("not_after is outside the representable range of times", code="invalid_field",
+                               field="not_after") from None
     created = await state.tenants.create_key(tenant_id, not_after=not_after)
     return Response(content=created, status_code=201)
 
@@ -95,8 +102,8 @@ async def list_keys(state: State, tenant_id: FromPath[str]) -> Response[Any]:
 
 @delete("/tenants/{tenant_id:str}/keys/{key_id:str}", status_code=200)
 async def revoke_key(state: State, tenant_id: FromPath[str], key_id: FromPath[str]) -> Response[Any]:
-    await state.tenants.revoke_key(tenant_id, key_id)
-    return Response(content={"id": key_id, "revoked": True})
+    """The key's record with ``revoked: true`` (the CLI's ``tenants keys revoke`` prints the same)."""
+    return Response(content=revoked_view(await state.tenants.revoke_key(tenant_id, key_id)))
 
 
 class _Rotate(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,5 +1,8 @@
 """Dependencies: who is calling (tenant or admin), and the services from the app state.
 
+A tenant authenticates with its API key (``Authorization: Bearer``) or, in the web console,
+with the console's session cookie (:mod:`.console_session`); the key wins when both are sent.
+
 Authentication is declared on each protected router, not in a path-excluding middleware,
 so no route is public by accident (tests walk every route without a key): the tenant router
 runs :func:`authenticate_tenant` as its ``before_request`` hook (before any handler or
@@ -18,6 +21,8 @@ from litestar.handlers.base import BaseRouteHandler
 from broker.errors import NotFound, Unauthorized
 from broker.logs import bind_log_context
 from tenants.models import Tenant
+
+from .console_session import authenticate_console
 
 TENANT_SCOPE_KEY = "broker.tenant"  # where the guard leaves the authenticated tenant (in the ASGI scope)
 
@@ -45,9 +50,13 @@ async def authenticate_tenant(connection: ASGIConnection[Any, Any, Any, Any]) ->
     """``before_request`` hook of the tenant router: authenticates before any handler or
     dependency runs, and leaves the tenant in the scope (returns None: the handler runs)."""
     key = bearer(connection)
-    if key is None:
-        raise Unauthorized("Send your API key as 'Authorization: Bearer <key>'", code="missing_api_key")
-    tenant: Tenant = await connection.app.state.auth.authenticate(key)
+    tenant: Tenant | None
+    if key is None:  # no key: the console's cookie, if any (console_session.py: CSRF, revocation)
+        tenant = await authenticate_console(connection)
+        if tenant is None:
+            raise Unauthorized("Send your API key as 'Authorization: Bearer <key>'", code="missing_api_key")
+    else:
+        tenant = await connection.app.state.auth.authenticate(key)
     connection.scope[TENANT_SCOPE_KEY] = tenant  # type: ignore[literal-required]
     connection.scope["tenant_id"] = tenant.id  # type: ignore[typeddict-unknown-key]
     sid = connection.path_params.get("session_id")

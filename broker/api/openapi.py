@@ -23,7 +23,9 @@ from litestar import Litestar
 
 from broker.sessions.models import SessionList, SessionView
 from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
-from tenants.models import MAX_SESSION_SECONDS_CAP, ApiKeyCreated, ApiKeyMeta, TenantView
+from tenants.models import (
+    MAX_SESSION_SECONDS_CAP, ApiKeyCreated, ApiKeyMeta, ApiKeyRevoked, TenantDisabled, TenantView,
+)
 from tenants.quotas import END_USER_POLICIES, INT_RANGES
 from tenants.session_config import GA_FIELDS, MAX_SCHEMA_BYTES
 from tenants.session_secrets import REDACTED, SEALED_PREFIX
@@ -153,7 +155,8 @@ ERROR = obj({"error": {
 def _model_components() -> J:
     """Response schemas generated from the msgspec models, closed and with readable names."""
     _, components = msgspec.json.schema_components(
-        [SessionView, SessionList, TenantView, ApiKeyMeta, ApiKeyCreated, UsageSnapshot], ref_template=REF + "{name}"
+        [SessionView, SessionList, TenantView, TenantDisabled, ApiKeyMeta, ApiKeyRevoked, ApiKeyCreated, UsageSnapshot],
+        ref_template=REF + "{name}",
     )
     raw = msgspec.json.encode(components).decode()
     for old, new in _RENAMED.items():
@@ -193,7 +196,6 @@ def components() -> J:
         "TenantList": obj({"data": {"type": "array", "items": ref("TenantView")}, "next_cursor": nullable(text())},
                           ("data", "next_cursor")),
         "ApiKeyList": obj({"data": {"type": "array", "items": ref("ApiKeyMeta")}}, ("data",)),
-        "ApiKeyRevoked": obj({"id": {"type": "string"}, "revoked": {"enum": [True]}}, ("id", "revoked")),
     }
 
 
@@ -210,8 +212,10 @@ _RATELIMIT = {"RateLimit-Policy": _HEADER, "RateLimit": _HEADER}
 _REASONS_BY_STATUS = {
     400: "Invalid input; `error.field` names the field.", 401: "Missing, unknown, revoked or expired credential.",
     403: "The tenant is disabled.", 404: "Not found (another tenant's id answers exactly like an unknown one).",
-    409: "A request with this Idempotency-Key is still being admitted.", 413: "The body is larger than 64 KiB.",
-    415: "The body is not JSON.", 422: "The Idempotency-Key was used with another body.",
+    409: "A request with this Idempotency-Key is still being admitted (`idempotency_key_in_flight`); on the "
+         "admin API: another tenant has this name (`tenant_name_taken`).", 413: "The body is larger than 64 KiB.",
+    415: "The body is not JSON, or its Content-Type names a charset other than UTF-8.",
+    422: "The Idempotency-Key was used with another body.",
     429: ("A quota is exhausted (`rate_limited`, `concurrency_limit`, `daily_quota_exhausted`, `end_user_limit`), "
           "or the tenant's mint pacing cannot provision one more session before its deadline "
           "(`provisioning_backlog`: `limit` is openai_requests_per_minute, `current` and `backlog` the sessions "
@@ -287,15 +291,15 @@ OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple
         None, {200: _ok("Usage", "Quotas and live usage.", _RATELIMIT)}, (400, *_TENANT_ERRORS),
     ),
     ("post", "/admin/v1/tenants"): ([], "TenantCreate", {201: _ok("TenantView", "Created.")},
-                                    (400, *_ADMIN_ERRORS, 413, 415)),
+                                    (400, *_ADMIN_ERRORS, 409, 413, 415)),
     ("get", "/admin/v1/tenants"): ([_LIMIT, _CURSOR], None, {200: _ok("TenantList", "Tenants, oldest first.")},
                                    (400, *_ADMIN_ERRORS)),
     ("get", "/admin/v1/tenants/{tenant_id}"): ([_TID], None, {200: _ok("TenantView", "The tenant.")},
                                               (*_ADMIN_ERRORS, 404)),
     ("patch", "/admin/v1/tenants/{tenant_id}"): ([_TID], "TenantPatch", {200: _ok("TenantView", "Updated.")},
-                                                (400, *_ADMIN_ERRORS, 404, 413, 415)),
+                                                (400, *_ADMIN_ERRORS, 404, 409, 413, 415)),
     ("post", "/admin/v1/tenants/{tenant_id}/disable"): (
-        [_TID], None, {200: _ok("TenantView", "Disabled; its live sessions are terminating.")}, (*_ADMIN_ERRORS, 404)),
+        [_TID], None, {200: _ok("TenantDisabled", "Disabled; its live sessions are terminating.")}, (*_ADMIN_ERRORS, 404)),
     ("post", "/admin/v1/tenants/{tenant_id}/enable"): ([_TID], None, {200: _ok("TenantView", "Enabled.")},
                                                        (*_ADMIN_ERRORS, 404)),
     ("post", "/admin/v1/tenants/{tenant_id}/keys"): (

@@ -23,9 +23,11 @@ from tenants.usage import usage as read_usage
 from .body import read_json
 from .answer import json_answer
 from .deps import TENANT_SCOPE_KEY, authenticate_tenant, provide_tenant, raw_header
+from .middleware import CLIENT_GONE
 from .ratelimit import ratelimit_header_items, ratelimit_headers
 
 MAX_WAIT = 30.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 controls, DEL, C1 controls
 # what a query number may look like (JSON's grammar): no "1_0", " 1", "nan", "inf" (Python's float/int accept them)
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
@@ -45,6 +47,21 @@ def _wait_param(request: Request) -> float | None:
     if not 0 <= value <= MAX_WAIT or value != value:
         raise InvalidInput("wait must be a number of seconds between 0 and 30", code="invalid_wait", field="wait")
     return value
+
+
+def _check_characters(req: CreateSessionRequest) -> None:
+    """No control characters (C0, DEL, C1) in end_user or metadata: they come back in answers,
+    events and the console, and end up in logs and CSV exports of a tenant's own tools."""
+    if req.end_user is not None and _CONTROL.search(req.end_user):
+        raise InvalidInput("end_user must not contain control characters", code="invalid_end_user",
+                           field="end_user")
+    for key, value in (req.metadata or {}).items():
+        if _CONTROL.search(key):
+            raise InvalidInput("metadata keys must not contain control characters", code="invalid_metadata",
+                               field="metadata")
+        if _CONTROL.search(value):
+            raise InvalidInput("metadata values must not contain control characters", code="invalid_metadata",
+                               field=f"metadata.{key[:64]}")
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -72,9 +89,13 @@ async def create_session(request: Request) -> ASGIApp:
         wait = _wait_param(request)
         idem = _idempotency_key(request)
         req, body = await read_json(request, CreateSessionRequest, empty_ok=True)
+        _check_characters(req)
         rec, outcome = await state.sessions.create(tenant, req, body=body, idempotency_key=idem)
     except Exception as exc:
-        metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
+        if scope.get(CLIENT_GONE):  # type: ignore[misc] # left mid-body: not an error of the broker
+            metrics.count_admission(tenant.id, "abandoned", "client_disconnected")
+        else:
+            metrics.admission_failed(tenant.id, exc)  # refused / rejected / error, by reason
         raise
     admitted = isinstance(outcome, Admitted)
     metrics.admission_result(tenant.id, replayed=not admitted)
@@ -122,8 +143,9 @@ async def delete_session(state: State, tenant: NamedDependency[Tenant], session_
 @get("/usage")
 async def get_usage(request: Request, state: State, tenant: NamedDependency[Tenant]) -> Response[Any]:
     end_user = request.query_params.get("end_user")
-    if end_user is not None and not 1 <= len(end_user) <= 128:
-        raise InvalidInput("end_user must be 1 to 128 characters", code="invalid_end_user", field="end_user")
+    if end_user is not None and (not 1 <= len(end_user) <= 128 or _CONTROL.search(end_user)):
+        raise InvalidInput("end_user must be 1 to 128 characters, without control characters",
+                           code="invalid_end_user", field="end_user")
     snap = await read_usage(state.redis, tenant.id, tenant.quotas, now_ms(), end_user=end_user)
     body = {
         "tenant_id": tenant.id,

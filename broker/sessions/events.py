@@ -40,11 +40,13 @@ class SessionEvents:
                 await self._task
 
     async def _run(self) -> None:
+        warned = False
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(EVENTS_PATTERN)
                 self._healthy.set()
+                warned = False
                 async for msg in pubsub.listen():
                     channel = msg.get("channel")
                     if isinstance(channel, bytes):
@@ -56,7 +58,10 @@ class SessionEvents:
                 raise
             except Exception as exc:  # connection lost: waiters poll until we are back
                 self._healthy.clear()
-                log.warning("session events listener lost Redis (%s); reconnecting", type(exc).__name__)
+                # one warning per outage (issue 18): the retries that follow are DEBUG, until subscribed again
+                log.log(logging.DEBUG if warned else logging.WARNING,
+                        "session events listener lost Redis (%s); reconnecting", type(exc).__name__)
+                warned = True
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):

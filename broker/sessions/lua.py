@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from importlib import resources
 
+from .terminal import with_terminal_drop
+
 _FILES = resources.files(__package__)
-LIB = _FILES.joinpath("lib.lua").read_text()
+# TERMINAL_DROP (terminal.py) first: every script that records a terminal status drops those fields
+LIB = with_terminal_drop(_FILES.joinpath("lib.lua").read_text())
 
 
 def script(name: str, package: str | None = None) -> str:

@@ -3,8 +3,8 @@
 Every state change goes through one Lua script (``transition.lua``) that checks the
 current status and updates the record, the concurrency lease, the end-user set and the
 due sets in one atomic step, then publishes the new status for ``wait``ers. Terminal
-transitions release the lease, drop the frontend token and the minted secret, and set
-a retention TTL on the record.
+transitions release the lease, drop what a retained record no longer needs (``terminal.py``),
+and set a retention TTL on the record.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class TransitionResult:
         return f"TransitionResult(applied={self.applied}, status={self.status!r})"
 
 
+def _text(member: bytes | str) -> str:
+    return member.decode() if isinstance(member, bytes) else member
+
+
 class SessionRepository:
     """``mux``: send the scripts (:meth:`transition`, and the admission and the provisioning
     claims through :attr:`execute`) over one pipelined connection instead of the client's pool
@@ -64,11 +68,27 @@ class SessionRepository:
             raws = await pipe.execute()
         return [SessionRecord.from_hash(r) if r else None for r in raws]
 
-    async def page_ids(self, tenant_id: str, max_score: str, batch: int) -> list[tuple[str, int]]:
-        rows = await self.redis.zrevrangebyscore(
-            TenantScope(tenant_id).sessions_index(), max_score, "-inf", start=0, num=batch, withscores=True
-        )
-        return [(m.decode() if isinstance(m, bytes) else m, int(s)) for m, s in rows]
+    async def page_after(self, tenant_id: str, cursor: tuple[int, str] | None, count: int) -> list[tuple[str, int]]:
+        """Up to ``count`` entries of the sessions index, newest first, strictly after ``cursor``
+        (``(score, session id)`` of the last entry already listed; None: from the newest).
+
+        The index orders ties on score (sessions created in the same millisecond) by member,
+        descending, so "after (s, id)" is: the members of score ``s`` below ``id``, then every
+        member of a lower score. Both parts are read in one round trip, and the answer does not
+        depend on ``id`` still being in the index (a listing forgets entries whose record is
+        gone). The ties of one millisecond are few (one tenant's admissions in that ms)."""
+        key = TenantScope(tenant_id).sessions_index()
+        if cursor is None:
+            rows = await self.redis.zrevrangebyscore(key, "+inf", "-inf", start=0, num=count, withscores=True)
+            return [(_text(m), int(s)) for m, s in rows]
+        score, after = cursor
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrevrangebyscore(key, score, score)
+            pipe.zrevrangebyscore(key, f"({score}", "-inf", start=0, num=count, withscores=True)
+            ties, lower = await pipe.execute()
+        out = [(sid, score) for sid in map(_text, ties) if sid < after][:count]
+        out += [(_text(m), int(s)) for m, s in lower[: count - len(out)]]
+        return out
 
     async def forget(self, tenant_id: str, session_ids: list[str]) -> None:
         if session_ids:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from typing import TYPE_CHECKING
 
 import msgspec
 
+from broker import tracing
 from broker.api.ratelimit import refusal_headers
 from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
 from broker.settings import mint_window
@@ -30,6 +32,7 @@ MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
 TERMINATION_GRACE_MS = 120_000   # a terminating session keeps its slot at most this long per attempt
 MAX_CACHED_CONFIGS = 20_000     # distinct tenant default configs kept validated (a few hundred bytes each)
+LIST_SCAN_LIMIT = 2000          # index entries one listing call examines at most (status filter)
 STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
 
 
@@ -117,7 +120,8 @@ class SessionService:
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
-        outcome = await admit(
+        tracing.stamp(fields)  # + "traceparent" (the request's span) when tracing is on
+        outcome = await tracing.admission(tenant.id, sid, admit(  # the admission span
             self.repo.redis,
             AdmissionRequest(
                 tenant_id=tenant.id,
@@ -133,7 +137,7 @@ class SessionService:
                 mint_window_ms=self.mint_window_ms,
             ),
             self.repo.execute,
-        )
+        ))
         if isinstance(outcome, Refused):
             extra: dict[str, int] = {"limit": outcome.limit, "current": outcome.current,
                                      "retry_after": outcome.retry_after_s}
@@ -170,32 +174,31 @@ class SessionService:
             raise InvalidInput(f"status must be one of {', '.join(STATUS_FILTERS)}", code="invalid_status", field="status")
         if not 1 <= limit <= 100:
             raise InvalidInput("limit must be between 1 and 100", code="invalid_limit", field="limit")
-        max_score, after = _decode_cursor(cursor) if cursor else ("+inf", None)
+        position = _decode_cursor(cursor) if cursor is not None else None
         out: list[SessionView] = []
         scanned = 0
-        next_cursor: str | None = None
-        while len(out) < limit and scanned < 2000:
-            batch = await self.repo.page_ids(tenant_id, max_score, limit + 50)
-            if after is not None:
-                batch = _skip_through(batch, after)
-            if not batch:
-                break
+        more = False
+        while len(out) < limit and scanned < LIST_SCAN_LIMIT:
+            wanted = limit + 50 if status else limit + 1
+            batch = await self.repo.page_after(tenant_id, position, wanted)
             records = await self.repo.get_many(tenant_id, [sid for sid, _ in batch])
             gone = []
             for (sid, score), rec in zip(batch, records, strict=True):
+                if len(out) == limit or scanned >= LIST_SCAN_LIMIT:
+                    more = True  # an entry after the last one listed (dead or filtered out, maybe)
+                    break
                 scanned += 1
+                position = (score, sid)
                 if rec is None:
                     gone.append(sid)
                 elif status is None or rec.status == status:
                     out.append(SessionView.of(rec))
-                max_score, after = str(score), sid
-                if len(out) == limit:
-                    break
             await self.repo.forget(tenant_id, gone)
-        if len(out) == limit or scanned >= 2000:
-            more = await self.repo.page_ids(tenant_id, max_score, 2)
-            if _skip_through(more, after) if after else more:
-                next_cursor = _encode_cursor(max_score, after)
+            if more or len(batch) < wanted:  # the index has nothing after this batch
+                break
+        if not more and (len(out) == limit or scanned >= LIST_SCAN_LIMIT) and position is not None:
+            more = bool(await self.repo.page_after(tenant_id, position, 1))
+        next_cursor = _encode_cursor(*position) if more and position is not None else None
         return SessionList(data=out, next_cursor=next_cursor)
 
     # ---- stop -----------------------------------------------------------------------------
@@ -251,26 +254,27 @@ def _plausible_id(session_id: str) -> bool:
     return session_id.startswith("ses_") and 5 <= len(session_id) <= 64 and session_id.isascii() and ":" not in session_id
 
 
-def _encode_cursor(score: str, sid: str | None) -> str:
-    return base64.urlsafe_b64encode(f"{score}|{sid or ''}".encode()).decode().rstrip("=")
+def _encode_cursor(score: int, sid: str) -> str:
+    return base64.urlsafe_b64encode(f"{score}|{sid}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[str, str | None]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, _, sid = raw.partition("|")
-        int(score)
-        return score, sid or None
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("cursor is not a cursor this API returned", code="invalid_cursor", field="cursor") from None
+_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_CURSOR = re.compile(r"([0-9]{1,16})\|(ses_[A-Za-z0-9]{1,60})")
 
 
-def _skip_through(batch: list[tuple[str, int]], after: str | None) -> list[tuple[str, int]]:
-    """Drop entries up to and including ``after`` (ties on score are ordered by member)."""
-    for i, (sid, _) in enumerate(batch):
-        if sid == after:
-            return batch[i + 1 :]
-    return batch
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    """``(score, session id)`` of the last entry of the previous page. Only what
+    :func:`_encode_cursor` writes is accepted (ASCII digits, a session id): anything else is a
+    400 naming ``cursor``, never a malformed score handed to Redis."""
+    if _CURSOR_TEXT.fullmatch(cursor):
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            raw = ""
+        m = _CURSOR.fullmatch(raw)
+        if m:
+            return int(m.group(1)), m.group(2)
+    raise InvalidInput("cursor is not a cursor this API returned", code="invalid_cursor", field="cursor")
 
 
 def _refusal_message(r: Refused) -> str:

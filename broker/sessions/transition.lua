@@ -12,6 +12,8 @@
 --       10 n: number of field/value pairs to HSET
 --       11 tenant id
 --       12.. the pairs, then fields to HDEL
+-- A transition to a terminal status (terminated, failed) also drops the fields a retained record
+-- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py.
 -- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
@@ -42,6 +44,7 @@ if #ARGV >= i then
   for j = i, #ARGV do dels[#dels + 1] = ARGV[j] end
   redis.call('HDEL', KEYS[1], unpack(dels))
 end
+if new == 'terminated' or new == 'failed' then redis.call('HDEL', KEYS[1], unpack(TERMINAL_DROP)) end
 
 local sid, member, tid = ARGV[7], ARGV[6], ARGV[11]
 if ARGV[3] == 'del' then

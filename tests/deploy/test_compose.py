@@ -87,7 +87,9 @@ def test_api_two_workers_and_sandbox_profile(compose: dict[str, Any]) -> None:
     parser = _parser()
     services = compose["services"]
     api = parser.parse_args(services["api"]["command"])
-    assert api.command == "api" and api.host == "0.0.0.0"
+    assert api.command == "api" and api.host == "0.0.0.0" and api.port == 8000
+    assert api.metrics_port == 9100 and (api.metrics_host or api.host) == "0.0.0.0"
+    assert all(p.startswith("127.0.0.1:") for p in services["api"]["ports"] if p.endswith(f":{api.metrics_port}"))
     workers = {n: s for n, s in services.items() if s.get("command", [None])[0] == "worker"}
     assert len(workers) == 2
     host_ports = set()
@@ -150,7 +152,11 @@ def test_prometheus_and_grafana_use_the_project_files(compose: dict[str, Any]) -
             assert (DEPLOY / src).exists(), f"deploy/{src[2:]} is missing"
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
-    assert {"api:8000", "worker-1:9100", "worker-2:9100"} <= targets, targets
+    assert {"api:9100", "worker-1:9100", "worker-2:9100"} <= targets, targets
+    assert not any(t.endswith(":8000") for t in targets), "the API's tenant port serves no /metrics"
+    api_job = next(job for job in config["scrape_configs"] if job["job_name"] == "session-broker-api")
+    api_args = _parser().parse_args(compose["services"]["api"]["command"])
+    assert [f"api:{api_args.metrics_port}"] == [t for sc in api_job["static_configs"] for t in sc["targets"]]
     assert any(str(r).startswith(("/etc/prometheus/rules/", "rules/")) for r in config.get("rule_files", []))
     dashboards_dir = graf_dashboards = None
     for target, src in graf.items():

@@ -107,8 +107,10 @@ def test_api_probes_resources_and_args(rendered: Docs) -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert _port(c, c["readinessProbe"]["httpGet"]["port"]) == 8000
+    # /metrics on the metrics port only (the tenant port answers 404 for it)
+    assert _port(c, "metrics") == args.metrics_port == 9100 and args.metrics_port != args.port
     annotations = api["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8000"
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9100"
 
 
 async def test_worker_probes_and_graceful_termination(rendered: Docs) -> None:
@@ -229,6 +231,7 @@ def test_service_monitors_match_the_prometheus_job_names(rendered: Docs) -> None
         assert selected[0]["metadata"]["name"] in jobs
         port_names = {p["name"] for p in selected[0]["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+        assert all(e["port"] == "metrics" for e in monitor["spec"]["endpoints"]), "never the tenant port"
 
 
 def test_production_pins_its_image() -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fixtures.redis_binary import RedisBinary
+
 from .redis_capacity import measure
 
 
 @pytest.mark.slow
-def test_capacity_script_measures() -> None:
+def test_capacity_script_measures(redis_binary: RedisBinary) -> None:
     result = measure(sessions=60, apis=1, workers=1, concurrency=8)
+    assert result["redis_version"] == redis_binary.version_text  # measured on the Redis the run chose
     assert result["sessions"] == 60
     assert result["admitted_per_s"] > 0 and result["ready_per_s"] > 0
     assert 500 < result["bytes_per_live_session"] < 200_000

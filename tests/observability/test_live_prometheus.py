@@ -40,15 +40,17 @@ def stack(redis_server: EmbeddedRedis, sandbox: Any, tmp_path: Path) -> Iterator
     # arq's per-job lines are off by default (BROKER_LIBRARY_LOG_LEVEL=WARNING): turned back on
     # here, the logs must show them with the job's ids bound (checked in _check_process_logs)
     env = {**broker_env(redis_server.url, sandbox), "BROKER_LIBRARY_LOG_LEVEL": "INFO"}
-    api_port, w1, w2 = free_port(), free_port(), free_port()
+    api_port, api_metrics, w1, w2 = free_port(), free_port(), free_port(), free_port()
     procs: list[Proc] = []
     prom: Prometheus | None = None
     try:
-        procs.append(broker(["api", "--host", "127.0.0.1", "--port", str(api_port)], env, tmp_path / "api.log"))
+        procs.append(broker(["api", "--host", "127.0.0.1", "--port", str(api_port), "--metrics-port", str(api_metrics)],
+                            env, tmp_path / "api.log"))
         for i, port in enumerate((w1, w2)):
             procs.append(broker(["worker", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"], env,
                                 tmp_path / f"worker{i}.log"))
-        config = prometheus_config(tmp_path, f"127.0.0.1:{api_port}", [f"127.0.0.1:{w1}", f"127.0.0.1:{w2}"])
+        # the API's /metrics is on its --metrics-port (the tenant port answers 404 for it)
+        config = prometheus_config(tmp_path, f"127.0.0.1:{api_metrics}", [f"127.0.0.1:{w1}", f"127.0.0.1:{w2}"])
         prom = Prometheus(prom_bin, config, tmp_path)
         procs[0].wait_http(f"http://127.0.0.1:{api_port}/readyz")
         procs[1].wait_http(f"http://127.0.0.1:{w1}/healthz")

@@ -22,7 +22,9 @@ from broker.settings import Settings
 from tenants.apikeys import checksum
 
 ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]*$")
-PUBLIC_PREFIXES = ("/healthz", "/readyz", "/metrics", "/schema")
+PUBLIC_PREFIXES = ("/healthz", "/readyz", "/metrics", "/schema", "/console/assets")
+# the console's page holds no data until its user signs in; its /console/session is protected
+PUBLIC_PAGES = ("/console",)
 # well-formed ids that exist nowhere (a route answers 401 before it could look them up)
 PATH_VALUES = {"session_id": "ses_" + "A" * 22, "tenant_id": "ten_" + "B" * 22, "key_id": "key_" + "C" * 16}
 
@@ -71,7 +73,7 @@ def assert_error(response: Any, status: int, code: str | None = None) -> dict[st
 
 
 def is_public(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") or path.startswith(p + ".") for p in PUBLIC_PREFIXES)
+    return path in PUBLIC_PAGES or any(path == p or path.startswith(p + "/") or path.startswith(p + ".") for p in PUBLIC_PREFIXES)
 
 
 def route_table(app: Litestar) -> list[tuple[str, str, str]]:

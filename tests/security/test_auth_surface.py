@@ -43,7 +43,8 @@ def _send(base: str, method: str, path: str, headers: dict[str, str] | None = No
 
 
 def test_route_walk_covers_every_route_and_only_public_ones_are_open(settings: Settings, api: ApiServer) -> None:
-    """Invariant: a route that answers without a credential is one of /healthz, /readyz, /metrics, /schema*."""
+    """Invariant: a route that answers without a credential is one of /healthz, /readyz, /metrics, /schema*,
+    and the console's page and files (/console, /console/assets/*)."""
     table = route_table(full_app(settings))
     assert len(table) >= 30  # 15 documented operations, their OPTIONS, the public routes
     open_routes = set()
@@ -237,3 +238,51 @@ def test_cli_admin_port_serves_admin_api_only_there(settings: Settings) -> None:
             proc.kill()
             _, err = proc.communicate()
     assert ADMIN_TOKEN.encode() not in err
+
+
+def test_metrics_are_served_on_the_metrics_port_only(settings: Settings) -> None:
+    """Invariant: `session-broker api --admin-port A --metrics-port M` (a real process) answers 404
+    (contract shape) for /metrics on the tenant port and on the admin port - it names tenants and
+    their counts - and serves it on M, counting the requests of every port in one registry; M
+    serves nothing else but /healthz. Without --metrics-port no port serves /metrics."""
+    port, admin_port, metrics_port = free_port(), free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+        "BROKER_REDIS_URL": settings.redis_url,
+        "BROKER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "BROKER_SECRET_KEY": ",".join(settings.secret_keys),
+    }
+    exe = os.path.join(os.path.dirname(sys.executable), "session-broker")
+    for with_metrics in (True, False):
+        argv = [exe, "api", "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port)]
+        if with_metrics:
+            argv += ["--metrics-port", str(metrics_port)]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            main, admin_url, metrics_url = (f"http://127.0.0.1:{p}" for p in (port, admin_port, metrics_port))
+            _wait_healthy(main, proc)
+            _wait_healthy(admin_url, proc)
+            token = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            tenant = httpx.post(f"{admin_url}/admin/v1/tenants", headers=token, json={"name": "m"}).json()
+            assert_error(httpx.get(f"{main}/metrics"), 404)
+            assert_error(httpx.get(f"{admin_url}/metrics"), 404)
+            assert_error(httpx.get(f"{main}/v1/sessions"), 401)
+            if not with_metrics:
+                with pytest.raises(httpx.ConnectError):
+                    httpx.get(f"{metrics_url}/metrics")
+                continue
+            _wait_healthy(metrics_url, proc)
+            text = httpx.get(f"{metrics_url}/metrics").text
+            assert 'broker_http_requests_total{method="GET",route="unmatched",status="404"}' in text
+            assert 'route="/admin/v1/tenants",status="201"' in text and 'route="/v1/sessions",status="401"' in text
+            assert tenant["id"] not in httpx.get(f"{main}/metrics").text
+            assert_error(httpx.get(f"{metrics_url}/v1/sessions"), 404)
+            assert_error(httpx.get(f"{metrics_url}/admin/v1/tenants", headers=token), 404)
+            assert_error(httpx.get(f"{metrics_url}/readyz"), 404)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()

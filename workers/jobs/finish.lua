@@ -2,7 +2,8 @@
 -- broker/sessions is prepended): per session the same writes as transition.lua does for
 -- finish_terminated (workers/jobs/common.py): from any live status, status terminated
 -- (set_status: the stats count), terminated_at, termination_reason (kept if set, else the
--- given one), the frontend token and minted secret dropped, the lease released (live zset
+-- given one), the fields a retained record no longer needs dropped (TERMINAL_DROP, from
+-- broker/sessions/terminal.py), the lease released (live zset
 -- and end-user zset), out of the termination and provisioning schedules, the retention TTL,
 -- the new status published. Keep the two in step.
 -- KEYS: 1 due:expiry, 2 the ring of tenants with scheduled provisioning, 3 stats hash,
@@ -24,7 +25,7 @@ for i = 1, (#KEYS - 3) / 4 do
     if recorded and recorded ~= '' then reason = recorded end
     set_status(hkey, KEYS[3], st, 'terminated')
     redis.call('HSET', hkey, 'terminated_at', now, 'termination_reason', reason)
-    redis.call('HDEL', hkey, 'avaturn_token', 'secret_enc')
+    redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
     redis.call('ZREM', KEYS[4 * i + 1], sid)
     redis.call('ZREM', KEYS[4 * i + 2], sid)
     redis.call('ZREM', KEYS[1], member)

@@ -20,6 +20,7 @@ import logging
 
 import msgspec
 
+from broker import tracing
 from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
@@ -31,6 +32,7 @@ from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
 from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, fail_session, patiently, timed
+from .session_key import inflight_mark
 from .terminate import TerminationPending, stop_upstream_and_finish
 
 log = logging.getLogger("workers.provision")
@@ -60,6 +62,13 @@ async def provision_claimed(ctx: WorkerContext, claimed: Claimed) -> str:
     "deadline", "rejected", ...). Raises :class:`Rescheduled` when the session was put back in
     the schedule for a later attempt, and Redis errors as they come (the claim's lease then
     runs out and a worker takes the session again)."""
+    rec = claimed.record
+    # the consumer span of this provisioning, child of the request that admitted it
+    with tracing.provisioning(rec.tenant_id, rec.id, rec.traceparent) as step:
+        return step.outcome(await _provision(ctx, claimed))
+
+
+async def _provision(ctx: WorkerContext, claimed: Claimed) -> str:
     rec = claimed.record
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     deadline = rec.created_at + deadline_ms
@@ -93,7 +102,7 @@ async def provision_claimed(ctx: WorkerContext, claimed: Claimed) -> str:
         return "not-configured"
 
     try:
-        got = await _secret(ctx, rec, openai_key)
+        got = await _secret(ctx, rec, openai_key, avaturn_key=avaturn_key)
         if got is None:
             return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
         return await _create(ctx, rec, tenant, avaturn_key, *got)
@@ -130,11 +139,13 @@ async def _reschedule(ctx: WorkerContext, rec: SessionRecord, at_ms: int, reason
 
 async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str, reason: str = "upstream_failed") -> None:
     """``fail_session`` with one log line."""
+    tracing.set_error_code(code)  # on the provisioning span
     if (await fail_session(ctx, rec, code, message, reason=reason)).applied:
         log.warning("provisioning failed: %s", code)
 
 
-async def _secret(ctx: WorkerContext, rec: SessionRecord, api_key: str) -> tuple[str, bool] | None:
+async def _secret(ctx: WorkerContext, rec: SessionRecord, api_key: str, *,
+                  avaturn_key: str) -> tuple[str, bool] | None:
     """The client secret to use: the one recorded by an earlier attempt while still valid,
     else a new one, minted at the session's mint slot (``mint_at``, reserved at admission:
     never a second one), and whether the create is already marked in flight (a new secret is
@@ -160,7 +171,7 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, api_key: str) -> tuple
         rec,
         allowed="provisioning",
         fields={"secret_enc": ctx.cipher.encrypt(minted.value), "secret_expires_at": minted.expires_at,
-                "create_state": "inflight"},  # the create follows at once
+                **inflight_mark(ctx, avaturn_key)},  # the create follows at once (with the key it uses)
     )
     return (minted.value, True) if saved.applied else None
 
@@ -172,8 +183,8 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         # Avaturn has no idempotency key and no list endpoint: we create again; the possible
         # orphan has no token holder and ends by itself (user_absent_timeout, max_duration).
         ctx.metrics.possible_orphans.inc()
-    if not marked and not (
-        await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": "inflight"})
+    if not marked and not (  # the mark and the key of the create (session_key.py), before it can happen
+        await ctx.repo.transition(rec, allowed="provisioning", fields=inflight_mark(ctx, api_key))
     ).applied:
         return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
     max_duration = max(60, rec.ttl_seconds)
