@@ -174,9 +174,10 @@ async def test_the_admission_span_records_the_outcome_and_a_refusal_code(exporte
         return outcome
 
     with tracing._state.tracer.start_as_current_span("POST /v1/sessions"):  # type: ignore[union-attr]
-        admitted = Admitted(session_id="ses_1", replaced=[], usage=usage)
+        admitted = Admitted(session_id="ses_1", replaced=[], usage=usage, mint_at=0, mint=QuotaUsage.of(300, 1, 60))
         assert await tracing.admission("ten_a", "ses_1", step(admitted)) is admitted
-        refused = Refused(code="concurrency_limit", limit=1, current=1, retry_after_s=1, usage=usage)
+        refused = Refused(code="concurrency_limit", limit=1, current=1, retry_after_s=1, usage=usage,
+                          mint=QuotaUsage.of(300, 1, 60))
         assert await tracing.admission("ten_a", "ses_2", step(refused)) is refused
     first, second, request = _spans(exported)
     assert first.name == second.name == "admission"
