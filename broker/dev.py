@@ -120,7 +120,7 @@ class DevRunner:
         busy = [f"{port} ({flag})" for flag, port in ports.items() if not _port_free(port)]
         if busy:
             raise DevFailed(f"port {', '.join(busy)} is in use on 127.0.0.1: stop what uses it or pick another port")
-        redis_url = self._redis()
+        redis_url = self._start_redis()
         sandbox = f"http://127.0.0.1:{args.sandbox_port}"
         api = f"http://127.0.0.1:{args.port}"
         lock.describe(f"session-broker dev (pid {os.getpid()}, API {api})")
@@ -138,7 +138,7 @@ class DevRunner:
                                                 "env_file": str(self.env_path), "demo_tenant": tenant_id}})
         _banner(api, sandbox, args.metrics_port, args.api_metrics_port, masked_url(redis_url), self._env_hint(), tenant_id, key, prefix)
 
-    def _redis(self) -> str:
+    def _start_redis(self) -> str:
         if self.settings.redis_configured:
             error = _ping(self.settings.redis_url)
             if error is not None:

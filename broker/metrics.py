@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 # Admission reasons (the admission script's refusal codes + the idempotency conflicts).
 REFUSAL_REASONS = frozenset({
-    "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit",
+    "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit", "provisioning_backlog",
     "idempotency_key_reused", "idempotency_key_in_flight",
 })
 OTHER = "other"

@@ -19,6 +19,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_AVATURN_BASE_URL = "https://api.avaturn.live/api/v1"
 DEFAULT_SENTINEL_SERVICE = "mymaster"
+MIN_MINT_WINDOW_SECONDS = 10.0   # the admission's mint window is never shorter (unless the deadline is)
 
 
 class SettingsError(ValueError):
@@ -41,6 +42,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Tuning knobs (documented in the README; all optional).
     provision_deadline_seconds: float = 60.0
     upstream_timeout_seconds: float = 10.0
+    # Time kept after a session's mint slot for the mint and the create themselves; None: twice
+    # the upstream timeout (one full attempt of each). See :meth:`mint_window_seconds`.
+    provision_margin_seconds: float | None = None
     worker_max_jobs: int = 500
     log_format: str = "json"
     log_level: str = "INFO"
@@ -64,6 +68,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     __str__ = __repr__
 
+    def mint_window_seconds(self) -> float:
+        """How far ahead of now a new session's mint slot may be for it to be admitted: the
+        provisioning deadline minus the margin, at least ``MIN_MINT_WINDOW_SECONDS`` (a margin
+        that eats the deadline would otherwise refuse everything but the burst), at most the
+        deadline."""
+        return mint_window(self.provision_deadline_seconds, self.provision_margin_seconds,
+                           self.upstream_timeout_seconds)
+
     def require_secret_key(self) -> None:
         if not self.secret_keys:
             raise SettingsError(
@@ -86,6 +98,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             avaturn_api_key=_optional(env, "BROKER_AVATURN_API_KEY"),
             provision_deadline_seconds=_number(env, "BROKER_PROVISION_DEADLINE_SECONDS", 60.0, 5.0, 3600.0),
             upstream_timeout_seconds=_number(env, "BROKER_UPSTREAM_TIMEOUT_SECONDS", 10.0, 0.5, 120.0),
+            provision_margin_seconds=(None if _optional(env, "BROKER_PROVISION_MARGIN_SECONDS") is None
+                                      else _number(env, "BROKER_PROVISION_MARGIN_SECONDS", 0.0, 0.0, 3600.0)),
             worker_max_jobs=int(_number(env, "BROKER_WORKER_MAX_JOBS", 500, 1, 10000)),
             log_format=_choice(env, "BROKER_LOG_FORMAT", "json", ("json", "console")),
             log_level=_choice(env, "BROKER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -99,6 +113,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             otel_traces_exporter=_traces_exporter(env),
             otel_service_name=_optional(env, "OTEL_SERVICE_NAME"),
         )
+
+
+def mint_window(deadline_s: float, margin_s: float | None = None, upstream_timeout_s: float = 10.0) -> float:
+    """``deadline - margin`` (margin default ``2 x upstream_timeout``), clamped to
+    ``[min(MIN_MINT_WINDOW_SECONDS, deadline), deadline]``."""
+    margin = 2 * upstream_timeout_s if margin_s is None else margin_s
+    return min(deadline_s, max(MIN_MINT_WINDOW_SECONDS, deadline_s - margin))
 
 
 def _optional(env: Mapping[str, str], name: str) -> str | None:

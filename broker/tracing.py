@@ -177,12 +177,12 @@ _NO_STEP = _Step()  # tracing off: a shared step that does nothing
 
 def _record_exception(span: Span, exc: BaseException) -> None:
     """An exception leaving a step: its type and broker error code, never its message (an SDK's
-    message may echo part of a key). A retry (arq's ``Retry``, ``TerminationPending``) is an
-    outcome, not an error."""
+    message may echo part of a key). A retry (``Rescheduled`` provisioning, ``TerminationPending``)
+    is an outcome, not an error."""
     from opentelemetry.trace import Status, StatusCode
 
     name = type(exc).__name__
-    if name in ("Retry", "TerminationPending"):
+    if name in ("Rescheduled", "TerminationPending"):
         span.set_attribute("broker.outcome", "retry")
         return
     code = getattr(exc, "code", None)

@@ -1,4 +1,5 @@
--- Atomic admission of one session (see tenants/admission.py for the rules).
+-- Atomic admission of one session (see tenants/admission.py for the rules). Loaded after the
+-- functions of tenants/mint_rate.lua (mint_peek, mint_take: tenants.mint_rate.lua_library()).
 --
 -- KEYS[1] idempotency record (hash {body, sid}) or "" when no Idempotency-Key
 -- KEYS[2] rate      zset sid -> admission ms      (sliding 60 s window log)
@@ -6,33 +7,46 @@
 -- KEYS[4] live      zset sid -> lease deadline ms (concurrency leases)
 -- KEYS[5] sessions  zset sid -> created ms        (listing index)
 -- KEYS[6] session   hash of the new session
--- KEYS[7] due:provision  zset "{tid}:{sid}" -> provisioning deadline
--- KEYS[8] due:expiry     zset "{tid}:{sid}" -> when to terminate
--- KEYS[9] end user  zset sid -> created ms        or "" when no end user
--- KEYS[10..13] the provisioning job to write with the admission: job key, result key,
---              queue zset, wake-up list (broker/sessions/jobs.py ENQUEUE), or "" when none
--- KEYS[14] stats hash: live status -> count of sessions (the transition script keeps it too)
+-- KEYS[7] due:expiry     zset "{tid}:{sid}" -> when to terminate
+-- KEYS[8] end user  zset sid -> created ms        or "" when no end user
+-- KEYS[9] stats hash: live status -> count of sessions (the transition script keeps it too)
+-- KEYS[10] mint     hash {tat, last}: the tenant's GCRA mint schedule (tenants/mint_rate.lua)
+-- KEYS[11] provision schedule  zset sid -> mint slot ms (the tenant's)
+-- KEYS[12] provision tenants   zset tid -> earliest score of its schedule (global ring)
+-- KEYS[13] provision wake-up list (global)
 --
 -- ARGV: 1 now_ms, 2 sid, 3 sessions_per_minute, 4 sessions_per_day,
 --       5 max_concurrent_sessions, 6 max_sessions_per_end_user, 7 end_user_policy,
---       8 body digest, 9 lease_until_ms, 10 provision_deadline_ms,
---       11 seconds to next UTC midnight, 12 session key prefix (".../s:"),
---       13 due member prefix ("{tid}:"), 14 job id, 15 job score, 16 job key TTL ms,
---       17 serialized job, 18 wake-up list cap, 19.. session field, value pairs
+--       8 body digest, 9 lease_until_ms, 10 openai_requests_per_minute,
+--       11 mint emission interval T (ms), 12 mint tolerance tau (ms),
+--       13 mint window (ms: the latest slot admitted is now + this),
+--       14 seconds to next UTC midnight, 15 session key prefix (".../s:"),
+--       16 due member prefix ("{tid}:"), 17 tenant id, 18 wake-up list cap,
+--       19.. session field, value pairs
 --
 -- Nothing is written before every check has passed: a refusal (and a replay) leaves every
 -- key as it was. Expired leases and rate entries that left the window are simply not
 -- counted; an admission purges them.
 --
+-- Mint pacing (openai_requests_per_minute): the slot this session would be granted is
+-- computed without writing (mint_peek); if it is later than now + window, the request is
+-- refused (provisioning_backlog), else the slot is taken (mint_take) with everything else,
+-- stored as the session's mint_at and written to the provisioning schedule.
+--
 -- Replies:
 --   {"replayed", sid} | {"key_reused"}
 --   {"refused", code, limit, current, retry_after_s, minute_used, minute_reset_s,
---    day_used, live_used, eu_used (-1: no end user)}
---   {"admitted", minute_used, minute_reset_s, day_used, live_used, eu_used, replaced sid...}
+--    day_used, live_used, eu_used (-1: no end user), mint_backlog, mint_remaining, mint_next}
+--   {"admitted", minute_used, minute_reset_s, day_used, live_used, eu_used,
+--    mint_at, mint_backlog, mint_remaining, mint_next, replaced sid...}
+-- mint_backlog: the tenant's sessions whose mint slot is after now (after this admission);
+-- mint_remaining: sessions that would still be admitted now under the mint window;
+-- mint_next: the slot the next request would get (ms).
 
 local WINDOW = 60000
 local DAY_TTL = 172800
 local IDEM_TTL = 86400
+local WAKE_AHEAD = 1000  -- a slot due within this of now wakes an idle worker
 
 local function int(n)
   return string.format('%d', n)
@@ -47,17 +61,24 @@ local eu_cap = tonumber(ARGV[6])
 local eu_policy = ARGV[7]
 local body = ARGV[8]
 local lease_until = tonumber(ARGV[9])
-local provision_deadline = tonumber(ARGV[10])
-local day_reset = tonumber(ARGV[11])
-local session_prefix = ARGV[12]
-local due_prefix = ARGV[13]
+local mint_per_minute = tonumber(ARGV[10])
+local mint_interval = tonumber(ARGV[11])
+local mint_tau = tonumber(ARGV[12])
+local mint_window = tonumber(ARGV[13])
+local day_reset = tonumber(ARGV[14])
+local session_prefix = ARGV[15]
+local due_prefix = ARGV[16]
+local tenant_id = ARGV[17]
+local wake_cap = tonumber(ARGV[18])
 local FIELDS_AT = 19
 
 local idem_key = KEYS[1]
 local rate_key, day_key, live_key = KEYS[2], KEYS[3], KEYS[4]
 local index_key, session_key = KEYS[5], KEYS[6]
-local due_provision, due_expiry = KEYS[7], KEYS[8]
-local eu_key = KEYS[9]
+local due_expiry = KEYS[7]
+local eu_key = KEYS[8]
+local stats_key = KEYS[9]
+local mint_key, schedule_key, ring_key, wake_key = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local has_idem = idem_key ~= ''
 local has_eu = eu_key ~= ''
 
@@ -97,9 +118,27 @@ if has_eu then
 end
 local eu_used = has_eu and #eu_live or -1
 
+-- the mint slot this session would get (nothing written yet)
+local latest = now + mint_window
+local slot, tat, last = mint_peek(mint_key, now, mint_tau)
+
+-- sessions whose slot is after now, given the schedule's tat (exact while T and tau are
+-- unchanged: the j-th newest reservation was granted tat - j*T - tau, or its own now)
+local function backlog(at_tat)
+  return math.max(0, math.ceil((at_tat - mint_tau - now) / mint_interval) - 1)
+end
+-- sessions that would be admitted now, one after the other, given (tat, last)
+local function remaining(at_tat, at_last)
+  if at_last > latest then
+    return 0
+  end
+  return math.max(0, math.floor((latest + mint_tau - at_tat) / mint_interval) + 1)
+end
+
 local function refuse(code, limit, current, retry_after)
   return {'refused', code, limit, current, math.max(1, retry_after),
-          minute_used, minute_reset, day_used, live_used, eu_used}
+          minute_used, minute_reset, day_used, live_used, eu_used,
+          backlog(tat), remaining(tat, last), slot}
 end
 
 -- 3. checks, in order
@@ -123,16 +162,24 @@ end
 if live_used - #replaced >= max_live then
   return refuse('concurrency_limit', max_live, live_used, 1)
 end
+if slot > latest then
+  -- limit: the pacing itself (mints per minute); current: the sessions already waiting
+  return refuse('provisioning_backlog', mint_per_minute, backlog(tat),
+                math.ceil((slot - latest) / 1000))
+end
 
 -- 4. admit
 redis.call('ZREMRANGEBYSCORE', live_key, '-inf', int(now))
 redis.call('ZREMRANGEBYSCORE', rate_key, '-inf', int(now - WINDOW))
 
+local new_tat = mint_take(mint_key, now, mint_interval, slot, tat)
 if #ARGV >= FIELDS_AT then
-  redis.call('HSET', session_key, unpack(ARGV, FIELDS_AT))
+  redis.call('HSET', session_key, 'mint_at', int(slot), unpack(ARGV, FIELDS_AT))
+else
+  redis.call('HSET', session_key, 'mint_at', int(slot))
 end
 redis.call('ZADD', index_key, int(now), sid)
-redis.call('HINCRBY', KEYS[14], 'queued', 1)
+redis.call('HINCRBY', stats_key, 'queued', 1)
 redis.call('ZADD', live_key, int(lease_until), sid)
 redis.call('ZADD', rate_key, int(now), sid)
 local newest = redis.call('ZRANGE', rate_key, -1, -1, 'WITHSCORES')
@@ -140,17 +187,18 @@ local newest = redis.call('ZRANGE', rate_key, -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', rate_key, int(math.max(tonumber(newest[2]), now) - now + 2 * WINDOW))
 redis.call('INCR', day_key)
 redis.call('EXPIRE', day_key, DAY_TTL)
-redis.call('ZADD', due_provision, int(provision_deadline), due_prefix .. sid)
 if has_idem then
   redis.call('HSET', idem_key, 'body', body, 'sid', sid)
   redis.call('EXPIRE', idem_key, IDEM_TTL)
 end
--- the provisioning job, in the same step (arq's rule: not over an existing job or result)
-if KEYS[10] ~= '' and redis.call('EXISTS', KEYS[10], KEYS[11]) == 0 then
-  redis.call('SET', KEYS[10], ARGV[17], 'PX', ARGV[16])
-  redis.call('ZADD', KEYS[12], ARGV[15], ARGV[14])
-  redis.call('LPUSH', KEYS[13], '1')
-  redis.call('LTRIM', KEYS[13], 0, tonumber(ARGV[18]) - 1)
+-- the provisioning schedule, in the same step: the session at its slot, its tenant in the
+-- ring at its earliest score (LT: added if absent, only ever lowered), and a wake-up token
+-- when the slot is (about to be) due
+redis.call('ZADD', schedule_key, int(slot), sid)
+redis.call('ZADD', ring_key, 'LT', int(slot), tenant_id)
+if slot <= now + WAKE_AHEAD then
+  redis.call('LPUSH', wake_key, '1')
+  redis.call('LTRIM', wake_key, 0, wake_cap - 1)
 end
 
 for _, old in ipairs(replaced) do
@@ -159,8 +207,8 @@ for _, old in ipairs(replaced) do
   if status == 'queued' or status == 'provisioning' or status == 'ready' then
     redis.call('HSET', old_key, 'status', 'terminating', 'termination_reason', 'replaced',
                'terminating_at', int(now))
-    redis.call('HINCRBY', KEYS[14], status, -1)
-    redis.call('HINCRBY', KEYS[14], 'terminating', 1)
+    redis.call('HINCRBY', stats_key, status, -1)
+    redis.call('HINCRBY', stats_key, 'terminating', 1)
     status = 'terminating'
   end
   if status == 'terminating' then
@@ -181,7 +229,8 @@ end
 local new_minute_reset = minute_reset
 if minute_used == 0 then new_minute_reset = WINDOW / 1000 end
 local reply = {'admitted', minute_used + 1, new_minute_reset, day_used + 1,
-               live_used - #replaced + 1, has_eu and (#eu_live - #replaced + 1) or -1}
+               live_used - #replaced + 1, has_eu and (#eu_live - #replaced + 1) or -1,
+               slot, backlog(new_tat), remaining(new_tat, slot), math.max(now, new_tat - mint_tau, slot)}
 for _, old in ipairs(replaced) do
   reply[#reply + 1] = old
 end

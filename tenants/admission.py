@@ -20,12 +20,25 @@ The step, in order:
    * ``max_concurrent_sessions`` - unexpired leases in ``live`` minus the sessions this
      request replaces (they free their slot in the same step); ``retry_after`` = 1 s (when
      a session ends is not known in advance). Same 1 s for ``end_user_limit``.
+   * ``openai_requests_per_minute`` - the mint slot this session would be granted by the
+     tenant's GCRA schedule (``tenants/mint_rate.lua``, burst then one per emission interval,
+     FIFO), computed without writing. A slot later than ``now + mint_window_ms`` cannot be
+     ready before the provisioning deadline: ``provisioning_backlog``, ``limit`` =
+     ``openai_requests_per_minute``, ``current`` = the backlog (sessions of the tenant whose
+     slot is after now), ``retry_after`` = whole seconds until the slot would fit
+     (``ceil((slot - (now + window)) / 1000)``); the schedule only moves with time, so a
+     request after that fits unless others took the slots meanwhile.
 
-3. **Admission**: purge expired leases and rate entries, write the session hash as given,
-   index it, take a lease until ``lease_until_ms``, log the admission in the minute window,
-   count it for the day (48 h TTL), queue it in ``due:provision``, record the idempotency
-   key, and write the provisioning job given in :attr:`AdmissionRequest.job` (so admission
-   and enqueue are one round trip and cannot be separated by a crash). Each replaced
+3. **Admission**: purge expired leases and rate entries, write the session hash as given
+   plus ``mint_at`` (the slot, ms), index it, take a lease until ``lease_until_ms``, log the
+   admission in the minute window, count it for the day (48 h TTL), take the mint slot
+   (the slot is THE slot of this session: nothing reserves another one for it), put the
+   session in the tenant's provisioning schedule (``TenantScope.provision_schedule()``, sid
+   -> slot), the tenant in ``PROVISION_TENANTS`` (``ZADD LT``: at its earliest slot) and,
+   when the slot is due within 1 s, a token in ``PROVISION_WAKE`` (capped at
+   ``PROVISION_WAKE_CAP``) so an idle scheduler starts it at once, and record the
+   idempotency key. No job and no ``due:provision`` entry is written: the scheduler works
+   from the schedule, and the provisioning deadline is ``created_at`` + the deadline. Each replaced
    session still ``queued|provisioning|ready`` becomes ``terminating``
    (``termination_reason=replaced``, ``terminating_at`` = now in ms); a replaced session
    that is (now) ``terminating`` is put in ``due:expiry`` at now, so the sweeper ends it
@@ -49,22 +62,25 @@ from redis.commands.core import AsyncScript
 
 from broker.redis_mux import Execute, evalsha
 
+from tenants.mint_rate import lua_library, schedule
 from tenants.models import Quotas
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
+from tenants.scope import (
+    DUE_EXPIRY,
+    PROVISION_TENANTS,
+    PROVISION_WAKE,
+    PROVISION_WAKE_CAP,
+    STATS_LIVE,
+    TenantScope,
+    due_member,
+)
 from tenants.usage import QuotaUsage, UsageSnapshot, utc_day
 
-RefusalCode = Literal["rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit"]
+RefusalCode = Literal[
+    "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit", "provisioning_backlog"
+]
 
-_SOURCE = resources.files(__package__).joinpath("admission.lua").read_text()
+_SOURCE = lua_library() + resources.files(__package__).joinpath("admission.lua").read_text()
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
-
-
-class QueuedJob(msgspec.Struct, kw_only=True):
-    """A job in arq's layout, written by the admission script exactly as
-    ``broker.sessions.jobs.ENQUEUE`` writes one (``JobSpec.keys()`` / ``JobSpec.args()``)."""
-
-    keys: list[str]                     # job key, result key, queue zset, wake-up list
-    args: list[str | int | bytes]       # job id, score, job key TTL ms, serialized job, wake-up cap
 
 
 class AdmissionRequest(msgspec.Struct, kw_only=True):
@@ -79,14 +95,15 @@ class AdmissionRequest(msgspec.Struct, kw_only=True):
     body_digest: str | None = None         # sha256 hex of the canonical request body
     session_fields: dict[str, str] = msgspec.field(default_factory=dict)  # initial session hash
     lease_until_ms: int                    # concurrency lease deadline of the new session
-    provision_deadline_ms: int             # its score in DUE_PROVISION
-    job: QueuedJob | None = None           # written with the admission (not on refusal/replay)
+    mint_window_ms: int                    # admitted only if its mint slot is at most now + this
 
 
 class Admitted(msgspec.Struct, kw_only=True):
     session_id: str
     replaced: list[str]
     usage: UsageSnapshot  # after this admission
+    mint_at: int          # the session's mint slot (unix ms), as stored in its hash and schedule
+    mint: QuotaUsage      # the mint pacing after this admission (see :func:`_mint`)
 
 
 class Replayed(msgspec.Struct, kw_only=True):
@@ -105,6 +122,7 @@ class Refused(msgspec.Struct, kw_only=True):
     current: int
     retry_after_s: int
     usage: UsageSnapshot  # at the time of the refusal (nothing was taken)
+    mint: QuotaUsage      # the mint pacing at the time of the refusal
 
 
 Outcome = Admitted | Replayed | KeyReused | Refused
@@ -149,13 +167,25 @@ def _snapshot(
     )
 
 
+def _mint(limit: int, backlog: int, remaining: int, next_slot_ms: int, latest_ms: int) -> QuotaUsage:
+    """The mint pacing as a :class:`QuotaUsage`: ``limit`` = ``openai_requests_per_minute``,
+    ``used`` = the backlog (sessions whose slot is after now), ``remaining`` = sessions that
+    would still be admitted now, ``reset_s`` = whole seconds until one more would (0 while
+    ``remaining`` > 0)."""
+    reset = max(1, -(-(next_slot_ms - latest_ms) // 1000)) if remaining <= 0 else 0
+    return QuotaUsage(limit=limit, used=backlog, remaining=max(0, remaining), reset_s=reset)
+
+
 async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute | None = None) -> Outcome:
     """Check and take every quota of one new session in one atomic step (one EVALSHA), sent
     with ``execute`` if given (the API's :class:`broker.redis_mux.RedisMux`)."""
     if req.lease_until_ms <= req.now_ms:
         raise ValueError("lease_until_ms must be after now_ms")
+    if req.mint_window_ms < 0:
+        raise ValueError("mint_window_ms must not be negative")
     scope = TenantScope(req.tenant_id)
     q = req.quotas
+    interval, tau = schedule(q.openai_requests_per_minute)
     day, day_reset_s = _utc_day(req.now_ms)
     keys = [
         scope.idempotency(req.idempotency_digest) if req.idempotency_digest else "",
@@ -164,11 +194,13 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         scope.live(),
         scope.sessions_index(),
         scope.session(req.session_id),
-        DUE_PROVISION,
         DUE_EXPIRY,
         scope.end_user(req.end_user) if req.end_user is not None else "",
-        *(req.job.keys if req.job is not None else ("", "", "", "")),
         STATS_LIVE,
+        scope.mint_bucket(),
+        scope.provision_schedule(),
+        PROVISION_TENANTS,
+        PROVISION_WAKE,
     ]
     args: list[str | int] = [
         req.now_ms,
@@ -180,11 +212,15 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         q.end_user_policy,
         req.body_digest or "",
         req.lease_until_ms,
-        req.provision_deadline_ms,
+        q.openai_requests_per_minute,
+        interval,
+        tau,
+        req.mint_window_ms,
         day_reset_s,
         scope.session(""),
         due_member(req.tenant_id, ""),
-        *(req.job.args if req.job is not None else ("", 0, 0, "", 1)),
+        req.tenant_id,
+        PROVISION_WAKE_CAP,
     ]
     for field, value in req.session_fields.items():
         args += [field, value]
@@ -197,18 +233,22 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         return Replayed(session_id=_text(raw[1]))
     if kind == "key_reused":
         return KeyReused()
+    latest = req.now_ms + req.mint_window_ms
     if kind == "refused":
-        code, limit, current, retry, m_used, m_reset, d_used, live, eu = raw[1:]
+        code, limit, current, retry, m_used, m_reset, d_used, live, eu, backlog, remaining, next_slot = raw[1:]
         return Refused(
             code=_text(code),  # type: ignore[arg-type]
             limit=int(limit),
             current=int(current),
             retry_after_s=int(retry),
             usage=_snapshot(q, day_reset_s, (int(m_used), int(m_reset)), int(d_used), int(live), int(eu)),
+            mint=_mint(q.openai_requests_per_minute, int(backlog), int(remaining), int(next_slot), latest),
         )
-    m_used, m_reset, d_used, live, eu = (int(v) for v in raw[1:6])
+    m_used, m_reset, d_used, live, eu, slot, backlog, remaining, next_slot = (int(v) for v in raw[1:10])
     return Admitted(
         session_id=req.session_id,
-        replaced=[_text(sid) for sid in raw[6:]],
+        replaced=[_text(sid) for sid in raw[10:]],
         usage=_snapshot(q, day_reset_s, (m_used, m_reset), d_used, live, eu),
+        mint_at=slot,
+        mint=_mint(q.openai_requests_per_minute, backlog, remaining, next_slot, latest),
     )

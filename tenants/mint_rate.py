@@ -1,8 +1,11 @@
-"""Worker-side pacing of OpenAI client-secret mints (``openai_requests_per_minute``).
+"""Pacing of OpenAI client-secret mints (``openai_requests_per_minute``).
 
-One schedule per tenant in Redis (``TenantScope.mint_bucket()``), shared by every worker
-process: a GCRA / virtual-scheduling "theoretical arrival time" updated by one Lua step
-(``mint_rate.lua``). :func:`reserve_mint` always reserves a slot and says how long to wait
+One schedule per tenant in Redis (``TenantScope.mint_bucket()``), shared by every process: a
+GCRA / virtual-scheduling "theoretical arrival time" updated by one Lua step
+(``mint_rate.lua``). A session's slot is reserved once, at admission: ``tenants/admission.lua``
+includes the script's functions (:func:`lua_library`), checks the slot against the session's
+provisioning deadline and takes it in the same atomic step as the other quotas.
+:func:`reserve_mint` is the standalone form: it always reserves a slot and says how long to wait
 for it:
 
 * the sustained rate is ``per_minute`` mints per minute (emission interval
@@ -31,6 +34,7 @@ from tenants.scope import TenantScope
 MAX_BURST = 10
 
 _SOURCE = resources.files(__package__).joinpath("mint_rate.lua").read_text()
+_LIBRARY = _SOURCE[: _SOURCE.index("\n-- main\n") + 1]
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 
@@ -41,6 +45,13 @@ def schedule(per_minute: int) -> tuple[int, int]:
     interval = max(1, -(-60_000 // per_minute))
     burst = min(per_minute, MAX_BURST)
     return interval, (burst - 1) * interval
+
+
+def lua_library() -> str:
+    """The functions of ``mint_rate.lua`` (``mint_peek(key, now, tau)`` -> grant, tat, last;
+    ``mint_take(key, now, interval, grant, tat)`` -> new tat) without its main part, for a
+    script that checks a slot before taking it in the same atomic step (``admission.lua``)."""
+    return _LIBRARY
 
 
 def lua_function(name: str) -> str:

@@ -18,9 +18,13 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:rate                 hash  token bucket {tokens, ts}
     sb:t:{tid}:day:{yyyymmdd}       string counter, expires after 48 h
     sb:t:{tid}:idem:{sha256(key)}   hash  {body, sid, state}            (24 h)
-    sb:t:{tid}:mint                 hash  worker-side OpenAI mint bucket
+    sb:t:{tid}:mint                 hash  OpenAI mint schedule (GCRA {tat, last}), reserved at admission
+    sb:t:{tid}:sched:prov           zset  sid -> when the scheduler takes it next (ms): the mint slot
+                                          reserved at admission, then a retry time or a claim lease
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
-    sb:due:provision                zset  "{tid}:{sid}" -> provisioning deadline (ms)
+    sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
+    sb:sched:prov:tenants           zset  tid -> no later than the earliest score of its sched:prov
+    sb:sched:prov:wake              list  wake-up tokens for idle provisioning loops (BLPOP, at most 64)
     sb:stats:live                   hash  status -> count of sessions in that live status
     sb:sweep:index_cursor           string "{rank}:{tid}:{score}": where the sweeper's trim of the
                                            sessions indexes resumes (workers/jobs/sweep.py)
@@ -38,6 +42,9 @@ PREFIX = "sb:"
 TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
 DUE_PROVISION = PREFIX + "due:provision"
+PROVISION_TENANTS = PREFIX + "sched:prov:tenants"  # zset: tenants with scheduled provisioning work
+PROVISION_WAKE = PREFIX + "sched:prov:wake"        # list: LPUSHed when a slot is due (BLPOPped by idle workers)
+PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM 0 63)
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
@@ -109,6 +116,11 @@ class TenantScope:
 
     def mint_bucket(self) -> str:
         return self._base + "mint"
+
+    def provision_schedule(self) -> str:
+        """zset sid -> score: when the provisioning scheduler takes the session next (ms): the mint
+        slot admission reserved, then a retry time or a claim's lease (broker/sessions/schedule.py)."""
+        return self._base + "sched:prov"
 
     def events_channel(self, session_id: str) -> str:
         return f"{PREFIX}events:{self.tenant_id}:{session_id}"

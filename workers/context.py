@@ -14,7 +14,6 @@ import redis.asyncio as aioredis
 
 from broker.redis_client import create_redis
 from broker.redis_mux import RedisMux
-from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.repository import SessionRepository
 from broker.settings import Settings
 from tenants.crypto import CredentialCipher
@@ -32,7 +31,6 @@ class WorkerContext:
     settings: Settings
     redis: aioredis.Redis
     repo: SessionRepository
-    queue: JobQueue
     tenants: TenantCache
     cipher: CredentialCipher
     minter: OpenAIMinter
@@ -53,7 +51,6 @@ class WorkerContext:
             redis=redis,
             mux=mux,
             repo=SessionRepository(redis, mux),
-            queue=JobQueue(new_arq_redis(redis.connection_pool)),
             tenants=TenantCache(redis, TenantService(redis, cipher)).start(),
             cipher=cipher,
             minter=OpenAIMinter(settings.openai_base_url, timeout=settings.upstream_timeout_seconds),

@@ -72,10 +72,15 @@ class ExpiryLoop:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._last_warning = 0.0
+        self._draining = False
 
     def start(self) -> ExpiryLoop:
         self._task = asyncio.create_task(self.run(), name="expiry-loop")
         return self
+
+    def drain(self) -> None:
+        """Claim nothing more (SIGTERM); the DELETEs in flight go on (see :meth:`stop`)."""
+        self._draining = True
 
     async def stop(self, patience: float | None = None) -> None:
         """Stop claiming; give the DELETEs in flight ``patience`` seconds (default: the upstream
@@ -112,6 +117,8 @@ class ExpiryLoop:
 
     async def step(self) -> float:
         """One iteration: claim what is due and start its DELETEs; returns how long to sleep."""
+        if self._draining:
+            return self.max_sleep
         free = self.max_in_flight - len(self._in_flight)
         if free <= 0:
             await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)

@@ -1,5 +1,6 @@
-"""Gauges that describe shared state in Redis (not this process): queue depth, the oldest
-waiting job, due terminations, the provisioning backlog and live sessions by state.
+"""Gauges that describe shared state in Redis (not this process): arq's queue depth (stop jobs),
+the oldest due provisioning no worker has started, due terminations, the provisioning backlog
+and live sessions by state.
 
 A background task (started in the worker's ``on_startup``) refreshes a snapshot every
 ``interval`` seconds with a few cheap reads; a scrape only formats the snapshot, so a slow
@@ -19,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from arq.constants import in_progress_key_prefix
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -30,7 +30,7 @@ log = logging.getLogger("workers.gauges")
 
 # Maintained by the session state-transition scripts (field = status, value = count).
 LIVE_STATS_KEY: str = getattr(scope, "STATS_LIVE", scope.PREFIX + "stats:live")
-OLDEST_SCAN = 100          # due jobs looked at to find the oldest one no worker has started
+OLDEST_SCAN = 100          # tenants of the provisioning ring looked at to find the oldest due session
 DEFAULT_INTERVAL = 2.0
 WARN_EVERY_S = 60.0
 _STATE = re.compile(r"^[a-z_]{1,32}$")
@@ -39,12 +39,12 @@ _STATE = re.compile(r"^[a-z_]{1,32}$")
 @dataclass(frozen=True)
 class Snapshot:
     taken_at: float                      # wall clock, seconds
-    queue_due: int                       # jobs whose time has come (running ones included)
-    queue_deferred: int                  # jobs scheduled for later (expiry terminations, retries)
-    queue_oldest_due_age: float          # seconds the oldest due job not yet started has waited
+    queue_due: int                       # arq jobs (stops) whose time has come (running ones included)
+    queue_deferred: int                  # arq jobs scheduled for later (retries)
+    queue_oldest_due_age: float          # seconds the oldest due provisioning not yet claimed has waited
     due_terminations: int                # sessions past expires_at / retry time, not terminated
     due_terminations_oldest_age: float   # seconds since the oldest of them was due
-    provisioning_backlog: int            # sessions queued or provisioning (tracked to their deadline)
+    provisioning_backlog: int            # sessions queued or provisioning
     live: dict[str, int] = field(default_factory=dict)
 
 
@@ -54,22 +54,22 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcount(QUEUE_NAME, "-inf", now_ms)
         pipe.zcount(QUEUE_NAME, f"({now_ms}", "+inf")
-        pipe.zrangebyscore(QUEUE_NAME, "-inf", now_ms, start=0, num=OLDEST_SCAN, withscores=True)
+        pipe.zrangebyscore(scope.PROVISION_TENANTS, "-inf", now_ms, start=0, num=OLDEST_SCAN)
         pipe.zcount(scope.DUE_EXPIRY, "-inf", now_ms)
         pipe.zrangebyscore(scope.DUE_EXPIRY, "-inf", now_ms, start=0, num=1, withscores=True)
-        pipe.zcard(scope.DUE_PROVISION)
         pipe.hgetall(LIVE_STATS_KEY)
-        due, deferred, oldest_jobs, due_terms, oldest_term, backlog, live_raw = await pipe.execute()
+        due, deferred, due_tenants, due_terms, oldest_term, live_raw = await pipe.execute()
     oldest_age = 0.0
-    if oldest_jobs:
+    if due_tenants:
+        # The ring's score is a lower bound, a claimed session's entry is its lease (later than
+        # now): the oldest due entry of each due tenant is one nobody has started.
         async with redis.pipeline(transaction=False) as pipe:
-            for job_id, _ in oldest_jobs:
-                pipe.exists(in_progress_key_prefix + _text(job_id))
-            running = await pipe.execute()
-        for (_, score), busy in zip(oldest_jobs, running, strict=True):
-            if not busy:
-                oldest_age = max(0.0, now - float(score) / 1000)
-                break
+            for tid in due_tenants:
+                pipe.zrange(scope.TenantScope(_text(tid)).provision_schedule(), 0, 0, withscores=True)
+            firsts = await pipe.execute()
+        scores = [float(first[0][1]) for first in firsts if first and float(first[0][1]) <= now_ms]
+        if scores:
+            oldest_age = max(0.0, now - min(scores) / 1000)
     term_age = max(0.0, now - float(oldest_term[0][1]) / 1000) if oldest_term else 0.0
     live: dict[str, int] = {}
     for key, value in (live_raw or {}).items():
@@ -83,7 +83,7 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
     return Snapshot(
         taken_at=now, queue_due=int(due), queue_deferred=int(deferred), queue_oldest_due_age=oldest_age,
         due_terminations=int(due_terms), due_terminations_oldest_age=term_age,
-        provisioning_backlog=int(backlog), live=live,
+        provisioning_backlog=live.get("queued", 0) + live.get("provisioning", 0), live=live,
     )
 
 
@@ -128,10 +128,11 @@ class SharedStateCollector(Collector):
         return list(self._families(self.snapshot))
 
     def _families(self, snap: Snapshot | None) -> Iterable[Metric]:
-        queue = GaugeMetricFamily("broker_queue_jobs", "Jobs in the arq queue: due now (running ones included) "
+        queue = GaugeMetricFamily("broker_queue_jobs", "Jobs in the arq queue (stops): due now (running ones included) "
                                   "or deferred. Shared state: aggregate with max().", labels=["state"])
         oldest = GaugeMetricFamily("broker_queue_oldest_due_age_seconds",
-                                   "How long the oldest due job that no worker has started has waited. Shared state: max().")
+                                   "How long the oldest due provisioning (mint slot or retry time come) that no worker "
+                                   "has started has waited. Shared state: max().")
         due = GaugeMetricFamily("broker_due_terminations",
                                 "Sessions past their expiry (or retry) time and not yet terminated. Shared state: max().")
         due_age = GaugeMetricFamily("broker_due_terminations_oldest_seconds",

@@ -1,5 +1,6 @@
-"""Running one worker process: the arq Worker with our jobs, plus the metrics/health
-HTTP endpoint on ``--metrics-port``."""
+"""Running one worker process: the provisioning and expiry loops, arq (stop jobs, the sweeper's
+cron, its health record) through its documented API, plus the metrics/health HTTP endpoint on
+``--metrics-port``."""
 
 from __future__ import annotations
 
@@ -10,30 +11,35 @@ import time
 from typing import Any
 
 from aiohttp import web
-from arq import Retry, cron
-from arq.utils import timestamp_ms
-from arq.worker import Worker, func
+from arq import Retry, Worker, cron, func
 from prometheus_client.exposition import choose_encoder
 
 from broker.logs import bind_log_context, log_context
 from broker.redis_client import create_worker_pool
 from broker.serve import tune_gc
-from broker.sessions.jobs import PROVISION, QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
+from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
 from broker.settings import Settings
 
 from .context import WorkerContext
 from .expiry import ExpiryLoop
 from .jobs.common import REDIS_ERRORS
-from .jobs.provision import provision_session
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
+from .provisioning import ProvisioningLoop
 from .redis_io import use_direct_sends
-from .wakeup import WakeupWorker
+from .startup import wait_for_redis
 
 log = logging.getLogger("workers")
 
-JOB_TIMEOUT = 30          # seconds; short so a SIGKILLed job's in-progress key frees quickly
+JOB_TIMEOUT = 30          # seconds: a stop job (one DELETE) never runs longer
+# SIGTERM: running work ends by itself within this (a provisioning attempt is cut off after
+# ATTEMPT_TIMEOUT_S = 30 s, a stop job after JOB_TIMEOUT), so none is cancelled mid-create.
+JOB_COMPLETION_WAIT_S = JOB_TIMEOUT + 5
+# arq's poll of its queue (stop jobs, the sweeper's cron): a stop's DELETE starts within this
+# (arq's default, 0.5 s, would save 2 Redis commands a second per idle worker). A lost or late stop
+# job is taken by the expiry loop STOP_GRACE_MS after the stop anyway.
+POLL_DELAY_S = 0.25
 SWEEP_EVERY_S = 2
 # The cyclic GC's thresholds after start-up (Python's defaults: 700, 10, 10). A busy worker holds
 # the objects of a few hundred jobs in flight for ~1 s each, and every older collection walks all
@@ -45,12 +51,10 @@ SWEEP_EVERY_S = 2
 # triggers are counts of young ones (in the drain the middle ones still ran about once a second).
 GC_THRESHOLDS = (700, 100, 100)
 HEALTH_STALE_S = 15
-# Redis unreachable (restart, failover): the poll loop pauses this long and tries again; a
-# job that hit it is retried after REDIS_RETRY_DEFER_S; a finished job's bookkeeping waits
-# up to FINISH_PATIENCE_S for Redis instead of being lost.
+# Redis unreachable (restart, failover): arq's run is started again after this pause; a stop
+# job that hit it is retried after REDIS_RETRY_DEFER_S.
 REDIS_DOWN_PAUSE_S = 0.5
 REDIS_RETRY_DEFER_S = 1.0
-FINISH_PATIENCE_S = 120.0
 
 
 class Health:
@@ -61,138 +65,168 @@ class Health:
         return time.monotonic() - self.last_ok < HEALTH_STALE_S
 
 
-class ResilientWorker(WakeupWorker):
-    """arq's Worker, except that losing Redis does not end the process (arq's default: the
-    poll loop raises and ``main()`` returns): the loop pauses and resumes when Redis is back,
-    and a job's final bookkeeping (re-queue, result, in-progress key) waits for Redis instead
-    of failing, so a job running through an outage is neither lost nor blocked for the
-    in-progress key's 40 s."""
+class BrokerWorker:
+    """One worker process's work: the provisioning loop (``workers/provisioning.py``) and the
+    expiry loop (``workers/expiry.py``), which are ours, and an arq ``Worker``, used through its
+    documented API for what it does as shipped: the stop jobs (``terminate_session``, enqueued
+    with ``ArqRedis.enqueue_job``), the sweeper's cron and its health record.
 
-    metrics: WorkerMetrics | None = None
-    _last_warning = 0.0
+    Redis going away never ends the process: our loops pause and resume by themselves, and
+    when arq's ``async_run()`` gives up on Redis (its commands retry for ~20 s first) it is
+    simply run again. SIGTERM/SIGINT: no new work is claimed (arq's
+    ``handle_sig_wait_for_completion`` for its jobs, the loops' drain for ours), work in
+    flight ends by itself within ``JOB_COMPLETION_WAIT_S``, then :meth:`async_run` returns."""
 
-    def _redis_lost(self, exc: BaseException) -> None:
-        if self.metrics is not None:
-            self.metrics.redis_errors.labels("poll").inc()
-        if time.monotonic() - self._last_warning > 5:
-            self._last_warning = time.monotonic()
-            log.warning("redis unreachable (%s); the worker keeps retrying", type(exc).__name__)
+    def __init__(self, settings: Settings, metrics: WorkerMetrics, health: Health, *, burst: bool = False,
+                 handle_signals: bool = True, gc_thresholds: tuple[int, int, int] | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self.handle_signals = handle_signals
+        self.gc_thresholds = gc_thresholds
+        self.shutdown_grace_s = JOB_COMPLETION_WAIT_S + JOB_TIMEOUT  # what a SIGTERMed worker may need at most
+        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
+        self.pool = use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
+                                                        job_deserializer=job_deserializer,
+                                                        default_queue_name=QUEUE_NAME))  # workers/redis_io.py
+        self.ctx: dict[str, Any] = {"broker_worker": self}  # arq's ctx, passed to the jobs
+        self.provisioning: ProvisioningLoop | None = None
+        self.expiry: ExpiryLoop | None = None
+        self._started = False
+        self._signalled = False
+        self._last_warning = 0.0
 
-    async def _poll_iteration(self) -> None:
-        try:
-            await super()._poll_iteration()
-        except REDIS_ERRORS as exc:
-            self._redis_lost(exc)
-            await asyncio.sleep(REDIS_DOWN_PAUSE_S)
+        async def on_job_start(ctx: dict[str, Any]) -> None:
+            bind_log_context(job_id=ctx.get("job_id"))  # arq's own job lines too (run_job is one task per job)
 
-    async def finish_job(self, *args: Any) -> None:
-        await self._patiently(super().finish_job, *args)
+        self.arq = Worker(
+            functions=[func(_instrumented(terminate_session, metrics, "terminate"), name=TERMINATE,  # type: ignore[arg-type]
+                            max_tries=1000, timeout=JOB_TIMEOUT)],
+            cron_jobs=[cron(_instrumented(sweep, metrics, "sweep"), name="sweep",  # type: ignore[arg-type]
+                            second=set(range(0, 60, SWEEP_EVERY_S)), run_at_startup=True, timeout=20, unique=True,
+                            max_tries=3)],  # a sweep cut off by a killed worker is simply run again
+            queue_name=QUEUE_NAME,
+            redis_pool=self.pool,
+            ctx=self.ctx,
+            on_job_start=on_job_start,
+            max_jobs=settings.worker_max_jobs,
+            job_timeout=JOB_TIMEOUT,
+            keep_result=10,
+            poll_delay=POLL_DELAY_S,
+            max_tries=1000,
+            health_check_interval=5,
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            job_completion_wait=JOB_COMPLETION_WAIT_S,
+            burst=burst,
+            handle_signals=False,  # ours (below) also drains the loops, then calls arq's handler
+            retry_jobs=True,
+        )
 
-    async def finish_failed_job(self, *args: Any) -> None:
-        await self._patiently(super().finish_failed_job, *args)
+    # ---- start-up and shutdown --------------------------------------------------------------
 
-    async def _patiently(self, step: Any, *args: Any) -> None:
-        give_up = time.monotonic() + FINISH_PATIENCE_S
-        while True:
-            try:
-                await step(*args)
-                return
-            except REDIS_ERRORS as exc:
-                if time.monotonic() > give_up:
-                    raise
-                self._redis_lost(exc)
-                await asyncio.sleep(REDIS_DOWN_PAUSE_S)
-
-    async def close(self) -> None:
-        """arq's ``close``, except that a job task cancelled at shutdown or Redis being away
-        does not skip closing our clients (``on_shutdown``) and the pool."""
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)
-        if not self._pool:
+    async def on_startup(self, ctx: dict[str, Any] | None = None) -> None:
+        """Build the worker's context (clients, caches) and start its background tasks."""
+        if self._started:
             return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        try:
-            await self.pool.delete(self.health_check_key)
-        except REDIS_ERRORS as exc:
-            self._redis_lost(exc)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
-        await self.pool.aclose(close_connection_pool=True)
-        self._pool = None
+        self._started = True
+        ctx = self.ctx if ctx is None else ctx
+        ctx["wc"] = wc = WorkerContext.build(self.settings, self.metrics)
+        ctx["heartbeat"] = asyncio.create_task(_heartbeat(wc, self.health))
+        ctx["shared_gauges"] = self.metrics.shared.start(wc.redis)  # workers/gauges.py snapshot refresher
+        self.expiry = ctx["expiry"] = ExpiryLoop(wc).start()  # ends due sessions (workers/expiry.py)
+        ctx["claims"] = self.expiry.claims            # the stop jobs claim through the same script
+        ctx["keeper"] = self.expiry.keeper            # and their claims are renewed with the loop's
+        self.provisioning = ctx["provisioning"] = ProvisioningLoop(wc).start()  # workers/provisioning.py
+        if self.gc_thresholds is not None:
+            tune_gc(self.gc_thresholds)  # everything alive now (modules, SDK, clients) out of the collector's way
 
-
-def build_worker(
-    settings: Settings, metrics: WorkerMetrics, health: Health, *, burst: bool = False, handle_signals: bool = True,
-    gc_thresholds: tuple[int, int, int] | None = None,
-) -> Worker:
-    """The arq worker of the broker; ``gc_thresholds``: tune the process's collector once started
-    (``broker.serve.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
-    run inside another program, such as the tests, leaves that program's collector alone)."""
-
-    async def on_startup(ctx: dict[str, Any]) -> None:
-        ctx["wc"] = WorkerContext.build(settings, metrics)
-        ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx["wc"], health))
-        ctx["shared_gauges"] = metrics.shared.start(ctx["wc"].redis)  # workers/gauges.py snapshot refresher
-        ctx["expiry"] = ExpiryLoop(ctx["wc"]).start()  # ends due sessions (workers/expiry.py)
-        ctx["claims"] = ctx["expiry"].claims           # the stop jobs claim through the same script
-        ctx["keeper"] = ctx["expiry"].keeper           # and their claims are renewed with the loop's
-        mux = ctx["wc"].mux
-        ctx["arq_worker"].script_execute = mux.execute if mux else None  # the claim and finish scripts too
-        if gc_thresholds is not None:
-            tune_gc(gc_thresholds)  # everything alive now (modules, SDK, clients) out of the collector's way
-
-    async def on_shutdown(ctx: dict[str, Any]) -> None:
-        ctx["arq_worker"].script_execute = None  # the pool again: the mux closes with the context
+    async def on_shutdown(self, ctx: dict[str, Any] | None = None) -> None:
+        ctx = self.ctx if ctx is None else ctx
+        if ctx.get("provisioning"):
+            await ctx["provisioning"].stop()  # what is cut off is taken again after its lease
+        if ctx.get("expiry"):
+            await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
         # cancelled and waited for: one cut off inside a pipeline must leave it (and give its
         # connection back) before the clients close, or the pipeline is left holding it
         background = [task for task in (ctx.get("heartbeat"), ctx.get("shared_gauges")) if task]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        if ctx.get("expiry"):
-            await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
         wc: WorkerContext | None = ctx.get("wc")
         if wc:
             await wc.close()
+        self._started = False
 
-    async def on_job_start(ctx: dict[str, Any]) -> None:
-        ctx["start_ms"] = timestamp_ms()  # arq's start time of the job, for a finish in the job's own script
-        bind_log_context(job_id=ctx.get("job_id"))  # arq's own job lines too (run_job is one task per job)
+    async def async_run(self) -> None:
+        """Run until cancelled, or until a signal's shutdown is complete (or, ``burst``, until
+        arq's queue is empty)."""
+        await self.on_startup(self.ctx)
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.on_signal, sig)
+        while True:
+            try:
+                await self.arq.async_run()
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or not self._signalled:
+                    raise
+                # arq ended its main task after the signal: our own work in flight ends now
+                if self.provisioning is not None:
+                    await self.provisioning.wait_idle(JOB_COMPLETION_WAIT_S)
+                log.info("worker stopped by a signal")
+                return
+            except REDIS_ERRORS as exc:
+                self._redis_lost(exc)
+                await asyncio.sleep(REDIS_DOWN_PAUSE_S)
 
-    functions = [
-        func(_instrumented(provision_session, metrics, "provision"), name=PROVISION, max_tries=1000, timeout=JOB_TIMEOUT),
-        func(_instrumented(terminate_session, metrics, "terminate"), name=TERMINATE, max_tries=1000, timeout=JOB_TIMEOUT),
-    ]
-    worker = ResilientWorker(
-        functions=functions,  # type: ignore[arg-type]
-        cron_jobs=[cron(_instrumented(sweep, metrics, "sweep"), name="sweep",  # type: ignore[arg-type]
-                        second=set(range(0, 60, SWEEP_EVERY_S)), run_at_startup=True, timeout=20, unique=True,
-                        max_tries=3)],  # a sweep cut off by a killed worker is simply run again
-        queue_name=QUEUE_NAME,
-        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
-        redis_pool=use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
-                                                       job_deserializer=job_deserializer,
-                                                       default_queue_name=QUEUE_NAME)),  # workers/redis_io.py
-        on_startup=on_startup,
-        on_shutdown=on_shutdown,
-        on_job_start=on_job_start,
-        max_jobs=settings.worker_max_jobs,
-        job_timeout=JOB_TIMEOUT,
-        keep_result=10,
-        poll_delay=1.0,  # only the fallback: an idle worker blocks on the wake-up list (workers/wakeup.py)
-        max_tries=1000,
-        health_check_interval=5,
-        job_serializer=job_serializer,
-        job_deserializer=job_deserializer,
-        # SIGTERM: stop taking jobs and let running ones end by themselves (a job never runs
-        # longer than JOB_TIMEOUT), so none is cancelled mid-create (deploy/ grace: 75 s).
-        job_completion_wait=JOB_TIMEOUT + 5,
-        burst=burst,
-        handle_signals=handle_signals,
-        retry_jobs=True,
-    )
-    worker.metrics = metrics
-    return worker
+    def on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: stop taking work; what runs ends by itself."""
+        if self._signalled:
+            return
+        self._signalled = True
+        log.info("received %s: taking no new work; running work ends by itself", signal.Signals(signum).name)
+        if self.provisioning is not None:
+            self.provisioning.drain()
+        if self.expiry is not None:
+            self.expiry.drain()
+        self.arq.handle_sig_wait_for_completion(signum)
+
+    async def close(self) -> None:
+        """Stop everything and close every client (also after a cancelled run or a Redis outage)."""
+        if self.provisioning is not None:
+            await self.provisioning.stop()
+        try:
+            await self.arq.close()  # cancels its job tasks and main task, deletes its health key
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # a job task cancelled just now: arq's close stopped there; the pool is closed below
+        except REDIS_ERRORS as exc:
+            self._redis_lost(exc)
+        await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+
+    def _redis_lost(self, exc: BaseException) -> None:
+        self.metrics.redis_errors.labels("poll").inc()
+        if time.monotonic() - self._last_warning > 5:
+            self._last_warning = time.monotonic()
+            log.warning("redis unreachable (%s); the worker keeps retrying", type(exc).__name__)
+
+
+def build_worker(
+    settings: Settings, metrics: WorkerMetrics, health: Health, *, burst: bool = False, handle_signals: bool = True,
+    gc_thresholds: tuple[int, int, int] | None = None,
+) -> BrokerWorker:
+    """The worker of the broker; ``gc_thresholds``: tune the process's collector once started
+    (``broker.serve.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
+    run inside another program, such as the tests, leaves that program's collector alone)."""
+    return BrokerWorker(settings, metrics, health, burst=burst, handle_signals=handle_signals,
+                        gc_thresholds=gc_thresholds)
 
 
 def _instrumented(fn: Any, metrics: WorkerMetrics, label: str) -> Any:
@@ -256,25 +290,13 @@ async def run_worker(settings: Settings, metrics_port: int | None, metrics_host:
     metrics = WorkerMetrics()
     health = Health()
     runner = await _serve_metrics(metrics, health, metrics_host, metrics_port) if metrics_port else None
-    # --- issue 18: wait for Redis before arq starts (workers/startup.py); a signal meanwhile ends the process
-    from .startup import wait_for_redis
-
-    if not await wait_for_redis(settings):
+    if not await wait_for_redis(settings):  # before arq starts; a signal meanwhile ends the process
         if runner:
             await runner.cleanup()
         return
-    # --- end issue 18
     worker = build_worker(settings, metrics, health, gc_thresholds=GC_THRESHOLDS)
     try:
-        await worker.async_run()
-    except asyncio.CancelledError:
-        # After SIGTERM/SIGINT arq ends its main task by cancelling it, once the running jobs
-        # finished (or job_completion_wait ran out): a clean stop (exit 0), unless this task
-        # itself is being cancelled.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        log.info("worker stopped by a signal")
+        await worker.async_run()  # returns after a signal's clean shutdown (exit 0)
     finally:
         await worker.close()
         if runner:

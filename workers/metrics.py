@@ -29,7 +29,7 @@ JOB_OUTCOMES = ("ok", "retry", "error", "cancelled")
 UPSTREAM_OPERATIONS = (("openai", "mint"), ("avaturn", "create"), ("avaturn", "delete"))
 TERMINATION_REASONS = ("requested", "expired", "replaced", "tenant_disabled")
 SWEEPER_ACTIONS = ("requeued", "reaped", "dropped", "trimmed")
-REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry")
+REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry", "provision")
 
 
 class TracedHistogram(Histogram):
@@ -80,7 +80,8 @@ class WorkerMetrics:
         self.sweeper_actions = Counter("broker_sweeper_actions_total", "Sweeper actions, by action.",
                                        ["action"], registry=r)
         self.mint_deferred = Counter("broker_mint_deferred_total",
-                                     "Provisioning jobs deferred by the per-tenant OpenAI mint rate.", registry=r)
+                                     "Provisioning attempts claimed before their mint slot and rescheduled at it "
+                                     "(only with clocks apart between API and workers).", registry=r)
         self.possible_orphans = Counter("broker_upstream_possible_orphans_total",
                                         "Avaturn creates whose outcome was unknown and were created again, or "
                                         "orphans whose delete failed (each bounded by user_absent_timeout/max_duration).",
@@ -143,7 +144,8 @@ class WorkerMetrics:
         return time.perf_counter()
 
     def job_finished(self, function: str, started: float, exc: BaseException | None) -> None:
-        """Count one job run: outcome ok / retry (arq ``Retry``: also counted in
+        """Count one job run (a provisioning attempt counts as one): outcome ok / retry (arq
+        ``Retry``, a provisioning rescheduled: also counted in
         ``job_retries``) / cancelled / error (a Redis error is also counted in ``redis_errors``)."""
         self._child(self.jobs_in_progress, function).dec()
         outcome = _job_outcome(exc)
@@ -160,7 +162,9 @@ def _job_outcome(exc: BaseException | None) -> str:
         return "ok"
     from arq.worker import Retry
 
-    if isinstance(exc, Retry):
+    from .jobs.provision import Rescheduled
+
+    if isinstance(exc, (Retry, Rescheduled)):
         return "retry"
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"

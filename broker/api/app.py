@@ -85,7 +85,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
             metrics=metrics,
             sessions=SessionService(
                 SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds,
-                cipher=cipher,
+                mint_window_s=settings.mint_window_seconds(), cipher=cipher,
             ),
         )
         # issue 18: Redis down at start is one line, and no 5 s wait for the subscription that cannot come

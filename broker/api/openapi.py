@@ -146,7 +146,9 @@ ERROR = obj({"error": {
     "type": "object", "required": ["code", "message"], "additionalProperties": True,
     "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"}, "message": text(1),
                    "field": {"type": "string"}, "limit": {"type": "integer"}, "current": {"type": "integer"},
-                   "retry_after": {"type": "number"}},
+                   "retry_after": {"type": "number"},
+                   "backlog": {"type": "integer", "minimum": 0,
+                               "description": "provisioning_backlog: the tenant's sessions waiting for a mint slot"}},
 }}, ("error",))
 
 
@@ -214,7 +216,11 @@ _REASONS_BY_STATUS = {
          "admin API: another tenant has this name (`tenant_name_taken`).", 413: "The body is larger than 64 KiB.",
     415: "The body is not JSON, or its Content-Type names a charset other than UTF-8.",
     422: "The Idempotency-Key was used with another body.",
-    429: "A quota is exhausted; the body states the limit and the current usage.",
+    429: ("A quota is exhausted (`rate_limited`, `concurrency_limit`, `daily_quota_exhausted`, `end_user_limit`), "
+          "or the tenant's mint pacing cannot provision one more session before its deadline "
+          "(`provisioning_backlog`: `limit` is openai_requests_per_minute, `current` and `backlog` the sessions "
+          "already waiting for a mint slot); the body states the limit and the current usage, Retry-After when "
+          "to retry, RateLimit the state of each policy (the mint pacing as \"mint\")."),
     503: "Redis is unreachable; retry after Retry-After.",
 }
 

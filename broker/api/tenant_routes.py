@@ -102,7 +102,7 @@ async def create_session(request: Request) -> ASGIApp:
     bind_log_context(session_id=rec.id)
     headers = [(b"location", b"/v1/sessions/" + rec.id.encode())]
     if admitted:
-        headers.extend(ratelimit_header_items(outcome.usage))  # type: ignore[union-attr]
+        headers.extend(ratelimit_header_items(outcome.usage, outcome.mint))  # type: ignore[union-attr]
     if wait:
         async def settled() -> bool:
             nonlocal rec

@@ -72,7 +72,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     secret_expires_at: int = 0
     create_state: str = ""               # "" | inflight | done | unknown
     avaturn_key_enc: str = ""            # the Avaturn key of the create, encrypted (workers/jobs/session_key.py)
-    attempts: int = 0
+    attempts: int = 0                    # provisioning claims (broker/sessions/schedule.py)
+    mint_at: int = 0                     # the OpenAI mint slot reserved at admission (ms); 0: none
     delete_attempts: int = 0
     traceparent: str = ""                # W3C context of the request that admitted it (tracing on)
 

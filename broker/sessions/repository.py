@@ -9,62 +9,21 @@ and set a retention TTL on the record.
 
 from __future__ import annotations
 
-from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from broker.redis_mux import Execute, RedisMux, evalsha
-from tenants.mint_rate import lua_function
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
+from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
 
-from .jobs import JobFinish, JobSpec
+from .lua import script
 from .models import SessionRecord
-from .terminal import with_terminal_drop
 
 
 RETENTION_SECONDS = 7 * 24 * 3600
-_SCRIPT = with_terminal_drop(resources.files(__package__).joinpath("transition.lua").read_text())
+_SCRIPT = script("transition.lua")
 
 Score = int | str  # "" keep, "del" remove, or an int score
-_NO_JOB_KEYS = ("", "", "", "")
-_NO_JOB_ARGS = ("", 0, 0, "", 1)
-
-# The provisioning job's first step: read the session and, if it is queued or provisioning and
-# not past its provisioning deadline, move it to provisioning (attempts + 1, the live-status
-# counters as transition.lua keeps them) - one round trip instead of a read and a transition.
-# A session leaving ``queued`` has never minted a client secret, so its OpenAI mint slot
-# (tenants/mint_rate.lua, the same function) is reserved in the same step when asked for.
-# KEYS: 1 session hash, 2 stats hash, 3 the tenant's mint schedule (or "").
-# ARGV: 1 now (ms), 2 provisioning deadline (ms after created_at), 3-4 the mint schedule's
-#       interval and tolerance (ms), or "" for no reservation.
-# Reply: {1 started | 0 not started (other status, or past the deadline) | -1 missing,
-#         status before the step, the hash after it (HGETALL), the mint slot granted (ms) or -1}.
-_START_PROVISIONING = lua_function("reserve_mint") + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {-1, '', {}, -1} end
-local started = 0
-local grant = -1
-if (st == 'queued' or st == 'provisioning')
-    and (tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0) + tonumber(ARGV[2]) > tonumber(ARGV[1]) then
-  if st == 'queued' then
-    redis.call('HSET', KEYS[1], 'status', 'provisioning')
-    redis.call('HINCRBY', KEYS[2], 'queued', -1)
-    redis.call('HINCRBY', KEYS[2], 'provisioning', 1)
-    if ARGV[3] ~= '' then grant = reserve_mint({KEYS[3]}, {ARGV[1], ARGV[3], ARGV[4]}) end
-  end
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  started = 1
-end
-return {started, st, redis.call('HGETALL', KEYS[1]), grant}
-"""
-
-
-class Started(NamedTuple):
-    started: bool                 # the session is now provisioning, for this attempt
-    before: str                   # its status before the step ("" if it does not exist)
-    record: SessionRecord | None  # the record after the step
-    mint_at: int | None           # the OpenAI mint slot reserved in the same step (unix ms)
 
 
 class TransitionResult:
@@ -86,37 +45,20 @@ def _text(member: bytes | str) -> str:
 
 
 class SessionRepository:
-    """``mux``: send the scripts (:meth:`start_provisioning`, :meth:`transition`, and the
-    admission through :attr:`execute`) over one pipelined connection instead of the client's
-    pool (the worker makes three per session, the API one per admission)."""
+    """``mux``: send the scripts (:meth:`transition`, and the admission and the provisioning
+    claims through :attr:`execute`) over one pipelined connection instead of the client's pool
+    (the worker makes two or three per session, the API one per admission)."""
 
     def __init__(self, redis: aioredis.Redis, mux: RedisMux | None = None) -> None:
         self.redis = redis
         self.execute: Execute = redis.execute_command if mux is None else mux.execute
         self._transition = redis.register_script(_SCRIPT)
-        self._start = redis.register_script(_START_PROVISIONING)
 
     async def get(self, tenant_id: str, session_id: str) -> SessionRecord | None:
         raw = await self.redis.hgetall(TenantScope(tenant_id).session(session_id))
         if not raw:
             return None
         return SessionRecord.from_hash(raw)
-
-    async def start_provisioning(self, tenant_id: str, session_id: str, now: int, deadline_ms: int,
-                                 mint_schedule: tuple[int, int] | None = None) -> Started:
-        """See ``_START_PROVISIONING``; ``mint_schedule`` is ``tenants.mint_rate.schedule(...)``
-        of the tenant to reserve its mint slot if the session leaves ``queued``."""
-        scope = TenantScope(tenant_id)
-        interval, tau = mint_schedule if mint_schedule is not None else ("", "")
-        raw = await evalsha(self.execute, self._start, [scope.session(session_id), STATS_LIVE, scope.mint_bucket()],
-                             [now, deadline_ms, interval, tau])
-        if int(raw[0]) == -1:
-            return Started(False, "", None, None)
-        flat = raw[2]
-        rec = SessionRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
-        before = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
-        grant = int(raw[3])
-        return Started(int(raw[0]) == 1, before, rec, grant if grant >= 0 else None)
 
     async def get_many(self, tenant_id: str, session_ids: list[str]) -> list[SessionRecord | None]:
         scope = TenantScope(tenant_id)
@@ -246,21 +188,18 @@ class SessionRepository:
         drop: tuple[str, ...] = (),
         publish: bool = False,
         retain: bool = False,
-        job: JobSpec | None = None,
-        finish: JobFinish | None = None,
     ) -> TransitionResult:
-        """``job`` is enqueued in the same step, only if the transition applies; ``finish`` (the
-        running arq job, see :class:`JobFinish`) is recorded as finished in it, likewise."""
+        """``due_provision``: the session's entry in its tenant's provisioning schedule
+        (``broker/sessions/schedule.py``): a score (re)schedules it then, ``"del"`` ends it."""
         scope = TenantScope(rec.tenant_id)
         keys = [
             scope.session(rec.id),
             scope.live(),
             scope.end_user(rec.end_user) if rec.end_user else scope.end_user("-"),
             DUE_EXPIRY,
-            DUE_PROVISION,
+            scope.provision_schedule(),
             STATS_LIVE,
-            *(job.keys() if job is not None else _NO_JOB_KEYS),
-            *(finish.keys() if finish is not None else ()),
+            PROVISION_TENANTS,
         ]
         pairs: list[str | int] = []
         for k, v in (fields or {}).items():
@@ -276,8 +215,7 @@ class SessionRepository:
             scope.events_channel(rec.id) if publish else "",
             RETENTION_SECONDS if retain else "",
             len(fields or {}),
-            *(job.args() if job is not None else _NO_JOB_ARGS),
-            *(finish.args() if finish is not None else ()),
+            rec.tenant_id,
             *pairs,
             *drop,
         ]

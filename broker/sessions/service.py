@@ -1,4 +1,4 @@
-"""The rules of the session lifecycle on the API side: create (validate, admit, enqueue),
+"""The rules of the session lifecycle on the API side: create (validate, admit and schedule),
 read, list, stop, and stop-all for a disabled tenant."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import msgspec
 from broker import tracing
 from broker.api.ratelimit import refusal_headers
 from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
-from tenants.admission import AdmissionRequest, Admitted, KeyReused, QueuedJob, Refused, Replayed, admit
+from broker.settings import mint_window
+from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
 from tenants.session_secrets import seal
@@ -37,10 +38,15 @@ STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated"
 
 class SessionService:
     def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float,
-                 cipher: CredentialCipher | None = None) -> None:
+                 mint_window_s: float | None = None, cipher: CredentialCipher | None = None) -> None:
+        """``mint_window_s``: a session is admitted only if its mint slot is at most this far
+        ahead (``Settings.mint_window_seconds()``; default: the deadline minus the default
+        margin, ``broker.settings.mint_window``)."""
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)
+        window_s = mint_window(provision_deadline_s) if mint_window_s is None else mint_window_s
+        self.mint_window_ms = int(window_s * 1000)
         self._cipher = cipher  # seals the MCP credentials of a request's own session override
         self._default_configs: dict[bytes, str] = {}
 
@@ -114,9 +120,8 @@ class SessionService:
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
-        tracing.stamp(fields)  # issue 23: + "traceparent" (the request's span) when tracing is on
-        job = self.queue.provision_job(tenant.id, sid)
-        outcome = await tracing.admission(tenant.id, sid, admit(  # issue 23: the admission span
+        tracing.stamp(fields)  # + "traceparent" (the request's span) when tracing is on
+        outcome = await tracing.admission(tenant.id, sid, admit(  # the admission span
             self.repo.redis,
             AdmissionRequest(
                 tenant_id=tenant.id,
@@ -128,18 +133,18 @@ class SessionService:
                 body_digest=_digest(_canonical(req)) if idempotency_key else None,
                 session_fields=fields,
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
-                provision_deadline_ms=now + self.provision_deadline_ms,
-                job=QueuedJob(keys=job.keys(), args=job.args()),  # enqueued by the same script
+                # its mint slot, reserved here, is scheduled by the same script: no job to enqueue
+                mint_window_ms=self.mint_window_ms,
             ),
             self.repo.execute,
         ))
         if isinstance(outcome, Refused):
-            raise QuotaExceeded(
-                _refusal_message(outcome),
-                code=outcome.code,
-                headers=refusal_headers(outcome),
-                extra={"limit": outcome.limit, "current": outcome.current, "retry_after": outcome.retry_after_s},
-            )
+            extra: dict[str, int] = {"limit": outcome.limit, "current": outcome.current,
+                                     "retry_after": outcome.retry_after_s}
+            if outcome.code == "provisioning_backlog":
+                extra["backlog"] = outcome.current
+            raise QuotaExceeded(_refusal_message(outcome), code=outcome.code, headers=refusal_headers(outcome),
+                                extra=extra)
         if isinstance(outcome, KeyReused):
             raise Unprocessable(
                 "this Idempotency-Key was already used with a different request body",
@@ -150,6 +155,7 @@ class SessionService:
             if rec is None:  # admitted by a request that has not finished writing: impossible with one script
                 raise Conflict("a request with this Idempotency-Key is still being admitted; retry shortly")
             return rec, outcome
+        fields["mint_at"] = str(outcome.mint_at)  # the script stores it with the record
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
         # The record as the script wrote it (no read back: a worker may already be on it).
@@ -204,7 +210,7 @@ class SessionService:
         worker can end the session within a millisecond (0 ms upstream), and a read after that
         turned this call's answer into "already terminated" (200) for a session it had just
         moved to ``terminating`` (202, CONTRACT.md). The expiry loop takes a stop only
-        ``STOP_GRACE_MS`` after it, so before the read only a provisioning job already running
+        ``STOP_GRACE_MS`` after it, so before the read only a provisioning attempt already running
         can end it (when its own step sees the stop): that session is then reported as it is."""
         rec = await self.get(tenant_id, session_id)
         if rec.status in ("terminated", "failed"):
@@ -272,6 +278,9 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 def _refusal_message(r: Refused) -> str:
+    if r.code == "provisioning_backlog":
+        return (f"openai_requests_per_minute of {r.limit} leaves no mint slot for a new session before its "
+                f"provisioning deadline ({r.current} sessions already waiting); retry after {r.retry_after_s} s")
     what = {
         "rate_limited": "sessions_per_minute",
         "concurrency_limit": "max_concurrent_sessions",

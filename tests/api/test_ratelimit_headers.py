@@ -76,7 +76,7 @@ async def test_refusal_headers_from_a_real_refusal(redis: aioredis.Redis) -> Non
     def req(sid: str, at: int) -> AdmissionRequest:
         return AdmissionRequest(
             tenant_id="ten_h", session_id=sid, now_ms=at, quotas=q, session_fields={"status": "queued"},
-            lease_until_ms=at + 60_000, provision_deadline_ms=at + 1000,
+            lease_until_ms=at + 60_000, mint_window_ms=40_000,
         )
 
     first = await admit(redis, req("ses_1", now))
@@ -92,3 +92,40 @@ async def test_refusal_headers_from_a_real_refusal(redis: aioredis.Redis) -> Non
     assert limits["day"]["r"] == 8
     assert limits["concurrency"] == {"r": 3}
     assert parse(h["RateLimit-Policy"])["minute"] == {"q": 2, "w": 60}
+
+
+def test_mint_policy_item() -> None:
+    """Invariant: the mint pacing is one more sf-list item "mint" with q (mints per minute) and
+    w=60; its state has r (sessions that still fit now) and t only when r is 0."""
+    h = ratelimit_headers(snapshot(), QuotaUsage(limit=300, used=12, remaining=0, reset_s=2))
+    assert parse(h["RateLimit-Policy"])["mint"] == {"q": 300, "w": 60}
+    assert parse(h["RateLimit"])["mint"] == {"r": 0, "t": 2}
+    h = ratelimit_headers(snapshot(with_end_user=True), QuotaUsage(limit=300, used=0, remaining=209, reset_s=0))
+    assert list(parse(h["RateLimit"])) == ["minute", "day", "concurrency", "end_user", "mint"]
+    assert parse(h["RateLimit"])["mint"] == {"r": 209}
+
+
+async def test_backlog_refusal_headers_from_a_real_refusal(redis: aioredis.Redis) -> None:
+    """Invariant: a provisioning_backlog refusal's Retry-After is the mint item's t (r=0),
+    whole seconds until the next slot is within the window; the other policies are intact."""
+    q = Quotas(openai_requests_per_minute=60, max_concurrent_sessions=100)  # T = 1 s, burst 10
+    now = 1_795_000_000_000
+
+    def req(sid: str, at: int) -> AdmissionRequest:
+        return AdmissionRequest(
+            tenant_id="ten_m", session_id=sid, now_ms=at, quotas=q, session_fields={"status": "queued"},
+            lease_until_ms=at + 60_000, mint_window_ms=2_500,
+        )
+
+    for i in range(12):  # 10 at now, then now + 1 s and now + 2 s
+        out = await admit(redis, req(f"ses_{i}", now))
+        assert isinstance(out, Admitted)
+    assert parse(ratelimit_headers(out.usage, out.mint)["RateLimit"])["mint"] == {"r": 0, "t": 1}
+    refused = await admit(redis, req("ses_x", now))
+    assert isinstance(refused, Refused) and refused.code == "provisioning_backlog"
+    h = refusal_headers(refused)
+    assert h["Retry-After"] == "1" == str(refused.retry_after_s)  # slot now + 3 s, window ends at now + 2.5 s
+    limits = parse(h["RateLimit"])
+    assert limits["mint"] == {"r": 0, "t": 1}
+    assert limits["minute"] == {"r": 60 - 12, "t": 60}
+    assert parse(h["RateLimit-Policy"])["mint"] == {"q": 60, "w": 60}

@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from . import expiry, report, scale, scenarios
+from . import expiry, report, scale, scenarios, scheduler
 from .load import WRK
 from .stack import Stack
 
@@ -25,7 +25,7 @@ def _step(name: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
 
-PARTS = ("admission", "tenants", "ready", "worker", "terminations")
+PARTS = ("admission", "tenants", "ready", "worker", "terminations", "scheduler")
 
 
 def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
@@ -76,6 +76,10 @@ def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
         _step("the same with a second worker process (one per core)")
         stack.start_worker("worker2")
         m["terminations_2_workers"] = expiry.terminations(stack, TERMINATIONS, WINDOW_S, rate)
+        stack.stop_proc("worker2")
+    if "scheduler" in want:
+        _step("provisioning scheduler: noisy neighbour, burst lateness, takeover after SIGKILL")
+        scheduler.run(stack, m)
 
 
 def main() -> int:

@@ -50,6 +50,8 @@ def rows(m: dict[str, Any]) -> list[Row]:
         out += _termination_rows(m)
     if "tenants" in m:
         out += _tenant_rows(m)
+    if "noisy_neighbour" in m:
+        out += _scheduler_rows(m)
     if "idle_redis" in m:
         idle = m["idle_redis"]
         out.append(Row("Redis commands/s with API + worker idle", idle["commands_per_s"], "cmd/s"))
@@ -125,6 +127,24 @@ def _tenant_rows(m: dict[str, Any]) -> list[Row]:
         r = _ratio(t10k[f"{p}_ms"], t10[f"{p}_ms"])
         out.append(Row(f"admission {p}, 10,000 tenants vs 10 ({t10k['rps']:.0f} vs {t10['rps']:.0f} req/s)",
                        t10k[f"{p}_ms"], "ms", t10[f"{p}_ms"], "10 tenants", r, "<= 1.2x", r <= 1.2))
+    return out
+
+
+def _scheduler_rows(m: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    nn = m["noisy_neighbour"]
+    alone, beside = nn["alone"]["time_to_ready_ms"]["p99"], nn["beside"]["time_to_ready_ms"]["p99"]
+    r = _ratio(beside, alone)
+    out.append(Row(f"noisy neighbour: B's time to ready p99 beside A's {nn['a_admitted']} queued", beside, "ms",
+                   alone, "B alone", r, "<= 1.2x", r <= 1.2))
+    bl = m["burst_lateness"]
+    late = bl["lateness_ms"]["p99"]
+    out.append(Row(f"burst lateness p99: ready - mint slot - upstream ({bl['ready']} sessions over "
+                   f"{bl['slot_span_s']:.0f} s of slots)", late, "ms", target="<= 50 ms", met=late <= 50))
+    tk = m["takeover"]
+    worst = tk["seconds_after_kill"]["max"]
+    out.append(Row(f"takeover after SIGKILL mid-mint: last of {tk['sessions']} ready after the kill", worst, "s",
+                   target=f"<= {tk['bound_s']:.0f} s (lease + 1 s)", met=worst <= tk["bound_s"]))
     return out
 
 

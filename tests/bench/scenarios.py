@@ -114,10 +114,10 @@ def direct_pattern(stack: Stack, mint_ms: float, create_ms: float, total: int, c
 
 
 def wait_settled(stack: Stack, timeout: float) -> None:
-    """Until no session is queued or provisioning (each has an entry in ``sb:due:provision``
-    until it is ready or failed): one ZCARD a poll, so the bench does not steal the CPU."""
+    """Until no session is queued or provisioning (the live-status counts the session scripts
+    keep, ``sb:stats:live``): one HMGET a poll, so the bench does not steal the CPU."""
     deadline = time.monotonic() + timeout
-    while stack.r.zcard("sb:due:provision"):
+    while sum(int(v or 0) for v in stack.r.hmget("sb:stats:live", "queued", "provisioning")):
         if time.monotonic() > deadline:
             raise RuntimeError(f"sessions still pending after {timeout:.0f}s")
         time.sleep(0.02)

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from broker.embedded_redis import free_port
 from broker.sessions.jobs import QUEUE_NAME, JobQueue, new_arq_redis
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION
+from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, TenantScope
 from workers.gauges import LIVE_STATS_KEY, SharedStateCollector, read_snapshot
 
 from .helpers import samples
@@ -19,24 +19,28 @@ from .helpers import samples
 async def test_snapshot_counts_shared_state(redis: aioredis.Redis) -> None:
     now = time.time()
     ms = int(now * 1000)
-    # The arq queue is a zset scored by run time (ms); a started job keeps its entry until it
-    # finishes and has an in-progress key.
+    # The arq queue (stop jobs) is a zset scored by run time (ms).
     await redis.zadd(QUEUE_NAME, {"running": ms - 30_000, "waiting": ms - 10_000, "later": ms + 60_000})
-    await redis.set("arq:in-progress:running", b"1")
     queue = JobQueue(new_arq_redis(redis.connection_pool))
-    assert await queue.provision("t1", "ses_new")                       # due now
-    assert await queue.terminate("t1", "ses_x", at_ms=ms + 120_000)     # deferred
+    assert await queue.terminate("t1", "ses_x")                          # due now
+    await redis.zadd(QUEUE_NAME, {"retry": ms + 120_000})                # deferred
     await redis.zadd(DUE_EXPIRY, {"t1:ses_a": ms - 20_000, "t1:ses_b": ms - 5_000, "t1:ses_c": ms + 100_000})
-    await redis.zadd(DUE_PROVISION, {"t1:ses_p1": ms + 1, "t1:ses_p2": ms + 2, "t1:ses_p3": ms + 3})
-    await redis.hset(LIVE_STATS_KEY, mapping={"ready": 4, "queued": 1, "bad field!": 3, "provisioning": "x"})
+    # The provisioning schedule: t1's p1 waits since its slot 10 s ago, p2 is claimed (its entry
+    # is its lease), t2's q1 is due later; the ring's scores are lower bounds.
+    await redis.zadd(TenantScope("t1").provision_schedule(), {"ses_p1": ms - 10_000, "ses_p2": ms + 3_000})
+    await redis.zadd(TenantScope("t2").provision_schedule(), {"ses_q1": ms + 5_000})
+    await redis.zadd(TenantScope("t3").provision_schedule(), {"ses_r1": ms + 2_000})
+    await redis.zadd(PROVISION_TENANTS, {"t1": ms - 12_000, "t2": ms + 5_000, "t3": ms - 1_000})
+    await redis.hset(LIVE_STATS_KEY, mapping={"ready": 4, "queued": 2, "provisioning": 1, "bad field!": 3,
+                                              "terminating": "x"})
 
     snap = await read_snapshot(redis, now=time.time())
     assert (snap.queue_due, snap.queue_deferred) == (3, 2)
-    assert 9.9 <= snap.queue_oldest_due_age <= 10.5       # 'running' is skipped: a worker has it
+    assert 9.9 <= snap.queue_oldest_due_age <= 10.5       # p1; t3's ring entry lags, none of its entries is due
     assert snap.due_terminations == 2
     assert 19.9 <= snap.due_terminations_oldest_age <= 20.5
-    assert snap.provisioning_backlog == 3
-    assert snap.live == {"ready": 4, "queued": 1}
+    assert snap.provisioning_backlog == 3                 # queued + provisioning
+    assert snap.live == {"ready": 4, "queued": 2, "provisioning": 1}
 
 
 async def test_empty_redis_gives_zeros(redis: aioredis.Redis) -> None:
@@ -56,8 +60,7 @@ async def test_every_worker_exports_the_same_values(redis: aioredis.Redis) -> No
     workers never multiply them), and nothing is exported before the first read."""
     a, b = SharedStateCollector(), SharedStateCollector()
     assert _exported(a) == {}
-    await redis.zadd(DUE_PROVISION, {"t:ses_1": 1})
-    await redis.hset(LIVE_STATS_KEY, mapping={"ready": 2})
+    await redis.hset(LIVE_STATS_KEY, mapping={"ready": 2, "queued": 1})
     await a.refresh(redis)
     await b.refresh(redis)
     ea, eb = _exported(a), _exported(b)

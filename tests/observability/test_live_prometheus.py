@@ -211,7 +211,11 @@ def _check_process_logs(logs: Path, done: dict[str, Any]) -> None:
                           line["session_id"].startswith("ses_") for line in access)
     arq_done = [line for line in worker_lines if line["logger"] == "arq.worker" and "←" in line["event"]]
     assert arq_done and all(line.get("job_id") for line in arq_done), arq_done   # arq's own job lines too
-    assert any(line["job_id"].startswith("prov:ses_") and line["job_id"] in line["event"] for line in arq_done)
+    assert any(line["job_id"].startswith("term:ses_") and line["job_id"] in line["event"] for line in arq_done)
+    # provisioning is not an arq job (the worker's provisioning loop): its lines carry the ids
+    provision = [line for line in worker_lines if line["logger"] == "workers.provision"]
+    assert provision and all(line.get("tenant_id") and line.get("session_id", "").startswith("ses_")
+                             for line in provision), provision
     failed_delete = [line for line in worker_lines if "upstream delete failed" in line["event"]]
     assert failed_delete and failed_delete[0]["job_id"].startswith("term:")
     assert failed_delete[0]["tenant_id"] == done["alpha"] and failed_delete[0]["session_id"].startswith("ses_")

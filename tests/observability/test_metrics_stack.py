@@ -9,7 +9,7 @@ import time
 import httpx
 
 from tests.fixtures.stack import PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, Admin, ApiServer, make_settings, tenant_client, wait_status
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION
+from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, TenantScope
 
 from .helpers import sample, samples, scrape, value, wait_for
 
@@ -95,6 +95,8 @@ def test_provisioning_upstream_and_job_metrics(api, worker, admin: Admin, sandbo
         wait_status(c, sid, {"ready"})
     with tenant_client(api.url, bad_key) as c:
         assert c.post("/v1/sessions?wait=10").status_code == 502
+    # the answer leaves when the status is published; the worker counts its attempt just after
+    wait_for(lambda: value(r, "broker_worker_jobs_total", function="provision", outcome="ok") == 3, 5, "attempts counted")
     assert value(r, "broker_provisions_total", outcome="ready", code="") == 2
     assert value(r, "broker_provisions_total", outcome="failed", code="openai_invalid_api_key") == 1
     assert value(r, "broker_time_to_ready_seconds_count") == 2
@@ -136,16 +138,20 @@ def test_termination_metrics(api, worker, admin: Admin, sandbox) -> None:
 
 
 def test_sweeper_and_shared_gauges_run_in_the_worker(api, worker, admin: Admin, redis_server) -> None:
-    """The sweeper drops a due provisioning entry whose session is gone (and the expiry loop an
+    """The sweeper runs (its first run at start-up is counted), a due provisioning entry whose
+    session is gone is dropped with its tenant's ring entry (and the expiry loop drops an
     expiry entry); the worker's on_startup started the shared-state refresher (its gauges
     appear on the worker's /metrics)."""
     import redis as sync_redis
 
     client = sync_redis.Redis.from_url(redis_server.url)
     client.zadd(DUE_EXPIRY, {"t_ghost:ses_ghost": int(time.time() * 1000) - 5_000})
-    client.zadd(DUE_PROVISION, {"t_ghost:ses_ghost2": int(time.time() * 1000) - 5_000})
+    client.zadd(TenantScope("t_ghost").provision_schedule(), {"ses_ghost2": int(time.time() * 1000) - 5_000})
+    client.zadd(PROVISION_TENANTS, {"t_ghost": int(time.time() * 1000) - 5_000})
     r = worker.metrics.registry
-    wait_for(lambda: value(r, "broker_sweeper_actions_total", action="dropped") >= 1, 10, "the sweeper")
+    wait_for(lambda: value(r, "broker_worker_jobs_total", function="sweep", outcome="ok") >= 1, 10, "the sweeper")
+    wait_for(lambda: not client.exists(TenantScope("t_ghost").provision_schedule())
+             and client.zscore(PROVISION_TENANTS, "t_ghost") is None, 10, "the provisioning loop")
     wait_for(lambda: client.zscore(DUE_EXPIRY, "t_ghost:ses_ghost") is None, 10, "the expiry loop")
     client.close()
     wait_for(lambda: r.get_sample_value("broker_queue_jobs", {"state": "deferred"}) is not None, 10, "shared gauges")

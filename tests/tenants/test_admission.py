@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.models import Quotas
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION, TenantScope, due_member
+from tenants.scope import DUE_EXPIRY, DUE_PROVISION, PROVISION_TENANTS, PROVISION_WAKE, TenantScope, due_member
 from tenants.usage import usage
 
 T0 = int(datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC).timestamp() * 1000)
@@ -53,7 +53,7 @@ def req(
         body_digest=body if idem else None,
         session_fields={"id": sid, "status": "queued", "created_at": str(now)},
         lease_until_ms=now + lease_ms,
-        provision_deadline_ms=now + 30_000,
+        mint_window_ms=30_000,
     )
 
 
@@ -66,9 +66,10 @@ async def dump_all(redis: aioredis.Redis) -> dict[bytes, tuple[bytes | None, boo
 
 
 async def test_admitted_session_writes_every_record(redis: aioredis.Redis) -> None:
-    """Invariant: an admission writes the hash as given, the index, the lease, the rate log,
-    the day counter (with TTL), the provisioning deadline, the end-user set and the
-    idempotency record (with TTL)."""
+    """Invariant: an admission writes the hash as given plus its mint slot, the index, the
+    lease, the rate log, the day counter (with TTL), the mint schedule, the provisioning
+    schedule (session at its slot, tenant in the ring, a wake-up token: the slot is now), the
+    end-user set and the idempotency record (with TTL); no job and no due:provision entry."""
     q = quotas()
     r = req("ses_1", T0, q, end_user="u1", idem="d" * 64)
     out = await admit(redis, r)
@@ -79,14 +80,21 @@ async def test_admitted_session_writes_every_record(redis: aioredis.Redis) -> No
         b"id": b"ses_1",
         b"status": b"queued",
         b"created_at": str(T0).encode(),
+        b"mint_at": str(T0).encode(),
     }
+    assert out.mint_at == T0
     assert await redis.zscore(s.sessions_index(), "ses_1") == T0
     assert await redis.zscore(s.live(), "ses_1") == T0 + LEASE_MS
     assert await redis.zscore(s.rate_bucket(), "ses_1") == T0
     assert await redis.zscore(s.end_user("u1"), "ses_1") == T0
     assert await redis.get(s.day_counter("20261123")) == b"1"
     assert 0 < await redis.ttl(s.day_counter("20261123")) <= 48 * 3600
-    assert await redis.zscore(DUE_PROVISION, due_member("ten_a", "ses_1")) == T0 + 30_000
+    assert await redis.zscore(s.provision_schedule(), "ses_1") == T0
+    assert await redis.zscore(PROVISION_TENANTS, "ten_a") == T0
+    assert await redis.lrange(PROVISION_WAKE, 0, -1) == [b"1"]
+    assert await redis.hgetall(s.mint_bucket()) == {b"tat": str(T0 + 200).encode(), b"last": str(T0).encode()}
+    assert not await redis.exists(DUE_PROVISION)
+    assert [k for k in await redis.keys("*") if k.startswith(b"arq:")] == []
     assert await redis.hgetall(s.idempotency("d" * 64)) == {b"body": b"body-1", b"sid": b"ses_1"}
     assert 0 < await redis.ttl(s.idempotency("d" * 64)) <= 24 * 3600
     assert out.usage.minute.used == 1 and out.usage.minute.remaining == BIG - 1 and out.usage.minute.reset_s == 60

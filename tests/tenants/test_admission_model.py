@@ -1,7 +1,9 @@
 """Stateful property test: ``admit`` on a real redis-server behaves exactly like a small
 pure-Python reference model of the rules, over random sequences of admissions (random end
 users, idempotency keys and bodies, lease lengths), clock advances (across UTC midnight),
-sessions ending, and quota settings."""
+sessions ending, and quota settings. The model includes the mint pacing: each admitted
+session's slot (GCRA, written plainly), the ``provisioning_backlog`` refusal, the backlog
+counted as the granted slots still ahead, and the provisioning schedule."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from broker.embedded_redis import EmbeddedRedis
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Outcome, Refused, Replayed, admit
+from tenants.mint_rate import schedule
 from tenants.models import Quotas
-from tenants.scope import DUE_EXPIRY, TenantScope, due_member
+from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, PROVISION_WAKE, TenantScope, due_member
 from tenants.usage import QuotaUsage, UsageSnapshot, seconds_to_utc_midnight, usage, utc_day
 
 T = TypeVar("T")
@@ -41,6 +44,33 @@ class Model:
         self.status: dict[str, str] = {}
         self.idem: dict[str, tuple[str, str]] = {}
         self.due_expiry: dict[str, int] = {}
+        self.tat = 0                       # GCRA state of the mint schedule
+        self.last = 0
+        self.slots: dict[str, int] = {}    # sid -> its mint slot (the provisioning schedule)
+        self.wakes = 0                     # admissions whose slot was due within 1 s
+
+    def grants(self, now: int, n: int) -> list[int]:
+        """The next ``n`` mint slots the schedule would grant at ``now`` (without taking them):
+        grant = max(now, tat - tau, last grant), then tat = max(tat, now) + T."""
+        interval, tau = schedule(self.q.openai_requests_per_minute)
+        tat, last, out = self.tat, self.last, []
+        for _ in range(n):
+            tat = max(tat, now)
+            last = max(now, tat - tau, last)
+            out.append(last)
+            tat += interval
+        return out
+
+    def mint(self, now: int, window: int) -> QuotaUsage:
+        """Pacing as admit() reports it: backlog = granted slots after now, remaining = how
+        many more would be granted within the window now, reset = until one more would."""
+        latest = now + window
+        ahead = self.grants(now, 1000)
+        fit = sum(1 for g in ahead if g <= latest)
+        assert fit < 1000
+        backlog = sum(1 for g in self.slots.values() if g > now)
+        reset = max(1, math.ceil((ahead[0] - latest) / 1000)) if fit == 0 else 0
+        return QuotaUsage(limit=self.q.openai_requests_per_minute, used=backlog, remaining=fit, reset_s=reset)
 
     def eu_live(self, end_user: str, now: int) -> list[str]:
         members = self.eu.get(end_user, {})
@@ -73,9 +103,12 @@ class Model:
             body, first = self.idem[r.idempotency_digest]
             return Replayed(session_id=first) if body == (r.body_digest or "") else KeyReused()
         snap = self.snapshot(now, eu)
+        mint = self.mint(now, r.mint_window_ms)
+        (slot,) = self.grants(now, 1)
 
         def refuse(code: Any, limit: int, current: int, retry: int) -> Refused:
-            return Refused(code=code, limit=limit, current=current, retry_after_s=max(1, retry), usage=snap)
+            return Refused(code=code, limit=limit, current=current, retry_after_s=max(1, retry), usage=snap,
+                           mint=mint)
 
         if snap.minute.used >= q.sessions_per_minute:
             return refuse("rate_limited", q.sessions_per_minute, snap.minute.used, snap.minute.reset_s or 60)
@@ -90,8 +123,15 @@ class Model:
                 replaced = alive[: len(alive) - q.max_sessions_per_end_user + 1]
         if snap.concurrency.used - len(replaced) >= q.max_concurrent_sessions:
             return refuse("concurrency_limit", q.max_concurrent_sessions, snap.concurrency.used, 1)
+        if slot > now + r.mint_window_ms:
+            return refuse("provisioning_backlog", q.openai_requests_per_minute, mint.used,
+                          math.ceil((slot - now - r.mint_window_ms) / 1000))
         after = self.snapshot(now, eu, delta=1, replaced=len(replaced))
         # apply
+        interval, _ = schedule(q.openai_requests_per_minute)
+        self.tat, self.last = max(self.tat, now) + interval, slot
+        self.slots[sid] = slot
+        self.wakes += slot <= now + 1000
         self.live = {s: lease for s, lease in self.live.items() if lease > now}
         self.rate = [(t, s) for t, s in self.rate if t > now - 60_000] + [(now, sid)]
         self.day[utc_day(now)] = self.day.get(utc_day(now), 0) + 1
@@ -109,7 +149,8 @@ class Model:
             keep = set(self.eu_live(eu, now)) - set(replaced)
             self.eu[eu] = {s: c for s, c in self.eu.get(eu, {}).items() if s in keep}
             self.eu[eu][sid] = now
-        return Admitted(session_id=sid, replaced=replaced, usage=after)
+        return Admitted(session_id=sid, replaced=replaced, usage=after, mint_at=slot,
+                        mint=self.mint(now, r.mint_window_ms))
 
 
 Request = tuple[str | None, str | None, str, int]  # end user, idempotency key, body, lease ms
@@ -135,6 +176,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.now = START
         self.counter = 0
         self.model = Model(Quotas())
+        self.mint_rate = 300     # drawn by start()
+        self.window = 40_000
         self.scope = TenantScope(TENANT)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -145,10 +188,16 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.loop.close()
 
     def draw_quotas(self, data: st.DataObject) -> Quotas:
-        """Quotas for this run's regime: "mixed" (any cap may bind) or "end_user" (only the
-        end-user cap, mostly replace_oldest, and the concurrency cap bind)."""
+        """Quotas for this run's regime: "mixed" (any cap may bind), "end_user" (only the
+        end-user cap, mostly replace_oldest, and the concurrency cap bind) or "mint" (only the
+        mint pacing binds: backlogs build up and drain). The mint pacing is drawn once per run
+        (the backlog is counted exactly while it is unchanged)."""
         concurrency = [1, 2, 3, 5, 100]
-        if self.regime == "end_user":
+        eu_cap = data.draw(st.integers(1, 3))
+        if self.regime == "mint":
+            per_minute, per_day, concurrency, eu_cap = 10_000, 100_000, [10_000], 10_000
+            policy = "reject"
+        elif self.regime == "end_user":
             per_minute, per_day, concurrency = 100, 100, [1, 2, 3, 4]
             policy = data.draw(st.sampled_from(["reject", "replace_oldest", "replace_oldest", "replace_oldest"]))
         else:
@@ -159,13 +208,17 @@ class AdmissionMachine(RuleBasedStateMachine):
             sessions_per_minute=per_minute,
             sessions_per_day=per_day,
             max_concurrent_sessions=data.draw(st.sampled_from(concurrency)),
-            max_sessions_per_end_user=data.draw(st.integers(1, 3)),
+            max_sessions_per_end_user=eu_cap,
             end_user_policy=policy,  # type: ignore[arg-type]
+            openai_requests_per_minute=self.mint_rate,
         )
 
     @initialize(data=st.data(), batch=BATCH)
     def start(self, data: st.DataObject, batch: list[Request]) -> None:
-        """Every run starts with its quotas and a first few admissions."""
+        """Every run starts with its quotas, mint pacing and window, and a first few admissions."""
+        paced = self.regime != "end_user"
+        self.mint_rate = data.draw(st.sampled_from([1, 6, 60, 300]) if paced else st.just(300))
+        self.window = data.draw(st.sampled_from([0, 5_000, 40_000]) if paced else st.just(40_000))
         self.model.q = self.draw_quotas(data)
         self.do_admit(batch)
 
@@ -193,7 +246,7 @@ class AdmissionMachine(RuleBasedStateMachine):
                 body_digest=body if idem else None,
                 session_fields={"id": sid, "status": "queued"},
                 lease_until_ms=self.now + lease_ms,
-                provision_deadline_ms=self.now + 1000,
+                mint_window_ms=self.window,
             )
             before = self.run(self._dump())
             expected = self.model.admit(r)
@@ -243,14 +296,20 @@ class AdmissionMachine(RuleBasedStateMachine):
         due = self.run(self.redis.zrange(DUE_EXPIRY, 0, -1, withscores=True))
         expected = sorted((due_member(TENANT, s).encode(), float(t)) for s, t in self.model.due_expiry.items())
         assert sorted(due) == expected
+        sched = self.run(self.redis.zrange(self.scope.provision_schedule(), 0, -1, withscores=True))
+        assert sorted(sched) == sorted((s.encode(), float(t)) for s, t in self.model.slots.items())
+        ring = self.run(self.redis.zscore(PROVISION_TENANTS, TENANT))
+        assert ring == (min(self.model.slots.values()) if self.model.slots else None)
+        assert self.run(self.redis.llen(PROVISION_WAKE)) == min(64, self.model.wakes)
 
 
-@pytest.mark.parametrize("regime", ["mixed", "end_user"])
+@pytest.mark.parametrize("regime", ["mixed", "end_user", "mint"])
 def test_admission_matches_reference_model(redis_server: EmbeddedRedis, regime: str) -> None:
     """Invariant: for every generated sequence, each admit outcome (kind, session id, code,
-    limit, current, retry_after, usage snapshot, replaced ids) equals the model's; refusals
-    and replays leave every key byte-identical; usage() and the session statuses and
-    due:expiry entries equal the model's after every step."""
+    limit, current, retry_after, usage snapshot, replaced ids, mint slot and pacing) equals
+    the model's; refusals and replays leave every key byte-identical; usage(), the session
+    statuses, due:expiry entries and the provisioning schedule (sessions at their slots, the
+    tenant's ring score, wake-up tokens) equal the model's after every step."""
     run_state_machine_as_test(
         lambda: AdmissionMachine(redis_server.url, regime),
         settings=settings(max_examples=40, stateful_step_count=30, deadline=None, database=None),

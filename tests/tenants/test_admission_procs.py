@@ -50,7 +50,7 @@ async def _fire(
                 body_digest="same-body" if idem else None,
                 session_fields={"id": f"ses_{proc}_{i}", "status": "queued"},
                 lease_until_ms=NOW + 600_000,
-                provision_deadline_ms=NOW + 30_000,
+                mint_window_ms=30_000,
             )
             for i in range(PER_PROC)
         ]

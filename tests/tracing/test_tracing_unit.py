@@ -174,9 +174,10 @@ async def test_the_admission_span_records_the_outcome_and_a_refusal_code(exporte
         return outcome
 
     with tracing._state.tracer.start_as_current_span("POST /v1/sessions"):  # type: ignore[union-attr]
-        admitted = Admitted(session_id="ses_1", replaced=[], usage=usage)
+        admitted = Admitted(session_id="ses_1", replaced=[], usage=usage, mint_at=0, mint=QuotaUsage.of(300, 1, 60))
         assert await tracing.admission("ten_a", "ses_1", step(admitted)) is admitted
-        refused = Refused(code="concurrency_limit", limit=1, current=1, retry_after_s=1, usage=usage)
+        refused = Refused(code="concurrency_limit", limit=1, current=1, retry_after_s=1, usage=usage,
+                          mint=QuotaUsage.of(300, 1, 60))
         assert await tracing.admission("ten_a", "ses_2", step(refused)) is refused
     first, second, request = _spans(exported)
     assert first.name == second.name == "admission"
@@ -188,13 +189,12 @@ async def test_the_admission_span_records_the_outcome_and_a_refusal_code(exporte
 
 
 def test_a_retry_is_an_outcome_not_an_error(exported: InMemorySpanExporter) -> None:
-    from arq import Retry
-
+    from workers.jobs.provision import Rescheduled
     from workers.jobs.terminate import TerminationPending
 
-    with pytest.raises(Retry):
+    with pytest.raises(Rescheduled):
         with tracing.provisioning("ten_a", "ses_1", None):
-            raise Retry(defer=1)
+            raise Rescheduled(1_000, "upstream_unavailable")
     with pytest.raises(TerminationPending):
         with tracing.termination("ten_a", "ses_1", None):
             raise TerminationPending(2.0)

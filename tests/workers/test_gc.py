@@ -53,8 +53,9 @@ async def test_a_worker_inside_another_program_leaves_its_collector_alone(settin
     assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
 
 
-def test_run_worker_builds_the_worker_with_the_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The process entry point (``broker worker``) is the one that asks for them."""
+def test_run_worker_builds_the_worker_with_the_thresholds(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    """The process entry point (``broker worker``) is the one that asks for them (against the
+    suite's Redis: the entry point waits for a reachable Redis before it builds the worker)."""
     seen: dict[str, Any] = {}
 
     class Stop(Exception):
@@ -66,5 +67,5 @@ def test_run_worker_builds_the_worker_with_the_thresholds(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(worker_main, "build_worker", fake_build)
     with pytest.raises(Stop):
-        asyncio.run(worker_main.run_worker(Settings(), None))
+        asyncio.run(worker_main.run_worker(Settings(redis_url=redis_url), None))
     assert seen["gc_thresholds"] == worker_main.GC_THRESHOLDS

@@ -1,4 +1,4 @@
--- Claim due terminations: each listed session that is due (its score in the due:expiry zset
+-- (lib.lua of broker/sessions is prepended.) Claim due terminations: each listed session that is due (its score in the due:expiry zset
 -- <= ARGV[2]) is taken for CLAIM: its score is moved to ARGV[3] (now + the claim lease), so
 -- no other worker takes it until the lease runs out (then anyone may: a worker that died
 -- mid-DELETE loses nothing). A `ready` session is moved to `terminating` first, exactly as
@@ -49,9 +49,8 @@ for i = 1, (#KEYS - 2) / 2 do
       out[i] = {'provisioning'}
     else
       if st == 'ready' then
-        redis.call('HSET', hkey, 'status', 'terminating', 'termination_reason', 'expired', 'terminating_at', now)
-        redis.call('HINCRBY', stats, 'ready', -1)
-        redis.call('HINCRBY', stats, 'terminating', 1)
+        set_status(hkey, stats, 'ready', 'terminating')
+        redis.call('HSET', hkey, 'termination_reason', 'expired', 'terminating_at', now)
         redis.call('ZADD', live, 'XX', lease, sid)
         redis.call('PUBLISH', channel, 'terminating')
       end

@@ -19,17 +19,16 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Iterator
-from importlib import resources
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from broker.sessions.models import SessionRecord, now_ms
+from broker.sessions.lua import script
 from broker.sessions.repository import RETENTION_SECONDS
-from broker.sessions.terminal import with_terminal_drop
-from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member, split_due_member
+from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member, split_due_member
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -38,8 +37,8 @@ from ..metrics import WorkerMetrics
 
 log = logging.getLogger("workers.expiry")
 
-_SCRIPT = resources.files(__package__).joinpath("claim.lua").read_text()
-_FINISH = with_terminal_drop(resources.files(__package__).joinpath("finish.lua").read_text())
+_SCRIPT = script("claim.lua", __package__)
+_FINISH = script("finish.lua", __package__)
 FINISH_WAIT_S = 0.005      # finishes gathered this long go to Redis in one script call
 # A claim's lease, and how often a live claimer renews it: a claimer that died is replaced
 # HELD_LEASE_MS after its last renewal at most; a live one may miss one renewal (a stalled
@@ -110,49 +109,80 @@ class TerminationClaims:
         return out
 
 
+def expiry_entry(tenant_id: str, session_id: str) -> tuple[str, str]:
+    """(key, member) of a session's entry in the termination schedule."""
+    return DUE_EXPIRY, due_member(tenant_id, session_id)
+
+
 class ClaimKeeper:
-    """Keeps the claims this worker is working on alive: while any is held, one ``ZADD XX``
-    every :data:`RENEW_S` moves all of their scores to ``now + HELD_LEASE_MS`` (``XX``: a
-    session ended meanwhile is not put back). Released before the record's last step has
-    answered, a renewal can still land after it: a retry time then moves to ``now + lease``,
-    an earlier attempt, never a lost one."""
+    """Keeps the claims this worker is working on alive: while any is held, every
+    :data:`RENEW_S` one ``ZADD XX`` per schedule key (pipelined, one round trip) moves all of
+    their scores to ``now + HELD_LEASE_MS`` (``XX``: a session ended meanwhile is not put back).
+    Released before the record's last step has answered, a renewal can still land after it: a
+    retry time then moves to ``now + lease``, an earlier attempt, never a lost one.
+
+    ``locate`` maps a session to its entry (schedule key, member): the termination schedule
+    (the default) or the provisioning schedule (``broker.sessions.schedule.entry_of``), one
+    keeper per schedule; ``source`` labels its Redis errors."""
 
     def __init__(self, redis: aioredis.Redis, metrics: WorkerMetrics, *, lease_ms: int = HELD_LEASE_MS,
-                 every_s: float = RENEW_S) -> None:
+                 every_s: float = RENEW_S, locate: Callable[[str, str], tuple[str, str]] = expiry_entry,
+                 source: str = "expiry") -> None:
         self.redis = redis
         self.metrics = metrics
         self.lease_ms = lease_ms
         self.every_s = every_s
-        self._held: collections.Counter[str] = collections.Counter()
+        self.locate = locate
+        self.source = source
+        self._held: collections.Counter[tuple[str, str]] = collections.Counter()
         self._task: asyncio.Task[None] | None = None
-        self.renewals = 0  # ZADD calls made (tests)
+        self.renewals = 0  # renewal round trips made (tests)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     @contextlib.contextmanager
     def hold(self, tenant_id: str, session_id: str) -> Iterator[None]:
-        member = due_member(tenant_id, session_id)
-        self._held[member] += 1
+        entry = self.locate(tenant_id, session_id)
+        self._held[entry] += 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._renew(), name="claim-keeper")
         try:
             yield
         finally:
-            self._held[member] -= 1
-            if self._held[member] <= 0:
-                del self._held[member]
+            self._held[entry] -= 1
+            if self._held[entry] <= 0:
+                del self._held[entry]
+
+    def holds(self, tenant_id: str, session_id: str) -> bool:
+        return self.locate(tenant_id, session_id) in self._held
 
     async def _renew(self) -> None:
         while self._held:
             await asyncio.sleep(self.every_s)
             if not self._held:
                 return
-            until = now_ms() + self.lease_ms
             try:
-                await self.redis.zadd(DUE_EXPIRY, dict.fromkeys(self._held, until), xx=True)
-                self.renewals += 1
+                await self.renew_now()
             except (RedisConnectionError, RedisTimeoutError):
-                self.metrics.redis_errors.labels("expiry").inc()  # the next tick tries again
+                self.metrics.redis_errors.labels(self.source).inc()  # the next tick tries again
             except Exception:  # never let a renewal failure end the loop: the leases would lapse
-                log.exception("renewing termination claims failed; trying again")
+                log.exception("renewing claims failed; trying again")
+
+    async def renew_now(self) -> None:
+        """Renew every held claim now (one round trip); Redis errors are the caller's."""
+        if not self._held:
+            return
+        until = now_ms() + self.lease_ms
+        by_key: dict[str, dict[str, int]] = {}
+        for key, member in list(self._held):
+            by_key.setdefault(key, {})[member] = until
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, members in by_key.items():
+                pipe.zadd(key, members, xx=True)
+            await pipe.execute()
+        self.renewals += 1
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -199,12 +229,12 @@ class FinishBatch:
 
     async def _write(self, batch: list[tuple[SessionRecord, str, asyncio.Future[bool]]]) -> list[bool]:
         now = now_ms()
-        keys: list[str] = [DUE_EXPIRY, DUE_PROVISION, STATS_LIVE]
+        keys: list[str] = [DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE]
         args: list[Any] = [now, RETENTION_SECONDS]
         for rec, reason, _ in batch:
             scope = TenantScope(rec.tenant_id)
-            keys += [scope.session(rec.id), scope.live(), scope.end_user(rec.end_user or "-")]
-            args += [rec.id, due_member(rec.tenant_id, rec.id), scope.events_channel(rec.id), reason]
+            keys += [scope.session(rec.id), scope.live(), scope.end_user(rec.end_user or "-"), scope.provision_schedule()]
+            args += [rec.id, due_member(rec.tenant_id, rec.id), scope.events_channel(rec.id), reason, rec.tenant_id]
         recorded = await self._finish(keys=keys, args=args)
         out = []
         for (rec, _, _), value in zip(batch, recorded, strict=True):

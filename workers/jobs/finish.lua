@@ -1,32 +1,35 @@
--- Record `terminated` for a batch of sessions whose upstream session is gone: per session the
--- same writes as transition.lua does for finish_terminated (workers/jobs/common.py): from
--- any live status, status terminated, terminated_at, termination_reason (kept if set, else
--- the given one), the stats count, the fields a retained record no longer needs dropped
--- (TERMINAL_DROP, defined before this script by broker/sessions/terminal.py), the lease
--- released (live zset and end-user zset), both due entries removed, the retention TTL, the
--- new status published. Keep the two in step.
--- KEYS: 1 due:expiry, 2 due:provision, 3 stats hash (live status -> count),
---       then per session i: 3i+1 session hash, 3i+2 the tenant's live zset, 3i+3 its end-user zset
+-- Record `terminated` for a batch of sessions whose upstream session is gone (lib.lua of
+-- broker/sessions is prepended): per session the same writes as transition.lua does for
+-- finish_terminated (workers/jobs/common.py): from any live status, status terminated
+-- (set_status: the stats count), terminated_at, termination_reason (kept if set, else the
+-- given one), the fields a retained record no longer needs dropped (TERMINAL_DROP, from
+-- broker/sessions/terminal.py), the lease released (live zset
+-- and end-user zset), out of the termination and provisioning schedules, the retention TTL,
+-- the new status published. Keep the two in step.
+-- KEYS: 1 due:expiry, 2 the ring of tenants with scheduled provisioning, 3 stats hash,
+--       then per session i: 4i session hash, 4i+1 the tenant's live zset, 4i+2 its end-user
+--       zset, 4i+3 the tenant's provisioning schedule
 -- ARGV: 1 now (ms), 2 retention seconds, then per session i: session id, due member,
---       events channel, reason when none is recorded
+--       events channel, reason when none is recorded, tenant id
 -- Returns per session: the termination reason recorded when applied, false when the session
 -- was missing or already terminal.
 local now, retention = ARGV[1], ARGV[2]
 local out = {}
-for i = 1, (#KEYS - 3) / 3 do
-  local sid, member, channel, reason = ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
-  local hkey = KEYS[3 * i + 1]
+for i = 1, (#KEYS - 3) / 4 do
+  local a = 5 * i - 2
+  local sid, member, channel, reason, tid = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local hkey = KEYS[4 * i]
   local st = redis.call('HGET', hkey, 'status')
   if st == 'queued' or st == 'provisioning' or st == 'ready' or st == 'terminating' then
     local recorded = redis.call('HGET', hkey, 'termination_reason')
     if recorded and recorded ~= '' then reason = recorded end
-    redis.call('HSET', hkey, 'status', 'terminated', 'terminated_at', now, 'termination_reason', reason)
-    redis.call('HINCRBY', KEYS[3], st, -1)
+    set_status(hkey, KEYS[3], st, 'terminated')
+    redis.call('HSET', hkey, 'terminated_at', now, 'termination_reason', reason)
     redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
-    redis.call('ZREM', KEYS[3 * i + 2], sid)
-    redis.call('ZREM', KEYS[3 * i + 3], sid)
+    redis.call('ZREM', KEYS[4 * i + 1], sid)
+    redis.call('ZREM', KEYS[4 * i + 2], sid)
     redis.call('ZREM', KEYS[1], member)
-    redis.call('ZREM', KEYS[2], member)
+    unschedule(KEYS[4 * i + 3], KEYS[2], tid, sid)
     redis.call('EXPIRE', hkey, retention)
     redis.call('PUBLISH', channel, 'terminated')
     out[i] = reason

@@ -1,29 +1,31 @@
-"""provision_session(tenant_id, session_id): mint the OpenAI client secret, create the
-Avaturn session, record ``ready`` and schedule the termination.
+"""Provisioning one claimed session: mint the OpenAI client secret at the session's mint slot,
+create the Avaturn session, record ``ready`` and schedule the termination.
 
-Progress is recorded before each upstream call so a re-run (after a crash, a Retry or a
-SIGKILL) reuses what exists: a minted secret is reused while valid; ``create_state``
-says whether an Avaturn create may have happened (see the README, "Crash safety").
-A session stopped meanwhile never stays alive upstream: whoever sees the stop after a
-successful create deletes the upstream session.
+The provisioning loop (``workers/provisioning.py``) claims the session from the provisioning
+schedule (``broker/sessions/schedule.py``: the claim moved it to ``provisioning`` and leased
+it to this worker) and runs :func:`provision_claimed`. Progress is recorded before each
+upstream call so a re-run (after a crash, a retry or a SIGKILL: another worker claims it once
+the lease runs out) reuses what exists: a minted secret is reused while valid;
+``create_state`` says whether an Avaturn create may have happened (see "Crash safety"). A
+transient upstream failure reschedules the same session at the retry time: the mint slot was
+reserved once, at admission, and is never taken again. A session stopped meanwhile never
+stays alive upstream: whoever sees the stop after a successful create deletes the upstream
+session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import msgspec
-from arq import Retry
 
 from broker import tracing
 from broker.errors import NotFound
-from broker.sessions.jobs import PROVISION
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
+from broker.sessions.schedule import Claimed
 from tenants.crypto import CredentialError
-from tenants.mint_rate import reserve_mint, schedule
 from tenants.models import Tenant
 from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 
@@ -36,50 +38,55 @@ from .terminate import TerminationPending, stop_upstream_and_finish
 log = logging.getLogger("workers.provision")
 
 SECRET_REUSE_MARGIN_MS = 30_000
+# A session claimed before its mint slot (only with clocks apart between the API that reserved
+# it and this worker) waits for it here when it is this close, else it is rescheduled at it.
 MAX_INLINE_MINT_WAIT = 5.0
 
 
-async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id: str) -> str:
-    ctx: WorkerContext = arq_ctx["wc"]
-    deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
-    try:
-        tenant: Tenant | None = await ctx.tenants.get(tenant_id)  # the worker's cache (workers/tenant_cache.py)
-    except NotFound:
-        tenant = None
-    if tenant is None or not tenant.active:
-        rec = await ctx.repo.get(tenant_id, session_id)
-        started, before, mint_at = False, "", None
-    else:
-        # Read the record and move it to provisioning in one step (unless it is past its deadline);
-        # a session leaving ``queued`` has no secret yet: its mint slot is reserved in that step too.
-        started, before, rec, mint_at = await ctx.repo.start_provisioning(
-            tenant_id, session_id, now_ms(), deadline_ms, schedule(tenant.quotas.openai_requests_per_minute))
-    if rec is None or rec.status in ("ready", "terminated", "failed"):
-        return "noop"
-    # issue 23: the consumer span of this provisioning, child of the request that admitted it
+class Rescheduled(Exception):
+    """The attempt ended with the session rescheduled at ``at_ms`` (a retry, or its mint slot)."""
+
+    def __init__(self, at_ms: int, reason: str) -> None:
+        super().__init__(f"rescheduled at {at_ms} ({reason})")
+        self.at_ms = at_ms
+        self.reason = reason
+
+
+class _NotYet(Exception):
+    def __init__(self, at_ms: int) -> None:
+        self.at_ms = at_ms
+
+
+async def provision_claimed(ctx: WorkerContext, claimed: Claimed) -> str:
+    """Run one attempt at a session this worker claimed; returns what happened ("ready",
+    "deadline", "rejected", ...). Raises :class:`Rescheduled` when the session was put back in
+    the schedule for a later attempt, and Redis errors as they come (the claim's lease then
+    runs out and a worker takes the session again)."""
+    rec = claimed.record
+    # the consumer span of this provisioning, child of the request that admitted it
     with tracing.provisioning(rec.tenant_id, rec.id, rec.traceparent) as step:
-        return step.outcome(await _provision(ctx, arq_ctx, rec, tenant, started, before, mint_at, deadline_ms))
+        return step.outcome(await _provision(ctx, claimed))
 
 
-async def _provision(ctx: WorkerContext, arq_ctx: dict[str, Any], rec: SessionRecord, tenant: Tenant | None,
-                     started: bool, before: str, mint_at: int | None, deadline_ms: int) -> str:
-    tenant_id, session_id, job_try = rec.tenant_id, rec.id, arq_ctx.get("job_try", 1)
-    if rec.status == "terminating":
-        return await _stop(ctx, rec)
+async def _provision(ctx: WorkerContext, claimed: Claimed) -> str:
+    rec = claimed.record
+    deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     deadline = rec.created_at + deadline_ms
-    if not started and now_ms() >= deadline:
+    if now_ms() >= deadline:
         await _fail(ctx, rec, "provision_deadline_exceeded",
                     "The session could not be provisioned in time; create a new one.", reason="reaped")
         return "deadline"
+    try:
+        tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (workers/tenant_cache.py)
+    except NotFound:
+        tenant = None
     if tenant is None:
         await _fail(ctx, rec, "tenant_not_found", "The tenant no longer exists.")
         return "no-tenant"
     if not tenant.active:
         await _fail(ctx, rec, "tenant_disabled", "The tenant is disabled.", reason="tenant_disabled")
         return "disabled"
-    if not started:  # a status change raced with the step above: act on the current one
-        return await _stopped_meanwhile(ctx, tenant_id, session_id)
-    if before == "queued":
+    if claimed.before == "queued":
         ctx.metrics.queue_wait.observe(max(0.0, (now_ms() - rec.created_at) / 1000))
 
     try:
@@ -95,10 +102,10 @@ async def _provision(ctx: WorkerContext, arq_ctx: dict[str, Any], rec: SessionRe
         return "not-configured"
 
     try:
-        got = await _secret(ctx, rec, tenant, openai_key, mint_at, avaturn_key=avaturn_key)
+        got = await _secret(ctx, rec, openai_key, avaturn_key=avaturn_key)
         if got is None:
-            return await _stopped_meanwhile(ctx, tenant_id, session_id)
-        return await _create(ctx, rec, tenant, avaturn_key, *got, arq_ctx=arq_ctx)
+            return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
+        return await _create(ctx, rec, tenant, avaturn_key, *got)
     except UpstreamRejected as exc:
         await _fail(ctx, rec, exc.code, exc.message)
         return "rejected"
@@ -106,41 +113,49 @@ async def _provision(ctx: WorkerContext, arq_ctx: dict[str, Any], rec: SessionRe
         await _fail(ctx, rec, "credential_decrypt_failed",
                     "The session's stored credentials cannot be decrypted with BROKER_SECRET_KEY.")
         return "credentials"
+    except _NotYet as early:
+        ctx.metrics.mint_deferred.inc()
+        return await _reschedule(ctx, rec, early.at_ms, "mint slot")
     except UpstreamUnavailable as exc:
-        delay = backoff(job_try, exc.retry_after)
+        delay = backoff(rec.attempts, exc.retry_after)
         if now_ms() + delay * 1000 >= deadline:
             code = "upstream_rate_limited" if exc.status == 429 else exc.code
             await _fail(ctx, rec, code,
                         f"{exc.upstream} stayed unavailable until the provisioning deadline ({exc.message})")
             return "gave-up"
         log.info("provisioning retried in %.1fs: %s", delay, exc.code)
-        raise Retry(defer=delay) from None
+        return await _reschedule(ctx, rec, now_ms() + int(delay * 1000), exc.code)
+
+
+async def _reschedule(ctx: WorkerContext, rec: SessionRecord, at_ms: int, reason: str) -> str:
+    """Put the same session back in its tenant's schedule at ``at_ms`` (no new mint slot) and
+    raise :class:`Rescheduled`; if it was stopped (or failed by the sweeper) meanwhile, there is
+    nothing to retry: the stop is finished instead."""
+    res = await ctx.repo.transition(rec, allowed="provisioning", due_provision=at_ms)
+    if not res.applied:
+        return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
+    raise Rescheduled(at_ms, reason)
 
 
 async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str, reason: str = "upstream_failed") -> None:
-    """``fail_session`` with one log line (arq's per-job lines are off by default)."""
-    tracing.set_error_code(code)  # issue 23: on the provisioning span
+    """``fail_session`` with one log line."""
+    tracing.set_error_code(code)  # on the provisioning span
     if (await fail_session(ctx, rec, code, message, reason=reason)).applied:
         log.warning("provisioning failed: %s", code)
 
 
-async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str,
-                  mint_at: int | None = None, *, avaturn_key: str) -> tuple[str, bool] | None:
+async def _secret(ctx: WorkerContext, rec: SessionRecord, api_key: str, *,
+                  avaturn_key: str) -> tuple[str, bool] | None:
     """The client secret to use: the one recorded by an earlier attempt while still valid,
-    else a new one (rate-limited per tenant across all workers: ``mint_at`` is the slot the
-    start step already reserved, if any), and whether the create is already marked in flight
-    (a new secret is recorded in the same step as that mark, one round trip less).
-    None: the session was stopped."""
+    else a new one, minted at the session's mint slot (``mint_at``, reserved at admission:
+    never a second one), and whether the create is already marked in flight (a new secret is
+    recorded in the same step as that mark, one round trip less). None: the session was stopped."""
     now = now_ms()
     if rec.secret_enc and rec.secret_expires_at * 1000 > now + SECRET_REUSE_MARGIN_MS:
         return ctx.cipher.decrypt(rec.secret_enc), False
-    if mint_at is not None:
-        wait = max(0, mint_at - now) / 1000.0
-    else:
-        wait = await reserve_mint(ctx.redis, tenant.id, tenant.quotas.openai_requests_per_minute, now)
+    wait = max(0, rec.mint_at - now) / 1000.0
     if wait > MAX_INLINE_MINT_WAIT:
-        ctx.metrics.mint_deferred.inc()
-        raise Retry(defer=wait)
+        raise _NotYet(rec.mint_at)
     if wait > 0:
         await asyncio.sleep(wait)
     config = msgspec.json.decode(rec.config)
@@ -162,7 +177,7 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
 
 
 async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str, secret: str,
-                  marked: bool = False, arq_ctx: dict[str, Any] | None = None) -> str:
+                  marked: bool = False) -> str:
     if rec.create_state in ("inflight", "unknown"):
         # An earlier attempt may have created an Avaturn session we never heard back from.
         # Avaturn has no idempotency key and no list endpoint: we create again; the possible
@@ -192,11 +207,6 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         raise
     now = now_ms()
     expires_at = now + rec.ttl_seconds * 1000
-    # This job's own end (arq's result and keys, what arq's finish_job would do one round trip
-    # later) is recorded by the same step as ``ready``, so the job returns "ready" below.
-    worker = arq_ctx.get("arq_worker") if arq_ctx is not None else None
-    finish = worker.inline_finish(arq_ctx, PROVISION, (rec.tenant_id, rec.id), "ready") if worker is not None else None
-
     async def record_ready() -> TransitionResult:
         return await ctx.repo.transition(
             rec,
@@ -204,7 +214,7 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
             status="ready",
             lease=expires_at + TERMINATION_GRACE_MS,
             due_expiry=expires_at,  # where the expiry loop (workers/expiry.py) finds it
-            due_provision="del",
+            due_provision="del",  # out of the provisioning schedule
             fields={
                 "avaturn_session_id": created.session_id,
                 "avaturn_token": created.token,
@@ -214,7 +224,6 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
             },
             drop=("secret_enc",),
             publish=True,
-            finish=finish,
         )
 
     try:
@@ -223,8 +232,6 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         # Redis stayed away: end the session nobody can be told about; the job is retried.
         await _delete_orphan(ctx, api_key, created.session_id)
         raise
-    if ready.applied and finish is not None:
-        worker.finished_inline(finish.job_id)
     if ready.applied or await _recorded_ready(ctx, rec, created.session_id):
         ctx.metrics.provision_outcome("ready", "")
         ctx.metrics.time_to_ready.observe(max(0.0, (now - rec.created_at) / 1000))

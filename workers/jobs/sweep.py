@@ -3,12 +3,18 @@ and the trim of the tenants' sessions indexes.
 
 Terminations need none: the expiry loop of every worker (``workers/expiry.py``) reads the
 due set itself, and takes again any session whose claimer died once its claim runs out.
+Provisioning needs little: the provisioning loops claim from the schedule, take over a dead
+worker's sessions after their lease, and fail a session they claim past its deadline. The
+sweeper covers what no loop sees while it is not due, reading the schedule
+(``broker/sessions/schedule.py``) of the tenants in the ring:
 
-- Sessions still queued or provisioning a few seconds after admission with no job in the
-  queue (a crash between admission and enqueue, a job that timed out or crashed, a Redis
-  failover) → enqueue the provisioning again.
-- Sessions stuck in queued/provisioning past the provisioning deadline → failed
-  (reason ``reaped``); a create that lands later is deleted by the provisioning job.
+- Sessions still queued or provisioning past the provisioning deadline (their upstream
+  down until then, the workers all down or stalled, a claimer whose attempt hangs) → failed
+  ``provision_deadline_exceeded`` (reason ``reaped``); a create that lands later is deleted by
+  the attempt that made it.
+- A tenant whose ring entry is later than a due entry of its schedule (the ring is only a
+  hint, corrected by every claim that looks at the tenant) → its ring entry lowered
+  (``requeued``), so the loops see the session at once.
 - Index entries of sessions whose record has expired (``TenantScope.sessions_index()``, written at
   admission; a tenant listing its sessions drops the dead ones it meets, but a tenant that
   never lists would keep them for ever) → removed (``trimmed``), a bounded slice per run, see
@@ -21,18 +27,18 @@ import logging
 import time
 from typing import Any
 
-from broker.sessions.jobs import JobQueue
 from broker.sessions.models import now_ms
 from broker.sessions.repository import RETENTION_SECONDS
-from tenants.scope import DUE_PROVISION, SWEEP_INDEX_CURSOR, TENANTS_INDEX, TenantScope
+from tenants.scope import PROVISION_TENANTS, SWEEP_INDEX_CURSOR, TENANTS_INDEX, TenantScope
 
 from ..context import WorkerContext
+from .claim import HELD_LEASE_MS
 from .common import fail_session
 
 log = logging.getLogger("workers.sweep")
 
-ORPHAN_AFTER_MS = 5_000  # a queued session with no job after this long is re-enqueued
-BATCH = 1_000
+BATCH = 1_000             # schedule entries looked at per sweep at most
+SWEEP_TENANTS = 1_000     # tenants of the ring looked at per sweep at most
 # The trim's bound per run: this many tenants visited (a ZCOUNT each, pipelined) and this many
 # index entries examined (an EXISTS of their record each, pipelined), in at most 8 round trips
 # (cursor read and write, the slice of tenants, twice when a pass ends, and the four pipelines
@@ -68,26 +74,36 @@ async def sweep(arq_ctx: dict[str, Any]) -> dict[str, int]:
 
 
 async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) -> None:
+    """Fail what is queued or provisioning past its deadline; lower a ring entry that is later
+    than a due session of its tenant. Looks at the entries due by now + the claim lease (the
+    due ones and those being worked on), at most :data:`BATCH`; three round trips."""
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
-    due = await ctx.repo.due(DUE_PROVISION, now + deadline_ms - ORPHAN_AFTER_MS, BATCH)
-    if not due:
+    ring = [(_text(t), int(s)) for t, s in await ctx.redis.zrange(PROVISION_TENANTS, 0, SWEEP_TENANTS - 1,
+                                                                   withscores=True)]
+    if not ring:
         return
-    # One pipelined read for the whole batch (a backlog of queued sessions is the normal case
-    # under load, not a fault): each session's status and whether its provisioning job still
-    # exists (queued, running, SIGKILLed mid-run, or finished less than keep_result ago).
     async with ctx.redis.pipeline(transaction=False) as pipe:
-        for tid, sid, _ in due:
-            pipe.hget(TenantScope(tid).session(sid), "status")
-            pipe.exists(*JobQueue.provision_job_keys(sid))
-        answers = await pipe.execute()
-    for i, (tid, sid, score) in enumerate(due):
-        status, job_exists = answers[2 * i], answers[2 * i + 1]
+        for tid, _ in ring:
+            pipe.zrangebyscore(TenantScope(tid).provision_schedule(), "-inf", now + HELD_LEASE_MS,
+                               start=0, num=BATCH, withscores=True)
+        per_tenant = await pipe.execute()
+    entries: list[tuple[str, int, str, int]] = []  # tid, its ring score, sid, entry score
+    for (tid, ring_score), rows in zip(ring, per_tenant, strict=True):
+        for sid, score in rows:
+            if len(entries) < BATCH:
+                entries.append((tid, ring_score, _text(sid), int(score)))
+    if not entries:
+        return
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        for tid, _, sid, _ in entries:
+            pipe.hmget(TenantScope(tid).session(sid), "status", "created_at")
+        states = await pipe.execute()
+    lowered: set[str] = set()
+    for (tid, ring_score, sid, score), (status, created_at) in zip(entries, states, strict=True):
         if status not in (b"queued", b"provisioning"):
-            await ctx.repo.drop_due(DUE_PROVISION, tid, sid)
-            counts["dropped"] += 1
-            continue
-        if score <= now:
-            rec = await ctx.repo.get(tid, sid)
+            continue  # ended meanwhile, or no longer the scheduler's: a claim drops its entry
+        if int(created_at or 0) + deadline_ms <= now:
+            rec = await ctx.repo.get(tid, sid)  # all of it: the terminal step releases its end-user entry too
             if rec is None:
                 continue
             res = await fail_session(
@@ -95,10 +111,14 @@ async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) ->
                 "The session could not be provisioned in time; create a new one.", reason="reaped",
             )
             counts["reaped"] += int(res.applied)
-        elif not job_exists and await ctx.queue.provision(tid, sid):
-            # The enqueue itself refuses a job id whose job or result key exists (checked again
-            # atomically there), so this only re-creates a job that was lost.
+        elif score <= now and ring_score > score and tid not in lowered:
+            await ctx.redis.zadd(PROVISION_TENANTS, {tid: score}, lt=True)
+            lowered.add(tid)
             counts["requeued"] += 1
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def trim_session_indexes(ctx: WorkerContext, now: int) -> tuple[int, bool]:
