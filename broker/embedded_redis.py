@@ -79,7 +79,7 @@ class EmbeddedRedis:
             # Session hashes hold a few values over Redis's default 64-byte limit (the merged
             # session config, the frontend token, the encrypted secret); a 1 KiB limit keeps
             # them in the compact encoding: ~1.3 KB instead of ~3.2 KB per hash, measured
-            # (README "Performance"). The 6.2 name: Redis 7.x reads it as an alias of
+            # (deploy/README.md, "Memory"). The 6.2 name: Redis 7.x reads it as an alias of
             # hash-max-listpack-value, 6.2 knows no other (tests/test_embedded_redis.py checks both).
             "--hash-max-ziplist-value", "1024",
         ]

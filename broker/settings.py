@@ -39,7 +39,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     avaturn_base_url: str = DEFAULT_AVATURN_BASE_URL
     openai_api_key: str | None = None
     avaturn_api_key: str | None = None
-    # Tuning knobs (documented in the README; all optional).
+    # Tuning knobs (documented in docs/operations.md, "Settings"; all optional).
     provision_deadline_seconds: float = 60.0
     upstream_timeout_seconds: float = 10.0
     # Time kept after a session's mint slot for the mint and the create themselves; None: twice
