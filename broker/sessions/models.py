@@ -71,6 +71,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     secret_enc: str = ""                 # minted client secret, encrypted; dropped when terminal
     secret_expires_at: int = 0
     create_state: str = ""               # "" | inflight | done | unknown
+    avaturn_key_enc: str = ""            # the Avaturn key of the create, encrypted (workers/jobs/session_key.py)
     attempts: int = 0
     delete_attempts: int = 0
 

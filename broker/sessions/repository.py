@@ -3,8 +3,8 @@
 Every state change goes through one Lua script (``transition.lua``) that checks the
 current status and updates the record, the concurrency lease, the end-user set and the
 due sets in one atomic step, then publishes the new status for ``wait``ers. Terminal
-transitions release the lease, drop the frontend token and the minted secret, and set
-a retention TTL on the record.
+transitions release the lease, drop what a retained record no longer needs (``terminal.py``),
+and set a retention TTL on the record.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, du
 
 from .jobs import JobFinish, JobSpec
 from .models import SessionRecord
+from .terminal import with_terminal_drop
 
 
 RETENTION_SECONDS = 7 * 24 * 3600
-_SCRIPT = resources.files(__package__).joinpath("transition.lua").read_text()
+_SCRIPT = with_terminal_drop(resources.files(__package__).joinpath("transition.lua").read_text())
 
 Score = int | str  # "" keep, "del" remove, or an int score
 _NO_JOB_KEYS = ("", "", "", "")

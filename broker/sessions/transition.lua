@@ -15,6 +15,8 @@
 --       11..15 the job: id, score, job key TTL ms, serialized job, wake-up cap (unused without one)
 --       16..18 (only with KEYS 11..16) the job to finish: id, serialized result, result TTL ms
 --       then (16.., or 19.. with a job to finish) the pairs, then fields to HDEL
+-- A transition to a terminal status (terminated, failed) also drops the fields a retained record
+-- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py.
 -- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
@@ -52,6 +54,7 @@ if #ARGV >= i then
   for j = i, #ARGV do dels[#dels + 1] = ARGV[j] end
   redis.call('HDEL', KEYS[1], unpack(dels))
 end
+if new == 'terminated' or new == 'failed' then redis.call('HDEL', KEYS[1], unpack(TERMINAL_DROP)) end
 
 local sid, member = ARGV[7], ARGV[6]
 if ARGV[3] == 'del' then

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import RETENTION_SECONDS
+from broker.sessions.terminal import with_terminal_drop
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member, split_due_member
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,7 +39,7 @@ from ..metrics import WorkerMetrics
 log = logging.getLogger("workers.expiry")
 
 _SCRIPT = resources.files(__package__).joinpath("claim.lua").read_text()
-_FINISH = resources.files(__package__).joinpath("finish.lua").read_text()
+_FINISH = with_terminal_drop(resources.files(__package__).joinpath("finish.lua").read_text())
 FINISH_WAIT_S = 0.005      # finishes gathered this long go to Redis in one script call
 # A claim's lease, and how often a live claimer renews it: a claimer that died is replaced
 # HELD_LEASE_MS after its last renewal at most; a live one may miss one renewal (a stalled
@@ -48,7 +49,8 @@ RENEW_S = 1.0
 
 # What a claimer needs of the record (all of ``stop_upstream_and_finish``'s inputs).
 FIELDS = ("id", "tenant_id", "status", "created_at", "ttl_seconds", "end_user", "ready_at", "expires_at",
-          "terminating_at", "termination_reason", "avaturn_session_id", "create_state", "delete_attempts")
+          "terminating_at", "termination_reason", "avaturn_session_id", "create_state", "delete_attempts",
+          "avaturn_key_enc")
 
 
 class Claim:

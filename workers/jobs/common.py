@@ -60,7 +60,6 @@ async def finish_terminated(ctx: WorkerContext, rec: SessionRecord, reason: str)
         due_expiry="del",
         due_provision="del",
         fields={"terminated_at": now, "termination_reason": rec.termination_reason or reason},
-        drop=("avaturn_token", "secret_enc"),
         publish=True,
         retain=True,
     )
@@ -85,7 +84,6 @@ async def fail_session(ctx: WorkerContext, rec: SessionRecord, code: str, messag
             "error_message": message,
             "termination_reason": reason,
         },
-        drop=("secret_enc",),
         publish=True,
         retain=True,
     )

@@ -1,7 +1,8 @@
 -- Record `terminated` for a batch of sessions whose upstream session is gone: per session the
 -- same writes as transition.lua does for finish_terminated (workers/jobs/common.py): from
 -- any live status, status terminated, terminated_at, termination_reason (kept if set, else
--- the given one), the stats count, the frontend token and minted secret dropped, the lease
+-- the given one), the stats count, the fields a retained record no longer needs dropped
+-- (TERMINAL_DROP, defined before this script by broker/sessions/terminal.py), the lease
 -- released (live zset and end-user zset), both due entries removed, the retention TTL, the
 -- new status published. Keep the two in step.
 -- KEYS: 1 due:expiry, 2 due:provision, 3 stats hash (live status -> count),
@@ -21,7 +22,7 @@ for i = 1, (#KEYS - 3) / 3 do
     if recorded and recorded ~= '' then reason = recorded end
     redis.call('HSET', hkey, 'status', 'terminated', 'terminated_at', now, 'termination_reason', reason)
     redis.call('HINCRBY', KEYS[3], st, -1)
-    redis.call('HDEL', hkey, 'avaturn_token', 'secret_enc')
+    redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
     redis.call('ZREM', KEYS[3 * i + 2], sid)
     redis.call('ZREM', KEYS[3 * i + 3], sid)
     redis.call('ZREM', KEYS[1], member)

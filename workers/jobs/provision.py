@@ -29,6 +29,7 @@ from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
 from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, fail_session, patiently, timed
+from .session_key import inflight_mark
 from .terminate import TerminationPending, stop_upstream_and_finish
 
 log = logging.getLogger("workers.provision")
@@ -86,7 +87,7 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
         return "not-configured"
 
     try:
-        got = await _secret(ctx, rec, tenant, openai_key, mint_at)
+        got = await _secret(ctx, rec, tenant, openai_key, mint_at, avaturn_key=avaturn_key)
         if got is None:
             return await _stopped_meanwhile(ctx, tenant_id, session_id)
         return await _create(ctx, rec, tenant, avaturn_key, *got, arq_ctx=arq_ctx)
@@ -115,7 +116,7 @@ async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str,
 
 
 async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_key: str,
-                  mint_at: int | None = None) -> tuple[str, bool] | None:
+                  mint_at: int | None = None, *, avaturn_key: str) -> tuple[str, bool] | None:
     """The client secret to use: the one recorded by an earlier attempt while still valid,
     else a new one (rate-limited per tenant across all workers: ``mint_at`` is the slot the
     start step already reserved, if any), and whether the create is already marked in flight
@@ -146,7 +147,7 @@ async def _secret(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         rec,
         allowed="provisioning",
         fields={"secret_enc": ctx.cipher.encrypt(minted.value), "secret_expires_at": minted.expires_at,
-                "create_state": "inflight"},  # the create follows at once
+                **inflight_mark(ctx, avaturn_key)},  # the create follows at once (with the key it uses)
     )
     return (minted.value, True) if saved.applied else None
 
@@ -158,8 +159,8 @@ async def _create(ctx: WorkerContext, rec: SessionRecord, tenant: Tenant, api_ke
         # Avaturn has no idempotency key and no list endpoint: we create again; the possible
         # orphan has no token holder and ends by itself (user_absent_timeout, max_duration).
         ctx.metrics.possible_orphans.inc()
-    if not marked and not (
-        await ctx.repo.transition(rec, allowed="provisioning", fields={"create_state": "inflight"})
+    if not marked and not (  # the mark and the key of the create (session_key.py), before it can happen
+        await ctx.repo.transition(rec, allowed="provisioning", fields=inflight_mark(ctx, api_key))
     ).applied:
         return await _stopped_meanwhile(ctx, rec.tenant_id, rec.id)
     max_duration = max(60, rec.ttl_seconds)

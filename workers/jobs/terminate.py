@@ -7,7 +7,8 @@ take the session through the same claim (``claim.py``) and end it with
 :func:`stop_upstream_and_finish`, so a stop job and the loop racing on one session do one
 DELETE (at worst two, the second answered 404 = gone) and one terminal transition.
 
-Idempotent: a terminal session is left alone; 404/410 from Avaturn count as already gone.
+Idempotent: a terminal session is left alone; 404/410 from Avaturn count as already gone, the
+DELETE being sent with the key that created the session (``session_key.py``), never another.
 A DELETE that keeps failing is retried with backoff (and counted), never dropped: the session
 stays ``terminating`` and in the due set at its retry time, where the expiry loop takes it.
 """
@@ -20,14 +21,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
-from tenants.crypto import CredentialError
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError
 from .claim import HELD_LEASE_MS, ClaimKeeper, TerminationClaims
 from .common import TERMINATION_GRACE_MS, backoff, finish_terminated, timed
+from .session_key import MissingCredentials, SessionKeyUndecryptable, delete_key
 
 log = logging.getLogger("workers.terminate")
 
@@ -35,21 +35,6 @@ EARLY_TOLERANCE_MS = 50
 # A create whose outcome we wait for before declaring a stopped session gone.
 INFLIGHT_WAIT_MS = 45_000
 INFLIGHT_RECHECK_MS = 2_000
-
-
-class MissingCredentials(Exception):
-    code = "upstream_not_configured"
-
-
-async def _avaturn_key(ctx: WorkerContext, tenant_id: str) -> str:
-    try:
-        tenant = await ctx.tenants.get(tenant_id)
-        key = ctx.tenants.credentials(tenant)[1] or ctx.settings.avaturn_api_key
-    except (NotFound, CredentialError):
-        key = ctx.settings.avaturn_api_key
-    if key is None:
-        raise MissingCredentials("no Avaturn key for this tenant or the platform")
-    return key
 
 
 class TerminationPending(Exception):
@@ -109,10 +94,10 @@ async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, finis
         return "terminated"
     attempt = rec.delete_attempts + 1
     try:
-        # ctx.tenants is the worker's tenant cache: no Redis read or decrypt per session
-        avaturn_key = await _avaturn_key(ctx, rec.tenant_id)
+        # The key that created the session (session_key.py): a 404 from it, and only from it, is "gone".
+        avaturn_key = await delete_key(ctx, rec)
         await timed(ctx, "avaturn", "delete", ctx.avaturn.delete_session(avaturn_key, rec.avaturn_session_id))
-    except (UpstreamError, MissingCredentials) as exc:
+    except (UpstreamError, MissingCredentials, SessionKeyUndecryptable) as exc:
         code = getattr(exc, "code", "no_credentials")
         if _upstream_certainly_over(rec):
             # Avaturn ended it itself (max_duration backstop): record it instead of retrying for ever.
@@ -121,7 +106,12 @@ async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, finis
             return "terminated-by-backstop"
         delay = backoff(attempt, getattr(exc, "retry_after", None))
         ctx.metrics.termination_failures.labels(code).inc()
-        log.warning("upstream delete failed (%s), attempt %d; retrying in %.1fs", code, attempt, delay)
+        if isinstance(exc, SessionKeyUndecryptable):
+            # Never another key (the tenant's current one, the platform's): its 404 would end nothing.
+            log.warning("upstream delete not sent (%s: BROKER_SECRET_KEY lacks the key that encrypted the session's "
+                        "Avaturn key), attempt %d; the session stays terminating, retrying in %.1fs", code, attempt, delay)
+        else:
+            log.warning("upstream delete failed (%s), attempt %d; retrying in %.1fs", code, attempt, delay)
         retry_at = now_ms() + int(delay * 1000)
         await ctx.repo.transition(
             rec, allowed="terminating", lease=retry_at + TERMINATION_GRACE_MS, due_expiry=retry_at,

@@ -1,0 +1,24 @@
+"""What a session record drops when it ends (``terminated`` or ``failed``).
+
+A terminal record is retained for ``RETENTION_SECONDS`` (7 days) under ``noeviction`` so that
+GET and the listing can still answer for it; it only needs what those serve: status,
+timestamps, end user, metadata, error, termination reason, the upstream session id. Everything
+else is dropped in the same atomic step as the terminal transition: the session config (up to
+the whole create body, with its sealed MCP credentials), the frontend token, the minted client
+secret, the Avaturn key of the create (``workers/jobs/session_key.py``).
+
+The list is defined once, here, and composed into every script that records a terminal status
+(:func:`with_terminal_drop`: ``transition.lua`` and ``workers/jobs/finish.lua``), which read it
+as the Lua table ``TERMINAL_DROP``; no caller has to remember it.
+"""
+
+from __future__ import annotations
+
+TERMINAL_DROP: tuple[str, ...] = ("config", "avaturn_token", "secret_enc", "secret_expires_at", "avaturn_key_enc")
+
+_LUA = "local TERMINAL_DROP = {" + ", ".join(f"'{name}'" for name in TERMINAL_DROP) + "}\n"
+
+
+def with_terminal_drop(script: str) -> str:
+    """``script`` with the Lua table ``TERMINAL_DROP`` defined before it."""
+    return _LUA + script
