@@ -12,13 +12,15 @@
 -- KEYS[10..13] the provisioning job to write with the admission: job key, result key,
 --              queue zset, wake-up list (broker/sessions/jobs.py ENQUEUE), or "" when none
 -- KEYS[14] stats hash: live status -> count of sessions (the transition script keeps it too)
+-- KEYS[15] the tenant's key base "sb:t:{tid}:" for the budgets and usage counters (budget.lua)
 --
 -- ARGV: 1 now_ms, 2 sid, 3 sessions_per_minute, 4 sessions_per_day,
 --       5 max_concurrent_sessions, 6 max_sessions_per_end_user, 7 end_user_policy,
 --       8 body digest, 9 lease_until_ms, 10 provision_deadline_ms,
 --       11 seconds to next UTC midnight, 12 session key prefix (".../s:"),
 --       13 due member prefix ("{tid}:"), 14 job id, 15 job score, 16 job key TTL ms,
---       17 serialized job, 18 wake-up list cap, 19.. session field, value pairs
+--       17 serialized job, 18 wake-up list cap, 19 budget spec (JSON, tenants/budgets.py),
+--       20.. session field, value pairs
 --
 -- Nothing is written before every check has passed: a refusal (and a replay) leaves every
 -- key as it was. Expired leases and rate entries that left the window are simply not
@@ -28,7 +30,9 @@
 --   {"replayed", sid} | {"key_reused"}
 --   {"refused", code, limit, current, retry_after_s, minute_used, minute_reset_s,
 --    day_used, live_used, eu_used (-1: no end user)}
---   {"admitted", minute_used, minute_reset_s, day_used, live_used, eu_used, replaced sid...}
+--   {"budget_exhausted", budget, limit, used, reserved, period_end_ms, retry_after_s}
+--   {"admitted", minute_used, minute_reset_s, day_used, live_used, eu_used,
+--    budget "<ttl>|<cut 0/1>|<thresholds>", replaced sid...}
 
 local WINDOW = 60000
 local DAY_TTL = 172800
@@ -51,7 +55,7 @@ local provision_deadline = tonumber(ARGV[10])
 local day_reset = tonumber(ARGV[11])
 local session_prefix = ARGV[12]
 local due_prefix = ARGV[13]
-local FIELDS_AT = 19
+local FIELDS_AT = 20
 
 local idem_key = KEYS[1]
 local rate_key, day_key, live_key = KEYS[2], KEYS[3], KEYS[4]
@@ -124,6 +128,11 @@ if live_used - #replaced >= max_live then
   return refuse('concurrency_limit', max_live, live_used, 1)
 end
 
+-- 3b. budgets (tenants/budget.lua, prepended): the last check; on success it reserves the
+-- session's seconds, writes its ttl_seconds (maybe cut) and counts it; on refusal nothing
+local budget = budget_admit(KEYS[15], ARGV[19], session_key)
+if budget[1] == 'budget_exhausted' then return budget end
+
 -- 4. admit
 redis.call('ZREMRANGEBYSCORE', live_key, '-inf', int(now))
 redis.call('ZREMRANGEBYSCORE', rate_key, '-inf', int(now - WINDOW))
@@ -181,7 +190,7 @@ end
 local new_minute_reset = minute_reset
 if minute_used == 0 then new_minute_reset = WINDOW / 1000 end
 local reply = {'admitted', minute_used + 1, new_minute_reset, day_used + 1,
-               live_used - #replaced + 1, has_eu and (#eu_live - #replaced + 1) or -1}
+               live_used - #replaced + 1, has_eu and (#eu_live - #replaced + 1) or -1, budget[2]}
 for _, old in ipairs(replaced) do
   reply[#reply + 1] = old
 end

@@ -49,13 +49,15 @@ from redis.commands.core import AsyncScript
 
 from broker.redis_mux import Execute, evalsha
 
+from tenants.budgets import BudgetExhausted, BudgetGrant, admission_spec, iso_ms, with_budget
 from tenants.models import Quotas
 from tenants.scope import DUE_EXPIRY, DUE_PROVISION, STATS_LIVE, TenantScope, due_member
 from tenants.usage import QuotaUsage, UsageSnapshot, utc_day
 
 RefusalCode = Literal["rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit"]
 
-_SOURCE = resources.files(__package__).joinpath("admission.lua").read_text()
+# budget.lua's functions (budget_admit) prepended, as mint_rate.lua_function composes the GCRA
+_SOURCE = with_budget(resources.files(__package__).joinpath("admission.lua").read_text())
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 
@@ -81,12 +83,16 @@ class AdmissionRequest(msgspec.Struct, kw_only=True):
     lease_until_ms: int                    # concurrency lease deadline of the new session
     provision_deadline_ms: int             # its score in DUE_PROVISION
     job: QueuedJob | None = None           # written with the admission (not on refusal/replay)
+    # requested TTL, reserved against the budgets (tenants/budgets.py) and written as the session's
+    # ttl_seconds, maybe cut (None: session_fields' ttl_seconds, else max_session_seconds)
+    ttl_seconds: int | None = None
 
 
 class Admitted(msgspec.Struct, kw_only=True):
     session_id: str
     replaced: list[str]
     usage: UsageSnapshot  # after this admission
+    budget: BudgetGrant | None = None  # the TTL granted by the budgets (maybe cut)
 
 
 class Replayed(msgspec.Struct, kw_only=True):
@@ -107,7 +113,7 @@ class Refused(msgspec.Struct, kw_only=True):
     usage: UsageSnapshot  # at the time of the refusal (nothing was taken)
 
 
-Outcome = Admitted | Replayed | KeyReused | Refused
+Outcome = Admitted | Replayed | KeyReused | Refused | BudgetExhausted
 
 
 def _script(redis: aioredis.Redis) -> AsyncScript:
@@ -169,7 +175,10 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         scope.end_user(req.end_user) if req.end_user is not None else "",
         *(req.job.keys if req.job is not None else ("", "", "", "")),
         STATS_LIVE,
+        scope.base(),
     ]
+    fields = req.session_fields
+    ttl = req.ttl_seconds if req.ttl_seconds is not None else int(fields.get("ttl_seconds", q.max_session_seconds))
     args: list[str | int] = [
         req.now_ms,
         req.session_id,
@@ -185,9 +194,11 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         scope.session(""),
         due_member(req.tenant_id, ""),
         *(req.job.args if req.job is not None else ("", 0, 0, "", 1)),
+        admission_spec(q, req.now_ms, ttl, req.end_user),
     ]
-    for field, value in req.session_fields.items():
-        args += [field, value]
+    for field, value in fields.items():
+        if field != "ttl_seconds":  # written by budget_admit (maybe cut)
+            args += [field, value]
     if execute is None:
         raw = await _script(redis)(keys=keys, args=args)
     else:
@@ -206,9 +217,14 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
             retry_after_s=int(retry),
             usage=_snapshot(q, day_reset_s, (int(m_used), int(m_reset)), int(d_used), int(live), int(eu)),
         )
+    if kind == "budget_exhausted":
+        budget, limit, used, reserved, end, retry = raw[1:]
+        return BudgetExhausted(budget=_text(budget), limit=int(limit), used=int(used), reserved=int(reserved),
+                               period_end=iso_ms(int(end)), retry_after_s=int(retry))
     m_used, m_reset, d_used, live, eu = (int(v) for v in raw[1:6])
     return Admitted(
         session_id=req.session_id,
-        replaced=[_text(sid) for sid in raw[6:]],
+        replaced=[_text(sid) for sid in raw[7:]],
+        budget=BudgetGrant.parse(raw[6]),
         usage=_snapshot(q, day_reset_s, (m_used, m_reset), d_used, live, eu),
     )

@@ -74,6 +74,17 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     avaturn_key_enc: str = ""            # the Avaturn key of the create, encrypted (workers/jobs/session_key.py)
     attempts: int = 0
     delete_attempts: int = 0
+    billable_seconds: int = -1           # recorded by the terminal transition (tenants/budget.lua); -1: not yet
+    ttl_limited_by: str = ""             # "budget" when admission cut the TTL to the budget left
+
+    def billable_at(self, at_ms: int) -> int:
+        """Whole seconds ready_at -> end (rounded up; 0 if never ready): the recorded value once
+        terminal, else up to ``at_ms``."""
+        if self.billable_seconds >= 0:
+            return self.billable_seconds
+        if not self.ready_at:
+            return 0
+        return max(0, -(-(at_ms - self.ready_at) // 1000))
 
     @property
     def live(self) -> bool:
@@ -108,6 +119,8 @@ class SessionView(msgspec.Struct, kw_only=True):
     termination_reason: str | None
     error: ErrorView | None
     metadata: dict[str, str]
+    billable_seconds: int = 0
+    ttl_limited_by: str | None = None
 
     @classmethod
     def of(cls, rec: SessionRecord) -> SessionView:
@@ -127,6 +140,8 @@ class SessionView(msgspec.Struct, kw_only=True):
             termination_reason=rec.termination_reason or None,
             error=ErrorView(rec.error_code, rec.error_message) if rec.error_code else None,
             metadata=msgspec.json.decode(rec.metadata) if rec.metadata else {},
+            billable_seconds=rec.billable_at(now_ms()) if rec.ready_at else max(0, rec.billable_seconds),
+            ttl_limited_by=rec.ttl_limited_by or None,
         )
 
 

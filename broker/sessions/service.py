@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from broker.api.ratelimit import refusal_headers
-from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from broker.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from tenants.budgets import BudgetExhausted as BudgetRefusal
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, QueuedJob, Refused, Replayed, admit
 from tenants.models import Tenant
 from tenants.session_config import merge_session
@@ -126,6 +127,7 @@ class SessionService:
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
                 provision_deadline_ms=now + self.provision_deadline_ms,
                 job=QueuedJob(keys=job.keys(), args=job.args()),  # enqueued by the same script
+                ttl_seconds=ttl,
             ),
             self.repo.execute,
         )
@@ -135,6 +137,14 @@ class SessionService:
                 code=outcome.code,
                 headers=refusal_headers(outcome),
                 extra={"limit": outcome.limit, "current": outcome.current, "retry_after": outcome.retry_after_s},
+            )
+        if isinstance(outcome, BudgetRefusal):
+            raise BudgetExhausted(
+                f"{outcome.budget} of {outcome.limit} s is used up for this period (used {outcome.used} s, "
+                f"reserved by live sessions {outcome.reserved} s); it renews at {outcome.period_end}",
+                headers={"Retry-After": str(outcome.retry_after_s)},
+                extra={"budget": outcome.budget, "limit": outcome.limit, "used": outcome.used,
+                       "reserved": outcome.reserved, "period_end": outcome.period_end},
             )
         if isinstance(outcome, KeyReused):
             raise Unprocessable(
@@ -149,6 +159,10 @@ class SessionService:
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
         # The record as the script wrote it (no read back: a worker may already be on it).
+        if outcome.budget is not None:
+            fields["ttl_seconds"] = str(outcome.budget.ttl_seconds)
+            if outcome.budget.limited:
+                fields["ttl_limited_by"] = "budget"
         return msgspec.convert(fields, SessionRecord, strict=False), outcome
 
     # ---- read -----------------------------------------------------------------------------

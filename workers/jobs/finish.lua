@@ -23,6 +23,7 @@ for i = 1, (#KEYS - 3) / 3 do
     redis.call('HSET', hkey, 'status', 'terminated', 'terminated_at', now, 'termination_reason', reason)
     redis.call('HINCRBY', KEYS[3], st, -1)
     redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
+    budget_settle(hkey, tonumber(now))  -- billable_seconds, budgets, usage (tenants/budget.lua)
     redis.call('ZREM', KEYS[3 * i + 2], sid)
     redis.call('ZREM', KEYS[3 * i + 3], sid)
     redis.call('ZREM', KEYS[1], member)
