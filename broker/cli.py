@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_tenants import add_tenant_commands
 
     add_tenant_commands(sub)
+    from .cli_usage import add_usage_commands
+
+    add_usage_commands(sub)  # session-broker usage export (issue 21)
     return p
 
 
@@ -159,6 +162,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(f"re-encrypted credentials of {count} tenant(s)")
         return 0
+    if cmd == "usage":
+        from .cli_usage import run_usage_command
+
+        return run_usage_command(args, settings)
     from .cli_tenants import run_tenant_command
 
     return run_tenant_command(args, settings)
