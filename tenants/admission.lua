@@ -12,7 +12,7 @@
 -- KEYS[10..13] the provisioning job to write with the admission: job key, result key,
 --              queue zset, wake-up list (broker/sessions/jobs.py ENQUEUE), or "" when none
 -- KEYS[14] stats hash: live status -> count of sessions (the transition script keeps it too)
--- KEYS[15] the tenant's key base "sb:t:{tid}:" for the budgets and usage counters (budget.lua)
+-- KEYS[15] the tenant's key base (TenantScope.base()) for the budgets and usage counters (budget.lua)
 --
 -- ARGV: 1 now_ms, 2 sid, 3 sessions_per_minute, 4 sessions_per_day,
 --       5 max_concurrent_sessions, 6 max_sessions_per_end_user, 7 end_user_policy,

@@ -3,7 +3,7 @@
 -- records a terminal status (budget_settle: broker/sessions/transition.lua,
 -- workers/jobs/finish.lua, through broker/sessions/terminal.py). Defines Lua functions only.
 --
--- Keys, all under the tenant's base "sb:t:{tid}:" (the same names as tenants/scope.py's
+-- Keys, all under the tenant's base (TenantScope.base(): the same names as tenants/scope.py's
 -- TenantScope.budget_month / budget_end_users / usage_day / usage_hour / usage_outbox):
 --   budget:{yyyymm}      hash used, reserved, t50/t80/t100 (threshold recorded)        month + 40 d
 --   budget:{yyyymm}:eu   hash u:{eu}, r:{eu}, t50:{eu}... (the same, per end user)     month + 40 d

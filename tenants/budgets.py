@@ -82,9 +82,18 @@ def period(now_ms: int) -> tuple[str, int, int]:
     return out
 
 
+_hours: dict[int, str] = {}
+
+
 def hour_stamp(now_ms: int) -> str:
-    """``yyyymmddhh`` of the UTC hour containing ``now_ms``."""
-    return datetime.fromtimestamp(now_ms / 1000, UTC).strftime("%Y%m%d%H")
+    """``yyyymmddhh`` of the UTC hour containing ``now_ms`` (formatted once per hour)."""
+    hour = now_ms // 3_600_000
+    stamp = _hours.get(hour)
+    if stamp is None:
+        if len(_hours) > 8:
+            _hours.clear()
+        stamp = _hours[hour] = datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y%m%d%H")
+    return stamp
 
 
 def admission_spec(quotas: Quotas, now_ms: int, ttl_seconds: int, end_user: str | None) -> str:
