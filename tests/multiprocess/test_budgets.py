@@ -54,6 +54,17 @@ def processes(
         client.close()
 
 
+def _ms(iso: str) -> int:
+    return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _billable(session: dict[str, Any]) -> int:
+    """ready_at -> terminated_at in whole seconds, rounded up; 0 if never ready (CONTRACT.md 10)."""
+    if not session["ready_at"]:
+        return 0
+    return -(-(_ms(session["terminated_at"]) - _ms(session["ready_at"])) // 1000)
+
+
 def _post(url: str, key: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(url + "/v1/sessions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
@@ -91,17 +102,18 @@ def test_two_api_processes_reserve_exactly_the_budget_and_a_stop_returns_the_res
 
     admitted = [a.json()["id"] for a in answers if a.status_code == 202]
     with tenant_client(api1.url, key) as c:
-        first = wait_status(c, admitted[0], {"ready"}, timeout=30)
-        assert first["billable_seconds"] >= 0
+        wait_status(c, admitted[0], {"ready"}, timeout=30)
         assert c.delete(f"/v1/sessions/{admitted[0]}").status_code in (200, 202)
         ended = wait_status(c, admitted[0], {"terminated"}, timeout=30)
-        assert ended["billable_seconds"] <= 60
+        assert ended["billable_seconds"] == _billable(ended) <= 60
         again = c.post("/v1/sessions", json={"ttl_seconds": 60})
         assert again.status_code == 202, again.text  # the unused part came back with the stop
         admitted.append(again.json()["id"])
         for sid in admitted:
             c.delete(f"/v1/sessions/{sid}")
-        bills = [wait_status(c, sid, {"terminated", "failed"}, timeout=60)["billable_seconds"] for sid in admitted]
+        done = [wait_status(c, sid, {"terminated", "failed"}, timeout=60) for sid in admitted]
+        assert [s["billable_seconds"] for s in done] == [_billable(s) for s in done]
+        bills = [s["billable_seconds"] for s in done]
         usage = c.get("/v1/usage").json()["budgets"]["session_seconds_per_month"]
         assert (usage["used"], usage["reserved"]) == (sum(bills), 0)
         day = now.strftime("%Y-%m-%d")
@@ -148,5 +160,5 @@ def test_a_session_cut_to_the_budget_ends_at_its_cut_expiry(processes: dict[str,
         ended = wait_status(c, r.json()["id"], {"terminated"}, timeout=60)
         assert time.monotonic() - t0 < 40
         assert ended["termination_reason"] == "expired"
-        assert 29 <= ended["billable_seconds"] <= 30 + LATENESS_S + 1
+        assert 30 <= ended["billable_seconds"] == _billable(ended) <= 30 + LATENESS_S + 1
         assert c.post("/v1/sessions", json={"ttl_seconds": 60}).status_code == 402
