@@ -124,7 +124,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     cmd = args.command
     if cmd == "api":
         settings.require_secret_key()
+        from . import tracing
         from .serve import serve_api
+
+        tracing.configure(settings, "session-broker-api")
 
         serve_api(settings, args.host, args.port, admin_port=args.admin_port)
         return 0
@@ -132,7 +135,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_secret_key()
         from workers.main import run_worker
 
+        from . import tracing
         from .serve import run_async
+
+        tracing.configure(settings, "session-broker-worker")
 
         run_async(run_worker(settings, args.metrics_port, args.metrics_host))
         return 0

@@ -15,7 +15,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any
@@ -29,6 +29,8 @@ _CONTEXT_KEY_SET = frozenset(CONTEXT_KEYS)
 _MAX_CONTEXT_VALUE = 128
 _EMPTY: Mapping[str, str] = {}
 _context: ContextVar[Mapping[str, str]] = ContextVar("broker_log_context", default=_EMPTY)
+# Tracing on (broker/tracing.py): returns the current trace id, written as ``trace_id`` on each line.
+_trace_id_source: Callable[[], str | None] | None = None
 _encode_json = msgspec.json.Encoder(enc_hook=str).encode  # json.dumps(default=str), at a fifth of the cost
 
 
@@ -67,6 +69,12 @@ def log_context(**values: str | None) -> Iterator[None]:
         reset_log_context(token)
 
 
+def set_trace_id_source(source: Callable[[], str | None] | None) -> None:
+    """Called by ``broker.tracing.configure``/``shutdown``: lines then carry ``trace_id``."""
+    global _trace_id_source
+    _trace_id_source = source
+
+
 def current_log_context() -> dict[str, str]:
     return dict(_context.get())
 
@@ -82,6 +90,10 @@ def _context_of(record: logging.LogRecord) -> dict[str, str]:
             value = bound.get(key)
             if value is not None:  # redacted when bound (bind_log_context is the only writer)
                 out[key] = value
+    if _trace_id_source is not None:
+        trace_id = _trace_id_source()
+        if trace_id:
+            out["trace_id"] = trace_id
     return out
 
 

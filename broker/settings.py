@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     library_log_level: str = "WARNING"   # arq, httpx, httpx2, openai: INFO logs a line per job/request
     metrics_top_tenants: int = 20
     access_log: str = "all"              # API access lines: all | errors (status >= 400) | off
+    # Tracing (broker/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
+    otel_traces_exporter: str = "none"
+    otel_service_name: str | None = None
 
     def __repr__(self) -> str:  # never print secrets
         return (
@@ -86,6 +89,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                                       ("DEBUG", "INFO", "WARNING", "ERROR")),
             metrics_top_tenants=int(_number(env, "BROKER_METRICS_TOP_TENANTS", 20, 0, 1000)),
             access_log=_choice(env, "BROKER_ACCESS_LOG", "all", ("all", "errors", "off")),
+            otel_traces_exporter=_traces_exporter(env),
+            otel_service_name=_optional(env, "OTEL_SERVICE_NAME"),
         )
 
 
@@ -183,6 +188,31 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
         if raw.lower() == choice.lower():
             return choice
     raise SettingsError(f"{name} must be one of {', '.join(choices)}")
+
+
+def _traces_exporter(env: Mapping[str, str]) -> str:
+    """OpenTelemetry's variables, as CONTRACT.md section 13 reads them: tracing is off unless
+    ``OTEL_TRACES_EXPORTER`` names an exporter or an OTLP endpoint is set (then OTLP over HTTP,
+    protobuf: the only protocol shipped); ``OTEL_SDK_DISABLED=true`` turns it off."""
+    if (_optional(env, "OTEL_SDK_DISABLED") or "").lower() == "true":
+        return "none"
+    raw = _optional(env, "OTEL_TRACES_EXPORTER")
+    if raw is not None:
+        kind = raw.lower()
+        if kind not in ("otlp", "console", "none"):
+            raise SettingsError("OTEL_TRACES_EXPORTER must be one of otlp, console, none")
+    elif _optional(env, "OTEL_EXPORTER_OTLP_ENDPOINT") or _optional(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        kind = "otlp"
+    else:
+        return "none"
+    if kind == "otlp":
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = _optional(env, name)
+            if protocol is not None:
+                if protocol != "http/protobuf":
+                    raise SettingsError(f"{name} must be http/protobuf (the only OTLP protocol shipped)")
+                break
+    return kind
 
 
 def _redact_url(url: str) -> str:

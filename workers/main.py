@@ -13,7 +13,7 @@ from aiohttp import web
 from arq import Retry, cron
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from broker.logs import bind_log_context, log_context
 from broker.redis_client import create_worker_pool
@@ -233,8 +233,10 @@ async def _heartbeat(wc: WorkerContext, health: Health) -> None:
 
 
 async def _serve_metrics(metrics: WorkerMetrics, health: Health, host: str, port: int) -> web.AppRunner:
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_handler(request: web.Request) -> web.Response:
+        # OpenMetrics when the scraper asks for it (Prometheus does): the only format with exemplars
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(metrics.registry), headers={"Content-Type": content_type})
 
     async def health_handler(_: web.Request) -> web.Response:
         if health.healthy():

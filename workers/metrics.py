@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics)
 
+from broker import tracing
 from broker.metrics import TenantLabels
 
 from .gauges import SharedStateCollector
@@ -32,6 +33,15 @@ UPSTREAM_OPERATIONS = (("openai", "mint"), ("avaturn", "create"), ("avaturn", "d
 TERMINATION_REASONS = ("requested", "expired", "replaced", "tenant_disabled")
 SWEEPER_ACTIONS = ("requeued", "reaped", "dropped", "trimmed")
 REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry")
+
+
+class TracedHistogram(Histogram):
+    """A histogram whose observations carry the current trace id as their exemplar when tracing
+    is on (``trace_id``: Grafana links a bucket to an example trace). Exemplars are exposed in
+    the OpenMetrics format only: /metrics serves it to a scraper that asks for it."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        super().observe(amount, exemplar if exemplar is not None else tracing.exemplar())
 
 
 class WorkerMetrics:
@@ -53,7 +63,7 @@ class WorkerMetrics:
                                   ["outcome", "code"], registry=r)
         self.queue_wait = Histogram("broker_queue_wait_seconds", "Time from admission to a worker starting the provisioning.",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.time_to_ready = Histogram("broker_time_to_ready_seconds", "Time from admission to ready.",
+        self.time_to_ready = TracedHistogram("broker_time_to_ready_seconds", "Time from admission to ready.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_calls = Counter("broker_upstream_requests_total",
                                       "Upstream calls by upstream, operation, outcome (ok, rejected = permanent, "

@@ -12,6 +12,7 @@ from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
+from broker import tracing
 from broker.metrics import ApiMetrics
 from broker.redis_check import ping, unreachable_line
 from broker.redis_client import create_redis
@@ -112,6 +113,8 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES) -> Li
         openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # Litestar's default would replace our JSON root handler (broker/logs.py)
+        plugins=tracing.litestar_plugins(),  # tracing on: Litestar's OpenTelemetry plugin (else none)
+        before_send=tracing.before_send_hooks(),  # names the request span after its route
     )
     document_openapi(app)  # request bodies, query params, errors, security (handlers read raw input)
     app.state.metrics = metrics

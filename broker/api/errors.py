@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker import tracing
 from broker.errors import BrokerError, ServiceUnavailable
 
 log = logging.getLogger("broker.api")
@@ -37,6 +38,7 @@ _HTTP_CODES = {
 
 
 def error_response(exc: BrokerError) -> Response[dict[str, object]]:
+    tracing.set_error_code(exc.code)  # on the request's span (tracing on)
     return Response(content=exc.body(), status_code=exc.status, headers=exc.headers)
 
 
@@ -48,6 +50,7 @@ def http_error_response(status: int, headers: dict[str, str] | None = None) -> R
     """The contract's body for an HTTP-level error (no domain code of ours to tell)."""
     code, message = _HTTP_CODES.get(status, ("http_error", "The request could not be processed."))
     error = {"code": code, "message": message}
+    tracing.set_error_code(code)
     if status == 413:  # every input violation names its field
         error["field"] = "body"
     # JSON said explicitly: a Response without a media type takes its handler's (HTML for the

@@ -17,6 +17,7 @@ from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker import tracing
 from broker.logs import bind_log_context, reset_log_context
 from broker.metrics import ApiMetrics
 
@@ -31,6 +32,7 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
     only for answers >= 400, ``off`` none (metrics count every request regardless)."""
     observe = metrics.request_observer()
     min_status = {"all": 0, "errors": 400}.get(access, 1000)
+    traced = tracing.enabled()  # the request's span ends inside: its trace id is read from traceresponse
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,6 +40,7 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
             return
         start = time.perf_counter()
         status = 500
+        trace_id = None
         request_id = os.urandom(8).hex()
         scope.setdefault("state", {})["request_id"] = request_id  # type: ignore[typeddict-item]
         token = bind_log_context(request_id=request_id)
@@ -45,10 +48,12 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
         metrics.http_in_progress.inc()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, trace_id
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers: list[Any] = list(message.get("headers", []))
+                if traced:
+                    trace_id = _trace_id_of(headers)
                 headers.append(request_id_header)
                 message["headers"] = headers  # type: ignore[typeddict-unknown-key]
             await send(message)
@@ -63,7 +68,7 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
             observe(route, method, status, elapsed)
             level = logging.DEBUG if route in OPS_ROUTES else logging.INFO
             if status >= min_status and access_log.isEnabledFor(level):
-                access_log.handle(_access_record(level, method, route, status, elapsed))
+                access_log.handle(_access_record(level, method, route, status, elapsed, trace_id))
             reset_log_context(token)
 
     return wrapped
@@ -72,7 +77,16 @@ def metrics_middleware(app: ASGIApp, metrics: ApiMetrics, access: str = "all") -
 _template: dict[str, Any] = {}
 
 
-def _access_record(level: int, method: str, route: str, status: int, elapsed: float) -> logging.LogRecord:
+def _trace_id_of(headers: list[Any]) -> str | None:
+    """The trace id of a ``traceresponse`` header (``00-<trace id>-<span id>-<flags>``)."""
+    for name, value in headers:
+        if name == b"traceresponse" and len(value) >= 35:
+            return bytes(value[3:35]).decode("ascii", "replace")
+    return None
+
+
+def _access_record(level: int, method: str, route: str, status: int, elapsed: float,
+                   trace_id: str | None = None) -> logging.LogRecord:
     """The access line's record, as ``makeRecord`` would build it, from a template made once
     (``LogRecord.__init__`` looks up the thread, process and module names on every call: a
     quarter of what the access line cost); only the time, level, arguments and fields change."""
@@ -90,4 +104,6 @@ def _access_record(level: int, method: str, route: str, status: int, elapsed: fl
     d["levelname"] = logging.getLevelName(level)
     d["args"] = (method, route, status)
     d["fields"] = {"method": method, "route": route, "status": status, "duration_ms": round(elapsed * 1000, 2)}
+    if trace_id is not None:
+        d["fields"]["trace_id"] = trace_id
     return record

@@ -74,6 +74,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     avaturn_key_enc: str = ""            # the Avaturn key of the create, encrypted (workers/jobs/session_key.py)
     attempts: int = 0
     delete_attempts: int = 0
+    traceparent: str = ""                # W3C context of the request that admitted it (tracing on)
     billable_seconds: int = -1           # recorded by the terminal transition (tenants/budget.lua); -1: not yet
     ttl_limited_by: str = ""             # "budget" when admission cut the TTL to the budget left
 

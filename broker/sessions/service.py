@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from broker import tracing
 from broker.api.ratelimit import refusal_headers
 from broker.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
 from tenants.budgets import BudgetExhausted as BudgetRefusal
@@ -112,8 +113,9 @@ class SessionService:
             "metadata": msgspec.json.encode(req.metadata or {}).decode(),
             "end_user": req.end_user or "",
         }
+        tracing.stamp(fields)  # issue 23: + "traceparent" (the request's span) when tracing is on
         job = self.queue.provision_job(tenant.id, sid)
-        outcome = await admit(
+        outcome = await tracing.admission(tenant.id, sid, admit(  # issue 23: the admission span
             self.repo.redis,
             AdmissionRequest(
                 tenant_id=tenant.id,
@@ -130,7 +132,7 @@ class SessionService:
                 ttl_seconds=ttl,
             ),
             self.repo.execute,
-        )
+        ))
         if isinstance(outcome, Refused):
             raise QuotaExceeded(
                 _refusal_message(outcome),

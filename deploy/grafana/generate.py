@@ -34,6 +34,7 @@ class Panel:
     description: str = ""
     width: int = 8
     instant: bool = False
+    exemplars: bool = False                 # the first query shows its series' exemplars (trace ids)
 
 
 @dataclass
@@ -81,7 +82,9 @@ ROWS = [
               quantiles("broker_http_request_duration_seconds", "route", (0.95,), "{" + NOT_OPS + "}"), "s",
               description="95th percentile of API request duration by route template (POST /v1/sessions includes ?wait)."),
         Panel("Time to ready", quantiles("broker_time_to_ready_seconds"), "s",
-              description="Admission -> ready: queue wait + OpenAI mint + Avaturn create."),
+              description="Admission -> ready: queue wait + OpenAI mint + Avaturn create. With tracing on, the "
+                          "dots are exemplars: one observation each, with the trace id of its session's creation "
+                          "(click one to open the trace).", exemplars=True),
         Panel("Live sessions by state", [("max by (state) (broker_live_sessions)", "{{state}}")], "short",
               description="From the sb:stats:live hash (shared state: max across workers)."),
         Panel("Sessions admitted, ready, failed", [
@@ -171,7 +174,8 @@ ROWS = [
 def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, object]:
     height = 4 if p.kind == "stat" else 8
     targets = [{"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(65 + i),
-                **({"instant": True, "range": False, "format": "table"} if p.instant else {})}
+                **({"instant": True, "range": False, "format": "table"} if p.instant else {}),
+                **({"exemplar": True} if p.exemplars and i == 0 else {})}  # once: all share the buckets
                for i, (expr, legend) in enumerate(p.targets)]
     out: dict[str, object] = {
         "id": pid, "type": p.kind, "title": p.title, "description": p.description, "datasource": DS,

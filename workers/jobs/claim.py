@@ -50,7 +50,7 @@ RENEW_S = 1.0
 # What a claimer needs of the record (all of ``stop_upstream_and_finish``'s inputs).
 FIELDS = ("id", "tenant_id", "status", "created_at", "ttl_seconds", "end_user", "ready_at", "expires_at",
           "terminating_at", "termination_reason", "avaturn_session_id", "create_state", "delete_attempts",
-          "avaturn_key_enc")
+          "avaturn_key_enc", "traceparent")  # traceparent: the termination span links to the creation's trace
 
 
 class Claim:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from arq import Retry
 
+from broker import tracing
 from broker.errors import NotFound
 from broker.sessions.jobs import PROVISION
 from broker.sessions.models import SessionRecord, now_ms
@@ -40,7 +41,6 @@ MAX_INLINE_MINT_WAIT = 5.0
 
 async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id: str) -> str:
     ctx: WorkerContext = arq_ctx["wc"]
-    job_try: int = arq_ctx.get("job_try", 1)
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     try:
         tenant: Tenant | None = await ctx.tenants.get(tenant_id)  # the worker's cache (workers/tenant_cache.py)
@@ -56,6 +56,14 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
             tenant_id, session_id, now_ms(), deadline_ms, schedule(tenant.quotas.openai_requests_per_minute))
     if rec is None or rec.status in ("ready", "terminated", "failed"):
         return "noop"
+    # issue 23: the consumer span of this provisioning, child of the request that admitted it
+    with tracing.provisioning(rec.tenant_id, rec.id, rec.traceparent) as step:
+        return step.outcome(await _provision(ctx, arq_ctx, rec, tenant, started, before, mint_at, deadline_ms))
+
+
+async def _provision(ctx: WorkerContext, arq_ctx: dict[str, Any], rec: SessionRecord, tenant: Tenant | None,
+                     started: bool, before: str, mint_at: int | None, deadline_ms: int) -> str:
+    tenant_id, session_id, job_try = rec.tenant_id, rec.id, arq_ctx.get("job_try", 1)
     if rec.status == "terminating":
         return await _stop(ctx, rec)
     deadline = rec.created_at + deadline_ms
@@ -111,6 +119,7 @@ async def provision_session(arq_ctx: dict[str, Any], tenant_id: str, session_id:
 
 async def _fail(ctx: WorkerContext, rec: SessionRecord, code: str, message: str, reason: str = "upstream_failed") -> None:
     """``fail_session`` with one log line (arq's per-job lines are off by default)."""
+    tracing.set_error_code(code)  # issue 23: on the provisioning span
     if (await fail_session(ctx, rec, code, message, reason=reason)).applied:
         log.warning("provisioning failed: %s", code)
 

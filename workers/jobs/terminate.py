@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker import tracing
 from broker.sessions.models import SessionRecord, now_ms
 
 from ..context import WorkerContext
@@ -78,6 +79,12 @@ async def end_claimed(ctx: WorkerContext, rec: SessionRecord, finish: Finish | N
 
 
 async def stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, finish: Finish | None = None) -> str:
+    # issue 23: the termination's own trace, linked to the session's creation
+    with tracing.termination(rec.tenant_id, rec.id, rec.traceparent) as step:
+        return step.outcome(await _stop_upstream_and_finish(ctx, rec, finish))
+
+
+async def _stop_upstream_and_finish(ctx: WorkerContext, rec: SessionRecord, finish: Finish | None = None) -> str:
     """For a ``terminating`` session: DELETE upstream if a session exists there, then
     record ``terminated`` (``finish``: ``finish_terminated`` or the expiry loop's batch of
     it). When it must be tried again, records the retry time (its score in the due set,

@@ -91,7 +91,8 @@ class AvaturnClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._http = httpx.AsyncClient(
-            transport=AiohttpTransport(client=aiohttp_session_factory(max_connections, httpx.create_ssl_context())),
+            transport=AiohttpTransport(
+                client=aiohttp_session_factory(max_connections, httpx.create_ssl_context(), UPSTREAM)),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             cookies=no_cookie_jar(),

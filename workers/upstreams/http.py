@@ -15,6 +15,8 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 
+from broker import tracing
+
 KEEPALIVE_S = 5.0  # httpx's default keep-alive expiry, which the transports used before
 
 
@@ -23,13 +25,19 @@ def no_cookie_jar() -> CookieJar:
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
-def aiohttp_session_factory(max_connections: int, ssl_context: ssl.SSLContext) -> Callable[[], aiohttp.ClientSession]:
+def aiohttp_session_factory(max_connections: int, ssl_context: ssl.SSLContext,
+                            upstream: str = "upstream") -> Callable[[], aiohttp.ClientSession]:
     """The ``client=`` of an httpx-aiohttp transport: the pool the transport would build itself
     (same limit, keep-alive and TLS context), with aiohttp's jar replaced by one that keeps
-    nothing. Called by the transport on its first request, inside the running loop."""
+    nothing. Called by the transport on its first request, inside the running loop.
+
+    With tracing on, every request is a client span of the contrib aiohttp instrumentation
+    (``<METHOD> <upstream>``): the openai SDK (httpx2) and httpx both send through this pool,
+    so this one place traces the mint, the create and the delete."""
 
     def make() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S, ssl=ssl_context)
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                     trace_configs=tracing.aiohttp_trace_configs(upstream) or None)
 
     return make

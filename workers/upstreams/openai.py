@@ -107,7 +107,8 @@ class OpenAIMinter:
         # connections) but no cookies (see workers.upstreams.http)
         self._http = DefaultAioHttpClient(
             timeout=timeout, cookies=no_cookie_jar(),
-            transport=AiohttpTransport(client=aiohttp_session_factory(MAX_CONNECTIONS, httpx.create_ssl_context())),
+            transport=AiohttpTransport(
+                client=aiohttp_session_factory(MAX_CONNECTIONS, httpx.create_ssl_context(), UPSTREAM)),
         )
         self._clients: OrderedDict[str, AsyncOpenAI] = OrderedDict()
 
