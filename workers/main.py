@@ -253,7 +253,7 @@ async def _serve_metrics(metrics: WorkerMetrics, health: Health, host: str, port
 
 
 async def run_worker(settings: Settings, metrics_port: int | None, metrics_host: str = "0.0.0.0") -> None:
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(settings.metrics_top_tenants)  # tenant label of broker_billable_seconds_total
     health = Health()
     runner = await _serve_metrics(metrics, health, metrics_host, metrics_port) if metrics_port else None
     # --- issue 18: wait for Redis before arq starts (workers/startup.py); a signal meanwhile ends the process

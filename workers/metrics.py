@@ -19,7 +19,7 @@ from broker.metrics import TenantLabels
 
 from .gauges import SharedStateCollector
 
-TOP_TENANTS = 20  # named tenants in tenant-labelled worker series (as the API's default)
+TOP_TENANTS = 20  # named tenants in tenant-labelled worker series by default (BROKER_METRICS_TOP_TENANTS)
 
 # No ``*_created`` series: they double the series count and nothing here uses them.
 disable_created_metrics()
@@ -45,7 +45,7 @@ class TracedHistogram(Histogram):
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, top_tenants: int = TOP_TENANTS) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -89,7 +89,7 @@ class WorkerMetrics:
                                         "orphans whose delete failed (each bounded by user_absent_timeout/max_duration).",
                                         registry=r)
         # billable session seconds settled by this worker's terminal transitions (issue 21)
-        self.tenant_label = TenantLabels(TOP_TENANTS)
+        self.tenant_label = TenantLabels(top_tenants)
         self.tenant_label.on_demote.append(self._forget_tenant)
         self.billable_seconds = Counter("broker_billable_seconds_total",
                                         "Billable session seconds (ready -> terminated) of the sessions this worker "
