@@ -76,13 +76,14 @@ local function budget_admit(base, spec_json, session_key)
     return {'budget_exhausted', binding[1], binding[2], binding[3], binding[4], budget_int(spec.pe),
             math.max(1, math.ceil((spec.pe - now) / 1000))}
   end
-  -- TTLs are set when a key (or its field) starts from zero: not on every admission
   local keep_month = math.max(1, math.ceil((spec.pe - now) / 1000)) + 40 * 86400
-  if redis.call('HINCRBY', mkey, 'reserved', granted) == granted then redis.call('EXPIRE', mkey, keep_month) end
+  redis.call('HINCRBY', mkey, 'reserved', granted)
+  redis.call('EXPIRE', mkey, keep_month)
   local crossed = budget_thresholds(base, mkey, '', 'session_seconds_per_month', spec.m,
                                     m_used + m_res + granted, spec.p, '', now)
   if eu ~= '' then
-    if redis.call('HINCRBY', ekey, 'r:' .. eu, granted) == granted then redis.call('EXPIRE', ekey, keep_month) end
+    redis.call('HINCRBY', ekey, 'r:' .. eu, granted)
+    redis.call('EXPIRE', ekey, keep_month)
     if spec.e >= 0 then
       crossed = crossed + budget_thresholds(base, ekey, ':' .. eu, 'session_seconds_per_end_user_per_month',
                                             spec.e, e_used + e_res + granted, spec.p, eu, now)
@@ -90,8 +91,9 @@ local function budget_admit(base, spec_json, session_key)
   end
   for _, w in ipairs({{'usage:d:' .. spec.d, 400 * 86400}, {'usage:h:' .. spec.h, 31 * 86400}}) do
     local key = base .. w[1]
-    if redis.call('HINCRBY', key, 's', 1) == 1 then redis.call('EXPIRE', key, w[2] + 86400) end
+    redis.call('HINCRBY', key, 's', 1)
     if eu ~= '' then redis.call('HINCRBY', key, 's:' .. eu, 1) end
+    redis.call('EXPIRE', key, w[2] + 86400)
   end
   local limited = granted < ttl
   redis.call('HSET', session_key, 'ttl_seconds', granted, 'budget_base', base, 'budget_period', spec.p,
