@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_tenants import add_tenant_commands
 
     add_tenant_commands(sub)
+    from .cli_usage import add_usage_commands
+
+    add_usage_commands(sub)  # session-broker usage export (issue 21)
     return p
 
 
@@ -168,6 +171,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from .cli_tenants import rotate_secrets
 
         return rotate_secrets(settings)
+    if cmd == "usage":
+        from .cli_usage import run_usage_command
+
+        return run_usage_command(args, settings)
     from .cli_tenants import run_tenant_command
 
     return run_tenant_command(args, settings)

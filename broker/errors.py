@@ -11,6 +11,7 @@
      +-- PayloadTooLarge (413)
      +-- UnsupportedMediaType (415)
      +-- Unprocessable (422)         idempotency key reused with another body
+     +-- BudgetExhausted (402)       a session-second budget is used up (issue 21); Retry-After
      +-- QuotaExceeded (429)         carries Retry-After / RateLimit headers and usage
      +-- ServiceUnavailable (503)    Redis unreachable
 
@@ -89,6 +90,11 @@ class UnsupportedMediaType(BrokerError):
 class Unprocessable(BrokerError):
     status = 422
     default_code = "idempotency_key_reused"
+
+
+class BudgetExhausted(BrokerError):
+    status = 402
+    default_code = "budget_exhausted"
 
 
 class QuotaExceeded(BrokerError):

@@ -20,9 +20,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 # Admission reasons (the admission script's refusal codes + the idempotency conflicts).
 REFUSAL_REASONS = frozenset({
     "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit", "provisioning_backlog",
-    "idempotency_key_reused", "idempotency_key_in_flight",
+    "idempotency_key_reused", "idempotency_key_in_flight", "budget_exhausted",
 })
 OTHER = "other"
+BUDGETS = ("session_seconds_per_month", "session_seconds_per_end_user_per_month")
 PROMOTE_FACTOR = 2     # an unnamed tenant takes a named slot once it has 2x the smallest named count
 PROMOTE_MIN = 10       # ... and at least this many events (no churn on tiny numbers)
 
@@ -104,6 +105,17 @@ class ApiMetrics:
             "redis_unavailable, internal, none).",
             ["tenant", "outcome", "reason"], registry=r,
         )
+        self.budget_refusals = Counter(
+            "broker_budget_refusals_total",
+            "Admissions refused with 402 budget_exhausted, by tenant (top N, else 'other') and budget "
+            "(session_seconds_per_month, session_seconds_per_end_user_per_month).",
+            ["tenant", "budget"], registry=r,
+        )
+        self.usage_thresholds = Counter(
+            "broker_usage_thresholds_total",
+            "usage.threshold_reached records (50/80/100 % of a budget, once per period) written by admissions "
+            "of this process.", registry=r,
+        )
         self.redis_errors = Counter(
             "broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
             ["source"], registry=r,
@@ -158,7 +170,12 @@ class ApiMetrics:
         status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
         code = getattr(exc, "code", None)
         if isinstance(status, int) and 400 <= status < 500:
-            if code in REFUSAL_REASONS:
+            if code == "budget_exhausted":
+                self.count_admission(tenant_id, "refused", code)
+                label = tenant_id if tenant_id in self.tenant_label.named else OTHER
+                budget = str(getattr(exc, "extra", {}).get("budget", OTHER))
+                self.budget_refusals.labels(label, budget if budget in BUDGETS else OTHER).inc()
+            elif code in REFUSAL_REASONS:
                 self.count_admission(tenant_id, "refused", str(code))
             elif status == 429:
                 self.count_admission(tenant_id, "refused", OTHER)
@@ -176,6 +193,11 @@ class ApiMetrics:
             self._admission_children.pop((tenant_id, outcome, reason), None)
             try:
                 self.admissions.remove(tenant_id, outcome, reason)
+            except KeyError:
+                pass
+        for budget in BUDGETS:
+            try:
+                self.budget_refusals.remove(tenant_id, budget)
             except KeyError:
                 pass
 

@@ -14,6 +14,7 @@
 -- KEYS[11] provision schedule  zset sid -> mint slot ms (the tenant's)
 -- KEYS[12] provision tenants   zset tid -> earliest score of its schedule (global ring)
 -- KEYS[13] provision wake-up list (global)
+-- KEYS[14] the tenant's key base (TenantScope.base()) for the budgets and usage counters (budget.lua)
 --
 -- ARGV: 1 now_ms, 2 sid, 3 sessions_per_minute, 4 sessions_per_day,
 --       5 max_concurrent_sessions, 6 max_sessions_per_end_user, 7 end_user_policy,
@@ -22,7 +23,7 @@
 --       13 mint window (ms: the latest slot admitted is now + this),
 --       14 seconds to next UTC midnight, 15 session key prefix (".../s:"),
 --       16 due member prefix ("{tid}:"), 17 tenant id, 18 wake-up list cap,
---       19.. session field, value pairs
+--       19 budget spec (JSON, tenants/budgets.py), 20.. session field, value pairs
 --
 -- Nothing is written before every check has passed: a refusal (and a replay) leaves every
 -- key as it was. Expired leases and rate entries that left the window are simply not
@@ -37,8 +38,10 @@
 --   {"replayed", sid} | {"key_reused"}
 --   {"refused", code, limit, current, retry_after_s, minute_used, minute_reset_s,
 --    day_used, live_used, eu_used (-1: no end user), mint_backlog, mint_remaining, mint_next}
+--   {"budget_exhausted", budget, limit, used, reserved, period_end_ms, retry_after_s}
 --   {"admitted", minute_used, minute_reset_s, day_used, live_used, eu_used,
---    mint_at, mint_backlog, mint_remaining, mint_next, replaced sid...}
+--    mint_at, mint_backlog, mint_remaining, mint_next, budget "<ttl>|<cut 0/1>|<thresholds>",
+--    replaced sid...}
 -- mint_backlog: the tenant's sessions whose mint slot is after now (after this admission);
 -- mint_remaining: sessions that would still be admitted now under the mint window;
 -- mint_next: the slot the next request would get (ms).
@@ -70,7 +73,7 @@ local session_prefix = ARGV[15]
 local due_prefix = ARGV[16]
 local tenant_id = ARGV[17]
 local wake_cap = tonumber(ARGV[18])
-local FIELDS_AT = 19
+local FIELDS_AT = 20
 
 local idem_key = KEYS[1]
 local rate_key, day_key, live_key = KEYS[2], KEYS[3], KEYS[4]
@@ -168,6 +171,11 @@ if slot > latest then
                 math.ceil((slot - latest) / 1000))
 end
 
+-- 3b. budgets (tenants/budget.lua, prepended): the last check; on success it reserves the
+-- session's seconds, writes its ttl_seconds (maybe cut) and counts it; on refusal nothing
+local budget = budget_admit(KEYS[14], ARGV[19], session_key)
+if budget[1] == 'budget_exhausted' then return budget end
+
 -- 4. admit
 redis.call('ZREMRANGEBYSCORE', live_key, '-inf', int(now))
 redis.call('ZREMRANGEBYSCORE', rate_key, '-inf', int(now - WINDOW))
@@ -230,7 +238,8 @@ local new_minute_reset = minute_reset
 if minute_used == 0 then new_minute_reset = WINDOW / 1000 end
 local reply = {'admitted', minute_used + 1, new_minute_reset, day_used + 1,
                live_used - #replaced + 1, has_eu and (#eu_live - #replaced + 1) or -1,
-               slot, backlog(new_tat), remaining(new_tat, slot), math.max(now, new_tat - mint_tau, slot)}
+               slot, backlog(new_tat), remaining(new_tat, slot), math.max(now, new_tat - mint_tau, slot),
+               budget[2]}
 for _, old in ipairs(replaced) do
   reply[#reply + 1] = old
 end

@@ -63,6 +63,7 @@ from redis.commands.core import AsyncScript
 from broker.redis_mux import Execute, evalsha
 
 from tenants.mint_rate import lua_library, schedule
+from tenants.budgets import BudgetExhausted, BudgetGrant, admission_spec, iso_ms, with_budget
 from tenants.models import Quotas
 from tenants.scope import (
     DUE_EXPIRY,
@@ -79,7 +80,8 @@ RefusalCode = Literal[
     "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit", "provisioning_backlog"
 ]
 
-_SOURCE = lua_library() + resources.files(__package__).joinpath("admission.lua").read_text()
+# the GCRA (mint_rate.lua) and budget.lua's functions (budget_admit) prepended
+_SOURCE = with_budget(lua_library() + resources.files(__package__).joinpath("admission.lua").read_text())
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 
@@ -96,6 +98,9 @@ class AdmissionRequest(msgspec.Struct, kw_only=True):
     session_fields: dict[str, str] = msgspec.field(default_factory=dict)  # initial session hash
     lease_until_ms: int                    # concurrency lease deadline of the new session
     mint_window_ms: int                    # admitted only if its mint slot is at most now + this
+    # requested TTL, reserved against the budgets (tenants/budgets.py) and written as the session's
+    # ttl_seconds, maybe cut (None: session_fields' ttl_seconds, else max_session_seconds)
+    ttl_seconds: int | None = None
 
 
 class Admitted(msgspec.Struct, kw_only=True):
@@ -104,6 +109,7 @@ class Admitted(msgspec.Struct, kw_only=True):
     usage: UsageSnapshot  # after this admission
     mint_at: int          # the session's mint slot (unix ms), as stored in its hash and schedule
     mint: QuotaUsage      # the mint pacing after this admission (see :func:`_mint`)
+    budget: BudgetGrant | None = None  # the TTL granted by the budgets (maybe cut)
 
 
 class Replayed(msgspec.Struct, kw_only=True):
@@ -125,7 +131,7 @@ class Refused(msgspec.Struct, kw_only=True):
     mint: QuotaUsage      # the mint pacing at the time of the refusal
 
 
-Outcome = Admitted | Replayed | KeyReused | Refused
+Outcome = Admitted | Replayed | KeyReused | Refused | BudgetExhausted
 
 
 def _script(redis: aioredis.Redis) -> AsyncScript:
@@ -201,7 +207,10 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         scope.provision_schedule(),
         PROVISION_TENANTS,
         PROVISION_WAKE,
+        scope.base(),
     ]
+    fields = req.session_fields
+    ttl = req.ttl_seconds if req.ttl_seconds is not None else int(fields.get("ttl_seconds", q.max_session_seconds))
     args: list[str | int] = [
         req.now_ms,
         req.session_id,
@@ -221,9 +230,11 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         due_member(req.tenant_id, ""),
         req.tenant_id,
         PROVISION_WAKE_CAP,
+        admission_spec(q, req.now_ms, ttl, req.end_user),
     ]
-    for field, value in req.session_fields.items():
-        args += [field, value]
+    for field, value in fields.items():
+        if field != "ttl_seconds":  # written by budget_admit (maybe cut)
+            args += [field, value]
     if execute is None:
         raw = await _script(redis)(keys=keys, args=args)
     else:
@@ -244,10 +255,15 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
             usage=_snapshot(q, day_reset_s, (int(m_used), int(m_reset)), int(d_used), int(live), int(eu)),
             mint=_mint(q.openai_requests_per_minute, int(backlog), int(remaining), int(next_slot), latest),
         )
+    if kind == "budget_exhausted":
+        budget, limit, used, reserved, end, retry = raw[1:]
+        return BudgetExhausted(budget=_text(budget), limit=int(limit), used=int(used), reserved=int(reserved),
+                               period_end=iso_ms(int(end)), retry_after_s=int(retry))
     m_used, m_reset, d_used, live, eu, slot, backlog, remaining, next_slot = (int(v) for v in raw[1:10])
     return Admitted(
         session_id=req.session_id,
-        replaced=[_text(sid) for sid in raw[10:]],
+        replaced=[_text(sid) for sid in raw[11:]],
+        budget=BudgetGrant.parse(raw[10]),
         usage=_snapshot(q, day_reset_s, (m_used, m_reset), d_used, live, eu),
         mint_at=slot,
         mint=_mint(q.openai_requests_per_minute, backlog, remaining, next_slot, latest),

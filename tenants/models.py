@@ -29,6 +29,8 @@ class Quotas(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_sessions_per_end_user: int = 1
     end_user_policy: EndUserPolicy = "reject"
     openai_requests_per_minute: int = 300
+    session_seconds_per_month: int | None = None               # budgets (tenants/budgets.py): None = none
+    session_seconds_per_end_user_per_month: int | None = None
 
 
 class OpenAIConfig(msgspec.Struct, kw_only=True):

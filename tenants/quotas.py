@@ -20,8 +20,13 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "max_sessions_per_end_user": (1, 1000),
     "openai_requests_per_minute": (1, 100_000),
 }
+# name -> inclusive integer range, or null for none (the session-second budgets)
+NULLABLE_INT_RANGES: dict[str, tuple[int, int]] = {
+    "session_seconds_per_month": (60, 1_000_000_000),
+    "session_seconds_per_end_user_per_month": (60, 1_000_000_000),
+}
 END_USER_POLICIES = ("reject", "replace_oldest")
-FIELDS = (*INT_RANGES, "end_user_policy")
+FIELDS = (*INT_RANGES, "end_user_policy", *NULLABLE_INT_RANGES)
 
 
 def build_quotas(raw: dict[str, Any] | None, base: Quotas | None = None) -> Quotas:
@@ -42,6 +47,12 @@ def build_quotas(raw: dict[str, Any] | None, base: Quotas | None = None) -> Quot
             lo, hi = INT_RANGES[name]
             if type(value) is not int or not lo <= value <= hi:
                 raise InvalidInput(f"{field} must be an integer between {lo} and {hi}", code=CODE, field=field)
+        elif name in NULLABLE_INT_RANGES:
+            lo, hi = NULLABLE_INT_RANGES[name]
+            if value is not None and (type(value) is not int or not lo <= value <= hi):
+                raise InvalidInput(
+                    f"{field} must be null (no budget) or an integer between {lo} and {hi}", code=CODE, field=field
+                )
         elif name == "end_user_policy":
             if value not in END_USER_POLICIES:
                 raise InvalidInput(

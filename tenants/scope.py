@@ -21,6 +21,12 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:mint                 hash  OpenAI mint schedule (GCRA {tat, last}), reserved at admission
     sb:t:{tid}:sched:prov           zset  sid -> when the scheduler takes it next (ms): the mint slot
                                           reserved at admission, then a retry time or a claim lease
+    sb:t:{tid}:budget:{yyyymm}      hash  {used, reserved, t50|t80|t100}  session seconds of a UTC month
+                                           (tenants/budget.lua; expires 40 d after the month)
+    sb:t:{tid}:budget:{yyyymm}:eu   hash  {u:{eu}, r:{eu}, t50:{eu}...}  the same per end user
+    sb:t:{tid}:usage:d:{yyyymmdd}   hash  {s, b, s:{eu}, b:{eu}}  sessions admitted / billable seconds (400 d)
+    sb:t:{tid}:usage:h:{yyyymmddhh} hash  the same per UTC hour (31 d)
+    sb:t:{tid}:outbox:usage         list  usage.threshold_reached records, for the event system (issue 20)
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
     sb:sched:prov:tenants           zset  tid -> no later than the earliest score of its sched:prov
@@ -121,6 +127,25 @@ class TenantScope:
         """zset sid -> score: when the provisioning scheduler takes the session next (ms): the mint
         slot admission reserved, then a retry time or a claim's lease (broker/sessions/schedule.py)."""
         return self._base + "sched:prov"
+
+    # budgets and usage history: the Lua of tenants/budget.lua builds the same names from base()
+    def base(self) -> str:
+        return self._base
+
+    def budget_month(self, yyyymm: str) -> str:
+        return f"{self._base}budget:{yyyymm}"
+
+    def budget_end_users(self, yyyymm: str) -> str:
+        return f"{self._base}budget:{yyyymm}:eu"
+
+    def usage_day(self, yyyymmdd: str) -> str:
+        return f"{self._base}usage:d:{yyyymmdd}"
+
+    def usage_hour(self, yyyymmddhh: str) -> str:
+        return f"{self._base}usage:h:{yyyymmddhh}"
+
+    def usage_outbox(self) -> str:
+        return self._base + "outbox:usage"
 
     def events_channel(self, session_id: str) -> str:
         return f"{PREFIX}events:{self.tenant_id}:{session_id}"

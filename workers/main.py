@@ -287,7 +287,7 @@ async def _serve_metrics(metrics: WorkerMetrics, health: Health, host: str, port
 
 
 async def run_worker(settings: Settings, metrics_port: int | None, metrics_host: str = "0.0.0.0") -> None:
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(settings.metrics_top_tenants)  # tenant label of broker_billable_seconds_total
     health = Health()
     runner = await _serve_metrics(metrics, health, metrics_host, metrics_port) if metrics_port else None
     if not await wait_for_redis(settings):  # before arq starts; a signal meanwhile ends the process

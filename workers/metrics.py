@@ -15,8 +15,11 @@ from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, H
                                ProcessCollector, disable_created_metrics)
 
 from broker import tracing
+from broker.metrics import TenantLabels
 
 from .gauges import SharedStateCollector
+
+TOP_TENANTS = 20  # named tenants in tenant-labelled worker series by default (BROKER_METRICS_TOP_TENANTS)
 
 # No ``*_created`` series: they double the series count and nothing here uses them.
 disable_created_metrics()
@@ -42,7 +45,7 @@ class TracedHistogram(Histogram):
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, top_tenants: int = TOP_TENANTS) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -86,12 +89,29 @@ class WorkerMetrics:
                                         "Avaturn creates whose outcome was unknown and were created again, or "
                                         "orphans whose delete failed (each bounded by user_absent_timeout/max_duration).",
                                         registry=r)
+        # billable session seconds settled by this worker's terminal transitions (issue 21)
+        self.tenant_label = TenantLabels(top_tenants)
+        self.tenant_label.on_demote.append(self._forget_tenant)
+        self.billable_seconds = Counter("broker_billable_seconds_total",
+                                        "Billable session seconds (ready -> terminated) of the sessions this worker "
+                                        "terminated, by tenant (top N, else 'other').", ["tenant"], registry=r)
         self.redis_errors = Counter("broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
                                     ["source"], registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.shared = SharedStateCollector(on_error=lambda: self.redis_errors.labels("shared_state").inc())
         r.register(self.shared)
         self._initialise_series()
+
+    def count_billable(self, tenant_id: str, ready_at_ms: int, end_ms: int) -> None:
+        """The session's billable seconds, as the settle computed them (tenants/budget.lua)."""
+        if ready_at_ms:
+            self.billable_seconds.labels(self.tenant_label(tenant_id)).inc(max(0, -(-(end_ms - ready_at_ms) // 1000)))
+
+    def _forget_tenant(self, tenant_id: str) -> None:
+        try:
+            self.billable_seconds.remove(tenant_id)
+        except KeyError:
+            pass
 
     def _initialise_series(self) -> None:
         """Known label sets start at 0, so rate() sees their first increment and dashboards

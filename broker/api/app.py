@@ -35,6 +35,7 @@ from .openapi import document_openapi
 from .redis_packing import use_hiredis_packing
 from .ops_routes import healthz, metrics_handlers, ops_handlers
 from .tenant_routes import tenant_router
+from .usage_routes import admin_usage_router, tenant_usage_router
 
 MAX_BODY = 64 * 1024
 ALL_SURFACES = ("tenant", "admin", "ops", "metrics")
@@ -106,9 +107,11 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
     handlers: list[object] = [assets_router(SCHEMA_PATH)]
     if "tenant" in surfaces:
         handlers.append(tenant_router)
+        handlers.append(tenant_usage_router)  # GET /v1/usage/history (issue 21)
         handlers.extend(console_routers)  # the web console: its page, files and sign-in (tenant surface)
     if "admin" in surfaces and settings.admin_token:
         handlers.append(admin_router)
+        handlers.append(admin_usage_router)  # GET /admin/v1/usage (issue 21)
     if "ops" in surfaces:
         handlers.extend(ops_handlers)
     if "metrics" in surfaces:

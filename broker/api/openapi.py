@@ -26,10 +26,12 @@ from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
 from tenants.models import (
     MAX_SESSION_SECONDS_CAP, ApiKeyCreated, ApiKeyMeta, ApiKeyRevoked, TenantDisabled, TenantView,
 )
-from tenants.quotas import END_USER_POLICIES, INT_RANGES
+from tenants.budgets import BudgetUsage
+from tenants.quotas import END_USER_POLICIES, INT_RANGES, NULLABLE_INT_RANGES
 from tenants.session_config import GA_FIELDS, MAX_SCHEMA_BYTES
 from tenants.session_secrets import REDACTED, SEALED_PREFIX
 from tenants.usage import UsageSnapshot
+from tenants.usage_history import TenantWindow, Window
 
 J = dict[str, Any]
 REF = "#/components/schemas/"
@@ -125,7 +127,8 @@ SESSION_CREATE = obj({
                           "additionalProperties": text(0, 512)}),
 })
 _QUOTAS_INPUT = obj({**{name: integer(lo, hi) for name, (lo, hi) in INT_RANGES.items()},
-                     "end_user_policy": {"enum": list(END_USER_POLICIES)}})
+                     "end_user_policy": {"enum": list(END_USER_POLICIES)},
+                     **{name: nullable(integer(lo, hi)) for name, (lo, hi) in NULLABLE_INT_RANGES.items()}})
 _API_KEY = nullable(text(0, 1024, description='the credential (stored encrypted, never shown); "" clears it'))
 _OPENAI_INPUT = obj({"api_key": _API_KEY, "session": nullable(ref("RealtimeSession")),
                      "allowed_overrides": nullable({"type": "array", "items": {"enum": sorted(GA_FIELDS)}})})
@@ -148,14 +151,17 @@ ERROR = obj({"error": {
                    "field": {"type": "string"}, "limit": {"type": "integer"}, "current": {"type": "integer"},
                    "retry_after": {"type": "number"},
                    "backlog": {"type": "integer", "minimum": 0,
-                               "description": "provisioning_backlog: the tenant's sessions waiting for a mint slot"}},
+                               "description": "provisioning_backlog: the tenant's sessions waiting for a mint slot"},
+                   "budget": {"type": "string"}, "used": {"type": "integer"}, "reserved": {"type": "integer"},
+                   "period_end": {"type": "string", "format": "date-time"}},
 }}, ("error",))
 
 
 def _model_components() -> J:
     """Response schemas generated from the msgspec models, closed and with readable names."""
     _, components = msgspec.json.schema_components(
-        [SessionView, SessionList, TenantView, TenantDisabled, ApiKeyMeta, ApiKeyRevoked, ApiKeyCreated, UsageSnapshot],
+        [SessionView, SessionList, TenantView, TenantDisabled, ApiKeyMeta, ApiKeyRevoked, ApiKeyCreated, UsageSnapshot,
+         BudgetUsage, Window, TenantWindow],
         ref_template=REF + "{name}",
     )
     raw = msgspec.json.encode(components).decode()
@@ -191,8 +197,13 @@ def components() -> J:
                       "active_sessions": _COUNT, "sessions_today": _COUNT,
                       "rate_limit": obj({"limit": _COUNT, "remaining": _COUNT, "reset_seconds": _COUNT},
                                         ("limit", "remaining", "reset_seconds")),
-                      "usage": ref("UsageSnapshot")},
-                     ("tenant_id", "quotas", "active_sessions", "sessions_today", "rate_limit", "usage")),
+                      "usage": ref("UsageSnapshot"),
+                      "budgets": {"type": "object", "additionalProperties": ref("BudgetUsage"),
+                                  "description": "session_seconds_per_month (and, with end_user, "
+                                                 "session_seconds_per_end_user_per_month) of this UTC month"}},
+                     ("tenant_id", "quotas", "active_sessions", "sessions_today", "rate_limit", "usage", "budgets")),
+        "UsageHistory": obj({"data": {"type": "array", "items": ref("Window")}}, ("data",)),
+        "AdminUsage": obj({"data": {"type": "array", "items": ref("TenantWindow")}}, ("data",)),
         "TenantList": obj({"data": {"type": "array", "items": ref("TenantView")}, "next_cursor": nullable(text())},
                           ("data", "next_cursor")),
         "ApiKeyList": obj({"data": {"type": "array", "items": ref("ApiKeyMeta")}}, ("data",)),
@@ -211,6 +222,8 @@ _HEADER = {"schema": {"type": "string"}}
 _RATELIMIT = {"RateLimit-Policy": _HEADER, "RateLimit": _HEADER}
 _REASONS_BY_STATUS = {
     400: "Invalid input; `error.field` names the field.", 401: "Missing, unknown, revoked or expired credential.",
+    402: "A session-second budget of this month is used up (`budget_exhausted`); the body names the budget, "
+         "its limit, used and reserved seconds and period_end; retry after Retry-After (the period's end).",
     403: "The tenant is disabled.", 404: "Not found (another tenant's id answers exactly like an unknown one).",
     409: "A request with this Idempotency-Key is still being admitted (`idempotency_key_in_flight`); on the "
          "admin API: another tenant has this name (`tenant_name_taken`).", 413: "The body is larger than 64 KiB.",
@@ -230,7 +243,7 @@ def _error(status: int) -> J:
     if status == 429:
         out["headers"] = {"Retry-After": {**_HEADER, "required": True},
                           **{k: {**v, "required": True} for k, v in _RATELIMIT.items()}}
-    elif status == 503:
+    elif status in (402, 503):
         out["headers"] = {"Retry-After": {**_HEADER, "required": True}}
     return out
 
@@ -273,7 +286,7 @@ OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple
         "SessionCreate",
         {201: _ok("SessionView", "Ready (with wait).", _CREATED), 202: _ok("SessionView", "Accepted.", _CREATED),
          502: _ok("SessionView", "Failed upstream (with wait); the session's error says why.", _CREATED)},
-        (400, *_TENANT_ERRORS, 409, 413, 415, 422, 429),
+        (400, 402, *_TENANT_ERRORS, 409, 413, 415, 422, 429),
     ),
     ("get", "/v1/sessions"): (
         [_query("status", {"enum": STATUSES}, "Only sessions in this status."), _LIMIT, _CURSOR],
@@ -289,6 +302,21 @@ OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple
     ("get", "/v1/usage"): (
         [_query("end_user", text(1, 128), "Also report this end user's live sessions.")],
         None, {200: _ok("Usage", "Quotas and live usage.", _RATELIMIT)}, (400, *_TENANT_ERRORS),
+    ),
+    ("get", "/v1/usage/history"): (
+        [{**_query("from", {"type": "string", "format": "date"}, "First UTC day, YYYY-MM-DD."), "required": True},
+         {**_query("to", {"type": "string", "format": "date"}, "Last UTC day (inclusive)."), "required": True},
+         _query("granularity", {"enum": ["day", "hour"]}, "day (<= 400 days, the default) or hour (<= 31 days)."),
+         _query("end_user", text(1, 128), "Only this end user's sessions.")],
+        None, {200: _ok("UsageHistory", "Sessions admitted and billable seconds per window, oldest first.")},
+        (400, *_TENANT_ERRORS),
+    ),
+    ("get", "/admin/v1/usage"): (
+        [{**_query("from", {"type": "string", "format": "date"}, "First UTC day, YYYY-MM-DD."), "required": True},
+         {**_query("to", {"type": "string", "format": "date"}, "Last UTC day (inclusive)."), "required": True},
+         _query("granularity", {"enum": ["day", "hour"]}, "day (<= 400 days, the default) or hour (<= 31 days)."),
+         _query("tenant_id", text(1), "Only this tenant (404 if unknown).")],
+        None, {200: _ok("AdminUsage", "Per tenant and window, oldest first.")}, (400, *_ADMIN_ERRORS, 404),
     ),
     ("post", "/admin/v1/tenants"): ([], "TenantCreate", {201: _ok("TenantView", "Created.")},
                                     (400, *_ADMIN_ERRORS, 409, 413, 415)),

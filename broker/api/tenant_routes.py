@@ -17,6 +17,7 @@ from broker.errors import InvalidInput
 from broker.logs import bind_log_context
 from broker.sessions.models import CreateSessionRequest, SessionRecord, SessionView, now_ms
 from tenants.admission import Admitted
+from tenants.budgets import read_budgets
 from tenants.models import Tenant
 from tenants.usage import usage as read_usage
 
@@ -99,6 +100,8 @@ async def create_session(request: Request) -> ASGIApp:
         raise
     admitted = isinstance(outcome, Admitted)
     metrics.admission_result(tenant.id, replayed=not admitted)
+    if admitted and outcome.budget is not None and outcome.budget.thresholds:  # type: ignore[union-attr]
+        metrics.usage_thresholds.inc(outcome.budget.thresholds)  # type: ignore[union-attr]
     bind_log_context(session_id=rec.id)
     headers = [(b"location", b"/v1/sessions/" + rec.id.encode())]
     if admitted:
@@ -158,6 +161,8 @@ async def get_usage(request: Request, state: State, tenant: NamedDependency[Tena
             "reset_seconds": snap.minute.reset_s,
         },
         "usage": msgspec.to_builtins(snap),
+        # session-second budgets of the current UTC month (issue 21; tenants/budgets.py)
+        "budgets": msgspec.to_builtins(await read_budgets(state.redis, tenant.id, tenant.quotas, now_ms(), end_user)),
     }
     return Response(content=body, status_code=200, headers=ratelimit_headers(snap))
 

@@ -76,6 +76,17 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     mint_at: int = 0                     # the OpenAI mint slot reserved at admission (ms); 0: none
     delete_attempts: int = 0
     traceparent: str = ""                # W3C context of the request that admitted it (tracing on)
+    billable_seconds: int = -1           # recorded by the terminal transition (tenants/budget.lua); -1: not yet
+    ttl_limited_by: str = ""             # "budget" when admission cut the TTL to the budget left
+
+    def billable_at(self, at_ms: int) -> int:
+        """Whole seconds ready_at -> end (rounded up; 0 if never ready): the recorded value once
+        terminal, else up to ``at_ms``."""
+        if self.billable_seconds >= 0:
+            return self.billable_seconds
+        if not self.ready_at:
+            return 0
+        return max(0, -(-(at_ms - self.ready_at) // 1000))
 
     @property
     def live(self) -> bool:
@@ -110,6 +121,8 @@ class SessionView(msgspec.Struct, kw_only=True):
     termination_reason: str | None
     error: ErrorView | None
     metadata: dict[str, str]
+    billable_seconds: int = 0
+    ttl_limited_by: str | None = None
 
     @classmethod
     def of(cls, rec: SessionRecord) -> SessionView:
@@ -129,6 +142,8 @@ class SessionView(msgspec.Struct, kw_only=True):
             termination_reason=rec.termination_reason or None,
             error=ErrorView(rec.error_code, rec.error_message) if rec.error_code else None,
             metadata=msgspec.json.decode(rec.metadata) if rec.metadata else {},
+            billable_seconds=rec.billable_at(now_ms()) if rec.ready_at else max(0, rec.billable_seconds),
+            ttl_limited_by=rec.ttl_limited_by or None,
         )
 
 

@@ -12,9 +12,10 @@ import msgspec
 
 from broker import tracing
 from broker.api.ratelimit import refusal_headers
-from broker.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from broker.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
 from broker.settings import mint_window
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
+from tenants.budgets import BudgetExhausted as BudgetRefusal
 from tenants.models import Tenant
 from tenants.session_config import merge_session
 from tenants.session_secrets import seal
@@ -135,6 +136,7 @@ class SessionService:
                 lease_until_ms=now + self.provision_deadline_ms + TERMINATION_GRACE_MS,
                 # its mint slot, reserved here, is scheduled by the same script: no job to enqueue
                 mint_window_ms=self.mint_window_ms,
+                ttl_seconds=ttl,
             ),
             self.repo.execute,
         ))
@@ -145,6 +147,14 @@ class SessionService:
                 extra["backlog"] = outcome.current
             raise QuotaExceeded(_refusal_message(outcome), code=outcome.code, headers=refusal_headers(outcome),
                                 extra=extra)
+        if isinstance(outcome, BudgetRefusal):
+            raise BudgetExhausted(
+                f"{outcome.budget} of {outcome.limit} s is used up for this period (used {outcome.used} s, "
+                f"reserved by live sessions {outcome.reserved} s); it renews at {outcome.period_end}",
+                headers={"Retry-After": str(outcome.retry_after_s)},
+                extra={"budget": outcome.budget, "limit": outcome.limit, "used": outcome.used,
+                       "reserved": outcome.reserved, "period_end": outcome.period_end},
+            )
         if isinstance(outcome, KeyReused):
             raise Unprocessable(
                 "this Idempotency-Key was already used with a different request body",
@@ -159,6 +169,10 @@ class SessionService:
         for replaced in outcome.replaced:
             await self.queue.terminate(tenant.id, replaced, tag="replaced")
         # The record as the script wrote it (no read back: a worker may already be on it).
+        if outcome.budget is not None:
+            fields["ttl_seconds"] = str(outcome.budget.ttl_seconds)
+            if outcome.budget.limited:
+                fields["ttl_limited_by"] = "budget"
         return msgspec.convert(fields, SessionRecord, strict=False), outcome
 
     # ---- read -----------------------------------------------------------------------------

@@ -14,11 +14,15 @@ as the Lua table ``TERMINAL_DROP``; no caller has to remember it.
 
 from __future__ import annotations
 
+from tenants.budgets import lua_functions as budget_lua
+
 TERMINAL_DROP: tuple[str, ...] = ("config", "avaturn_token", "secret_enc", "secret_expires_at", "avaturn_key_enc")
 
 _LUA = "local TERMINAL_DROP = {" + ", ".join(f"'{name}'" for name in TERMINAL_DROP) + "}\n"
 
 
 def with_terminal_drop(script: str) -> str:
-    """``script`` with the Lua table ``TERMINAL_DROP`` defined before it."""
-    return _LUA + script
+    """``script`` with the Lua table ``TERMINAL_DROP`` defined before it, and the budget settle
+    ``budget_settle(session_key, end_ms)`` (tenants/budget.lua) that the same scripts call where
+    they record a terminal status (billable_seconds, budgets, usage windows: issue 21)."""
+    return _LUA + budget_lua() + script

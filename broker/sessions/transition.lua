@@ -13,7 +13,8 @@
 --       11 tenant id
 --       12.. the pairs, then fields to HDEL
 -- A transition to a terminal status (terminated, failed) also drops the fields a retained record
--- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py.
+-- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py, and
+-- settles the session's budget reservation and billable seconds (budget_settle, composed there too).
 -- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
@@ -45,6 +46,7 @@ if #ARGV >= i then
   redis.call('HDEL', KEYS[1], unpack(dels))
 end
 if new == 'terminated' or new == 'failed' then redis.call('HDEL', KEYS[1], unpack(TERMINAL_DROP)) end
+if new ~= st and (new == 'terminated' or new == 'failed') then budget_settle(KEYS[1], nil) end  -- tenants/budget.lua
 
 local sid, member, tid = ARGV[7], ARGV[6], ARGV[11]
 if ARGV[3] == 'del' then

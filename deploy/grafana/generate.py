@@ -110,6 +110,13 @@ ROWS = [
               [(srate('broker_admissions_total{tenant=~"$tenant",outcome=~"rejected|error"}', "outcome, reason"),
                 "{{outcome}} {{reason}}")], "ops",
               description="rejected = invalid request (400/413/415/422); error = Redis unavailable or a bug."),
+        Panel("Billable seconds by tenant", [(srate('broker_billable_seconds_total{tenant=~"$tenant"}', "tenant"),
+                                              "{{tenant}}")], "short",
+              description="Billable session seconds settled per second (ready -> terminated, counted when a session "
+                          "ends), top-N tenants, the rest as 'other' (exact: GET /v1/usage/history)."),
+        Panel("Budget refusals by tenant", [(srate('broker_budget_refusals_total{tenant=~"$tenant"}', "tenant, budget"),
+                                             "{{tenant}} {{budget}}")], "ops",
+              description="402 budget_exhausted answers: a session-second budget of the month is used up."),
         Panel("Creations in range by tenant and outcome",
               [('sum by (tenant, outcome) (increase(broker_admissions_total{tenant=~"$tenant"}[$__range]))',
                 "{{tenant}} {{outcome}}")], "short", "table", "Totals over the dashboard's time range.", 16, True),

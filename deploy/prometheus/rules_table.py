@@ -23,6 +23,7 @@ THRESHOLDS: dict[str, float] = {
     "provision_failure_ratio": 0.2,          # failed / (ready + failed) provisionings
     "redis_errors_per_second": 0.05,         # per process job
     "shared_state_stale_seconds": 30,        # shared-state gauges older than this
+    "budget_refusals_per_second": 0.1,       # 402 budget_exhausted answers per tenant (issue 21)
 }
 
 
@@ -192,6 +193,19 @@ def alerts(t: dict[str, float]) -> list[Alert]:
               "Check queue wait, upstream latency and worker restarts around that time.",
               [Case([('broker_sweeper_actions_total{action="reaped"}', "0 0 1x10")], "5m", [{}]),
                Case([('broker_sweeper_actions_total{action="reaped"}', "0x10")], "5m")]),
+        Alert("BrokerBudgetRefusalsSpiking",
+              f"sum by (tenant) (rate(broker_budget_refusals_total[5m])) > {t['budget_refusals_per_second']}",
+              "10m", "warning", "Tenant {{ $labels.tenant }} is being refused for its session-second budget",
+              f"More than {t['budget_refusals_per_second']} POST /v1/sessions per second answer 402 "
+              "budget_exhausted for this tenant (tenant 'other': the tenants outside the top N).",
+              "Expected when a tenant used its monthly budget: GET /v1/usage (budgets) or GET /admin/v1/usage "
+              "shows used/reserved. If the budget is too low, raise session_seconds_per_month (or the per-end-user "
+              "budget) with PATCH /admin/v1/tenants/{id}; it applies to the next admission. If not, tell the tenant "
+              "its client retries without honouring Retry-After (the budget renews at period_end).",
+              [Case([('broker_budget_refusals_total{tenant="t1",budget="session_seconds_per_month"}',
+                      f"0+{round(120 * t['budget_refusals_per_second'], 4)}x30")], "20m", [{"tenant": "t1"}]),
+               Case([('broker_budget_refusals_total{tenant="t1",budget="session_seconds_per_month"}',
+                      f"0+{round(6 * t['budget_refusals_per_second'], 4)}x30")], "20m")]),
         Alert("BrokerSharedStateStale", f"min(broker_shared_state_age_seconds) > {t['shared_state_stale_seconds']}",
               "2m", "warning", "Queue and session gauges are stale",
               "No worker could read the shared state from Redis recently; queue and live-session panels lag.",

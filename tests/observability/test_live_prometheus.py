@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from broker.embedded_redis import EmbeddedRedis, free_port
-from tests.fixtures.stack import PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, Admin, tenant_client, wait_status
+from tests.fixtures.stack import (ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, Admin, tenant_client,
+                                  wait_status)
 from workers.gauges import LIVE_STATS_KEY
 
 from .helpers import prometheus_binaries
@@ -65,7 +66,7 @@ def stack(redis_server: EmbeddedRedis, sandbox: Any, tmp_path: Path) -> Iterator
 
 
 def drive(api: str, sandbox: Any, prom: Prometheus) -> dict[str, Any]:
-    """Sessions created (one after a transient mint failure), replayed, refused, rejected,
+    """Sessions created (one after a transient mint failure), replayed, refused (quota, budget), rejected,
     failed upstream, stopped (after a failed DELETE) and expired; a 401 and a 404.
 
     rate() only sees increments between two scrapes: the driver waits for Prometheus' first
@@ -96,6 +97,17 @@ def drive(api: str, sandbox: Any, prom: Prometheus) -> dict[str, Any]:
         c.delete(f"/v1/sessions/{first.json()['id']}")
         wait_status(c, first.json()["id"], {"terminated"})
         assert wait_status(c, short.json()["id"], {"terminated"}, timeout=20)["termination_reason"] == "expired"
+        # a budget below what alpha holds (keyed's default TTL is reserved): 402, seen by two scrapes
+        patched = httpx.patch(f"{api}/admin/v1/tenants/{alpha['id']}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                              json={"quotas": {"session_seconds_per_month": 60}})
+        assert patched.status_code == 200, patched.text
+        deadline = time.monotonic() + 10  # the API's tenant cache has the new quota
+        while c.get("/v1/usage").json()["quotas"]["session_seconds_per_month"] != 60:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.post("/v1/sessions").status_code == 402
+        prom.wait_value("count(broker_budget_refusals_total)", 1)
+        assert c.post("/v1/sessions").status_code == 402
     with tenant_client(api, beta_key) as c:
         assert c.post("/v1/sessions?wait=10").status_code == 502
     assert httpx.get(f"{api}/v1/sessions").status_code == 401
@@ -123,6 +135,8 @@ def test_dashboards_and_alerts_on_a_live_prometheus(stack: dict[str, Any], sandb
         f'sum(broker_admissions_total{{tenant="{done["alpha"]}",outcome="admitted"}})': 3,
         'sum(broker_admissions_total{outcome="replayed"})': 1,
         'sum(broker_admissions_total{outcome="refused",reason="concurrency_limit"})': 1,
+        'sum(broker_admissions_total{outcome="refused",reason="budget_exhausted"})': 2,
+        f'sum(broker_budget_refusals_total{{tenant="{done["alpha"]}",budget="session_seconds_per_month"}})': 2,
         'sum(broker_admissions_total{outcome="rejected"})': 1,
         'sum(broker_http_requests_total{status="429"})': 1,
         'sum(broker_http_requests_total{route="/v1/sessions",status="401"})': 1,

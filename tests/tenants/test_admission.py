@@ -81,6 +81,14 @@ async def test_admitted_session_writes_every_record(redis: aioredis.Redis) -> No
         b"status": b"queued",
         b"created_at": str(T0).encode(),
         b"mint_at": str(T0).encode(),
+        # written by the budget step (tenants/budget.lua): the TTL reserved and where it is counted
+        b"ttl_seconds": b"3600",
+        b"budget_base": b"sb:t:ten_a:",
+        b"budget_period": b"202611",
+        b"budget_reserved": b"3600",
+        b"budget_limits": b"-1,-1",
+        b"usage_day": b"20261123",
+        b"usage_hour": b"2026112312",
     }
     assert out.mint_at == T0
     assert await redis.zscore(s.sessions_index(), "ses_1") == T0

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from tenants.admission import AdmissionRequest, Admitted, Refused, Replayed, admit
+from tenants.budgets import BudgetExhausted
 from tenants.models import Quotas
 from tenants.scope import TenantScope
 
@@ -65,6 +66,8 @@ async def _fire(
             result.append(["refused", out.code])
         elif isinstance(out, Replayed):
             result.append(["replayed", out.session_id])
+        elif isinstance(out, BudgetExhausted):
+            result.append(["refused", "budget_exhausted"])
         else:
             result.append(["key_reused", ""])
     return result
@@ -179,3 +182,24 @@ def test_parallel_replays_create_one_session(pool: Pool, url: str) -> None:
         assert sync.get(s.day_counter("20261118")) == b"1"
     finally:
         sync.close()
+
+
+@pytest.mark.parametrize("budget", [600, 590])
+def test_parallel_admissions_never_reserve_more_than_the_budget(pool: Pool, url: str, budget: int) -> None:
+    """Invariant (issue 21): 48 requests of 60 s from 4 processes against a monthly budget B
+    reserve exactly B (10 full sessions, or 9 and one cut to the rest), every other request is
+    refused budget_exhausted, and the sessions' ttl_seconds sum to the reserved seconds."""
+    tenant = f"tenbudget{budget}"
+    results = run_all(pool, url, tenant, big(max_session_seconds=60, session_seconds_per_month=budget))
+    admitted = [sid for kind, sid in results if kind == "admitted"]
+    assert len(admitted) == -(-budget // 60)
+    assert Counter(code for kind, code in results if kind == "refused") == {"budget_exhausted": N_TOTAL - len(admitted)}
+    sync = redis.Redis.from_url(url)
+    try:
+        scope = TenantScope(tenant)
+        ttls = [int(sync.hget(scope.session(sid), "ttl_seconds") or 0) for sid in admitted]
+        reserved = sync.hget(scope.budget_month("202611"), "reserved")
+    finally:
+        sync.close()
+    assert sum(ttls) == budget == int(reserved or 0)
+    assert sorted(ttls)[0] == (60 if budget % 60 == 0 else budget % 60)

@@ -241,6 +241,7 @@ class FinishBatch:
             if value:
                 reason = value.decode() if isinstance(value, bytes) else str(value)
                 self.metrics.terminations.labels(reason).inc()
+                self.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
                 if rec.expires_at and reason == "expired":
                     self.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
             out.append(bool(value))

@@ -26,6 +26,7 @@ for i = 1, (#KEYS - 3) / 4 do
     set_status(hkey, KEYS[3], st, 'terminated')
     redis.call('HSET', hkey, 'terminated_at', now, 'termination_reason', reason)
     redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
+    budget_settle(hkey, tonumber(now))  -- billable_seconds, budgets, usage (tenants/budget.lua)
     redis.call('ZREM', KEYS[4 * i + 1], sid)
     redis.call('ZREM', KEYS[4 * i + 2], sid)
     redis.call('ZREM', KEYS[1], member)
