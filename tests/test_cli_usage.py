@@ -27,7 +27,7 @@ async def _one_session(url: str, tenant: str, sid: str, now: int, ready_after: i
         out = await admit(redis, AdmissionRequest(
             tenant_id=tenant, session_id=sid, now_ms=now, quotas=q,
             session_fields={"id": sid, "tenant_id": tenant, "status": "queued", "created_at": str(now)},
-            lease_until_ms=now + 600_000, provision_deadline_ms=now + 30_000, ttl_seconds=600))
+            lease_until_ms=now + 600_000, mint_window_ms=3_600_000, ttl_seconds=600))
         assert isinstance(out, Admitted)
         repo = SessionRepository(redis)
         rec = await repo.get(tenant, sid)

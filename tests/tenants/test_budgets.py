@@ -40,7 +40,7 @@ def req(sid: str, now: int, q: Quotas, ttl: int, end_user: str | None = None, te
         tenant_id=tenant, session_id=sid, now_ms=now, quotas=q, end_user=end_user,
         session_fields={"id": sid, "tenant_id": tenant, "status": "queued", "created_at": str(now),
                         "ttl_seconds": str(ttl), "end_user": end_user or ""},
-        lease_until_ms=now + 600_000, provision_deadline_ms=now + 30_000, ttl_seconds=ttl,
+        lease_until_ms=now + 600_000, mint_window_ms=3_600_000, ttl_seconds=ttl,
     )
 
 
