@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -344,3 +345,105 @@ def test_the_timeline_is_built_from_the_session_objects_timestamps(page: Page, s
         ["terminated", 5000, "record", None, None, True],
     ]
     assert rows["failed"] == [["queued", 0, "record", 20000, None, False], ["failed", 20000, "record", None, None, True]]
+
+
+def _until_status(client: httpx.Client, sid: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+    """The session object once it has ``status`` (polled with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        session = client.get(f"/v1/sessions/{sid}").json()
+        if session["status"] == status:
+            return session
+        assert time.monotonic() < deadline, f"{sid} stayed {session['status']}, never {status}"
+        time.sleep(0.05)
+
+
+def _next_month_utc() -> str:
+    """'YYYY-MM-01 00:00 UTC' of the next UTC month: when this month's budgets renew."""
+    now = datetime.now(UTC)
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return f"{year:04d}-{month:02d}-01 00:00 UTC"
+
+
+def test_the_usage_page_shows_the_budget_after_one_session(page: Page, stack: tuple[ApiServer, Admin]) -> None:
+    """Invariant: with ``session_seconds_per_month`` set, the usage page shows the budget as a bar
+    with the API's numbers: while a session lives its TTL is reserved; once it ended its billable
+    seconds are used and its reservation is back; remaining = limit - used - reserved, and the
+    renewal is the first of next month (UTC). The unset per-end-user budget reads "no budget"."""
+    api, admin = stack
+    _, key = admin.tenant("metered", quotas={"session_seconds_per_month": 600})
+    _sign_in(page, api.url, key)
+    with tenant_client(api.url, key) as tenant_api:
+        sid = tenant_api.post("/v1/sessions", json={"ttl_seconds": 60}).json()["id"]
+        _until_status(tenant_api, sid, "ready")
+        page.get_by_role("link", name="Usage").click()
+        budget = page.locator('#usage-budgets [data-budget="session_seconds_per_month"]')
+        expect(budget).to_contain_text("60 / 600 s")
+        expect(budget).to_contain_text("used 0 s")
+        expect(budget).to_contain_text("reserved 60 s")
+        expect(budget).to_contain_text("remaining 540 s")
+        expect(budget).to_contain_text(f"renews on {_next_month_utc()}")
+        meter = budget.get_by_role("meter")
+        expect(meter).to_have_attribute("aria-valuenow", "60")
+        expect(meter).to_have_attribute("aria-valuemax", "600")
+        per_user = page.locator('#usage-budgets [data-budget="session_seconds_per_end_user_per_month"]')
+        expect(per_user).to_contain_text("no budget")
+
+        assert tenant_api.delete(f"/v1/sessions/{sid}").status_code in (200, 202)
+        billable = _until_status(tenant_api, sid, "terminated")["billable_seconds"]
+        answer = tenant_api.get("/v1/usage").json()["budgets"]["session_seconds_per_month"]
+    assert billable >= 1 and answer["used"] == billable and answer["reserved"] == 0
+    page.get_by_role("button", name="Show").click()  # refresh now rather than in 5 s
+    expect(budget).to_contain_text(f"{billable} / 600 s")
+    expect(budget).to_contain_text(f"used {billable} s")
+    expect(budget).to_contain_text("reserved 0 s")
+    expect(budget).to_contain_text(f"remaining {600 - billable} s")
+    expect(meter).to_have_attribute("aria-valuenow", str(billable))
+    expect(page.locator("#usage-bars")).to_contain_text("Sessions today (UTC)")  # beside the quota bars
+    screenshot(page, "usage-budgets")
+
+    page.get_by_label("End-user id").fill("u_nobody")  # one end user's view: its (unset) budget, counted
+    page.get_by_role("button", name="Show").click()
+    expect(per_user).to_contain_text("no budget")
+    expect(per_user).to_contain_text("used 0 s, reserved 0 s")
+    expect(page.locator("#usage-bars")).to_contain_text("Live sessions of u_nobody")
+    expect(budget).to_contain_text(f"used {billable} s")
+
+
+def test_a_budget_refusal_and_a_cut_ttl_are_explained(page: Page, stack: tuple[ApiServer, Admin]) -> None:
+    """Invariant: with ``session_seconds_per_month`` 100, a 60 s session is admitted as asked, the
+    next is admitted with its TTL cut to the 40 s left and its page says so (ttl_limited_by:
+    budget), and the third is refused 402 on the form with the budget named, used + reserved of
+    the limit, and the renewal date; the refusal creates nothing."""
+    api, admin = stack
+    _, key = admin.tenant("metered", quotas={"session_seconds_per_month": 100, "max_concurrent_sessions": 5})
+    _sign_in(page, api.url, key)
+
+    def create(ttl: str) -> None:
+        page.get_by_role("link", name="New session").click()
+        page.get_by_label("TTL (seconds)").fill(ttl)
+        page.get_by_role("button", name="Create session").click()
+
+    create("60")
+    expect(_status(page)).to_have_text("ready", timeout=SLOW)
+    expect(page.locator("#s-ttl-limited")).to_be_hidden()
+    create("60")
+    expect(_status(page)).to_have_text("ready", timeout=SLOW)
+    note = page.locator("#s-ttl-limited")
+    expect(note).to_contain_text("ttl_limited_by: budget")
+    expect(note).to_contain_text("TTL cut to 40 s")
+    sid = page.locator("#s-id").inner_text()
+    with tenant_client(api.url, key) as tenant_api:
+        assert tenant_api.get(f"/v1/sessions/{sid}").json()["ttl_limited_by"] == "budget"
+    screenshot(page, "session-ttl-cut")
+
+    create("60")
+    refusal = page.get_by_role("alert").filter(has_text="budget_exhausted")
+    expect(refusal).to_be_visible()
+    expect(refusal).to_contain_text("session_seconds_per_month")
+    expect(refusal).to_contain_text("used 0 s + reserved by live sessions 100 s = 100 s of 100 s")
+    expect(refusal).to_contain_text(f"renews on {_next_month_utc()}")
+    expect(refusal).to_contain_text(re.compile(r"Retry after \d+ s \([^)]+\)\."))  # to the renewal
+    screenshot(page, "create-budget-refused")
+    with tenant_client(api.url, key) as tenant_api:
+        assert len(tenant_api.get("/v1/sessions").json()["data"]) == 2

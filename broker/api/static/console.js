@@ -246,14 +246,44 @@ function fieldError(id, message) {
   $(id).focus();
 }
 
+const BUDGETS_EXPLAINED = {
+  session_seconds_per_month: "your tenant's session seconds for this UTC month",
+  session_seconds_per_end_user_per_month: "this end user's session seconds for this UTC month",
+};
+
+// "2027-01-01 00:00 UTC (your time: ...)": when a budget's month ends and it renews
+function renewal(iso) {
+  const when = new Date(iso);
+  const utc = `${when.toISOString().slice(0, 10)} ${when.toISOString().slice(11, 16)} UTC`;
+  return `${utc} (your time ${when.toLocaleString()}, in ${formatDuration(Math.max(0, when - Date.now()))})`;
+}
+
+function budgetRefusal(e) {
+  // 402 budget_exhausted: which budget, what it holds, when it renews
+  const meaning = BUDGETS_EXPLAINED[e.budget] || "a session-second budget";
+  const committed = e.used + e.reserved;
+  return [
+    el("p", {}, "Budget ", el("code", {}, e.budget), ` (${meaning}) is used up: `,
+       `used ${e.used} s + reserved by live sessions ${e.reserved} s = ${committed} s of ${e.limit} s.`),
+    el("p", {}, `A session needs at least 10 s of it; less is left. It renews on ${renewal(e.period_end)}. `,
+       "Stopping a live session gives back the rest of its reservation at once; ",
+       "an operator can raise the budget (PATCH /admin/v1/tenants/{id})."),
+  ];
+}
+
 function refusal(error) {
-  // 429 (a quota) and every other refusal: what the API said, and the numbers it gave
+  // 429 (a quota), 402 (a budget) and every other refusal: what the API said, and the numbers it gave
   const lines = [el("p", {}, el("strong", {}, error.code), " ", error.message)];
-  if (error.error.limit !== undefined) {
+  if (error.code === "budget_exhausted" && error.error.budget) {
+    lines.push(...budgetRefusal(error.error));
+  } else if (error.error.limit !== undefined) {
     lines.push(el("p", {}, `Limit ${error.error.limit}, in use ${error.error.current ?? "?"}.`));
   }
   const retry = error.headers && error.headers.get("Retry-After");
-  if (retry) lines.push(el("p", {}, `Retry after ${retry} s.`));
+  if (retry) {
+    const long = Number(retry) >= 60 ? ` (${formatDuration(Number(retry) * 1000)})` : ""; // a budget: weeks
+    lines.push(el("p", {}, `Retry after ${retry} s${long}.`));
+  }
   const box = $("create-error");
   box.replaceChildren(...lines);
   box.hidden = false;
@@ -344,6 +374,17 @@ function renderSession(session, seen) {
     waiting += ` Expires at ${localTime(session.expires_at)} (in ${formatDuration(Math.max(0, left))}).`;
   }
   $("s-waiting").textContent = waiting;
+  const cut = session.ttl_limited_by === "budget";
+  $("s-ttl-limited").hidden = !cut;
+  if (cut) {
+    // expires_at = ready_at + the (cut) TTL
+    const granted = session.ready_at && session.expires_at
+      ? ` to ${Math.round((Date.parse(session.expires_at) - Date.parse(session.ready_at)) / 1000)} s` : "";
+    const expiry = session.expires_at ? `it expires at ${localTime(session.expires_at)}` : "its expiry is set when it is ready";
+    $("s-ttl-limited").textContent = "TTL cut by a budget (ttl_limited_by: budget): less than the TTL asked for "
+      + `was left of a session-second budget of this month, so the session was admitted with its TTL cut${granted}; `
+      + `${expiry}. The Usage page shows what is left.`;
+  }
   const error = session.error;
   $("s-error").hidden = !error;
   if (error) {
@@ -428,6 +469,53 @@ function bar(label, quota, note) {
     el("p", { class: "muted" }, note));
 }
 
+function segment(kind, width) {
+  const node = el("span", { class: kind });
+  node.style.width = width; // through the CSSOM: the CSP forbids style attributes
+  return node;
+}
+
+function budgetBar(name, b) {
+  const label = BUDGETS_EXPLAINED[name] || name;
+  const title = el("span", {}, el("code", {}, name));
+  if (b.limit === null) {
+    return el("div", { class: "budget", "data-budget": name },
+      el("div", { class: "bar-label" }, title, el("span", {}, "no budget")),
+      el("p", { class: "muted" }, `No ceiling on ${label}; counted anyway: used ${b.used} s, reserved ${b.reserved} s.`));
+  }
+  const committed = b.used + b.reserved;
+  const share = (n) => `${Math.min(100, (100 * n) / b.limit)}%`;
+  return el("div", { class: "budget", "data-budget": name },
+    el("div", { class: "bar-label" }, title, el("span", {}, `${committed} / ${b.limit} s`)),
+    el("div", { class: `stack${b.remaining === 0 ? " full" : ""}`, role: "meter", "aria-valuemin": "0",
+                "aria-valuemax": String(b.limit), "aria-valuenow": String(Math.min(committed, b.limit)),
+                "aria-label": `${name}: used ${b.used} s and reserved ${b.reserved} s of ${b.limit} s` },
+       segment("used", share(b.used)),
+       segment("reserved", share(Math.max(0, Math.min(b.reserved, b.limit - b.used))))),
+    el("p", { class: "muted" },
+       el("span", { class: "legend-used" }), ` used ${b.used} s (sessions that ended) · `,
+       el("span", { class: "legend-reserved" }), ` reserved ${b.reserved} s (live sessions) · `,
+       `remaining ${b.remaining} s · renews on ${renewal(b.period_end)}`));
+}
+
+function renderBudgets(data, endUser) {
+  const rows = [];
+  for (const name of ["session_seconds_per_month", "session_seconds_per_end_user_per_month"]) {
+    if (data.budgets[name]) rows.push(budgetBar(name, data.budgets[name]));
+  }
+  if (!endUser) {
+    const limit = data.quotas.session_seconds_per_end_user_per_month;
+    const name = "session_seconds_per_end_user_per_month";
+    rows.push(el("div", { class: "budget", "data-budget": name },
+      el("div", { class: "bar-label" }, el("span", {}, el("code", {}, name)),
+         el("span", {}, limit === null ? "no budget" : `${limit} s per end user`)),
+      el("p", { class: "muted" }, limit === null
+        ? "No ceiling on each end user's session seconds."
+        : "Name an end user above to see theirs.")));
+  }
+  $("usage-budgets").replaceChildren(...rows);
+}
+
 function pairs(node, entries) {
   node.replaceChildren(...entries.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
 }
@@ -436,10 +524,15 @@ function showUsage() {
   show("usage");
   let timer = null;
   let stopped = false;
+  let generation = 0; // a refresh asked for by the form supersedes the one in flight
   const refresh = async () => {
+    const mine = ++generation;
+    const current = () => !stopped && mine === generation;
     try {
-      const { data, headers } = await api("GET", "/v1/usage");
-      if (stopped) return;
+      const endUser = $("usage-end-user").value;
+      const query = endUser ? `?${new URLSearchParams({ end_user: endUser })}` : "";
+      const { data, headers } = await api("GET", `/v1/usage${query}`);
+      if (!current()) return;
       const u = data.usage;
       const midnight = new Date(Date.now() + u.day.reset_s * 1000);
       $("usage-bars").replaceChildren(
@@ -447,7 +540,9 @@ function showUsage() {
         bar("Sessions in the last minute", u.minute,
             u.minute.reset_s ? `One more fits in ${u.minute.reset_s} s (the oldest leaves the 60 s window).` : "Sliding 60 s window: nothing to wait for."),
         bar("Sessions today (UTC)", u.day, `Resets at ${midnight.toLocaleString()} (UTC midnight, in ${formatDuration(u.day.reset_s * 1000)}).`),
+        ...(u.end_user ? [bar(`Live sessions of ${endUser}`, u.end_user, "max_sessions_per_end_user: a slot frees when one of them ends.")] : []),
       );
+      renderBudgets(data, endUser);
       pairs($("usage-ratelimit"), [
         ["RateLimit-Policy", headers.get("RateLimit-Policy") || "(none)"],
         ["RateLimit", headers.get("RateLimit") || "(none)"],
@@ -456,11 +551,17 @@ function showUsage() {
       $("usage-refreshed").textContent = `refreshed ${shortTime(new Date().toISOString())}`;
       showBanner($("usage-error"), "");
     } catch (error) {
-      if (!stopped) showBanner($("usage-error"), error.message);
+      if (!current()) return;
+      showBanner($("usage-error"), error.message);
     }
-    if (!stopped) timer = setTimeout(refresh, 5000);
+    timer = setTimeout(refresh, 5000);
   };
   stopRefresh = () => { stopped = true; clearTimeout(timer); };
+  $("usage-form").onsubmit = (event) => {
+    event.preventDefault();
+    clearTimeout(timer);
+    refresh();
+  };
   refresh();
 }
 
