@@ -73,8 +73,9 @@ async def _provision(ctx: WorkerContext, claimed: Claimed) -> str:
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     deadline = rec.created_at + deadline_ms
     if now_ms() >= deadline:
-        await _fail(ctx, rec, "provision_deadline_exceeded",
-                    "The session could not be provisioned in time; create a new one.", reason="reaped")
+        why = ("The session it replaced was not ended upstream in time (replace_oldest waits for that); "
+               "create a new one." if rec.waits_for else "The session could not be provisioned in time; create a new one.")
+        await _fail(ctx, rec, "provision_deadline_exceeded", why, reason="reaped")
         return "deadline"
     try:
         tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (workers/tenant_cache.py)
