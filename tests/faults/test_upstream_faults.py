@@ -249,3 +249,29 @@ def test_replace_oldest_never_exceeds_max_concurrent_upstream_while_deletes_fail
         assert rec.termination_reason, f"{sid} ended without a reason"
     report = check_invariants(led, sandbox.audit(), lateness_bound_s=30)  # slots released, usage 0
     print(f"replace_oldest with failing DELETEs: peak {peak['live']} live upstream (cap {cap}); {report}")
+
+
+def test_a_replacement_whose_replaced_session_outlives_the_deadline_fails_saying_so(make_harness, make_ledger,
+                                                                                   sandbox: Any) -> None:
+    """Invariant (issue 17, item 4): when the replaced session cannot be ended upstream before
+    the new session's provisioning deadline (every DELETE failing), the new session is never
+    created upstream: it fails ``provision_deadline_exceeded`` (reason ``reaped``) with a
+    message saying it waited for the session it replaced, and its slot is released; the
+    replaced one keeps its slot until its DELETE succeeds."""
+    h = make_harness(BROKER_PROVISION_DEADLINE_SECONDS=5)
+    h.thread_worker()
+    led = make_ledger(h, quotas={"max_concurrent_sessions": 5, "max_sessions_per_end_user": 1,
+                                 "end_user_policy": "replace_oldest"})
+    first = led.create(ttl=60, wait=10, end_user="u")
+    assert led.view(first)["status"] == "ready"
+    sandbox.configure({"delete": {"fail": [{"status": 503}]}})
+    second = led.create(ttl=60, end_user="u")
+    led.wait_for([second], {"failed"}, timeout=15)
+    view = led.view(second)
+    assert view["error"]["code"] == "provision_deadline_exceeded" and "replaced" in view["error"]["message"]
+    assert led.record(second).termination_reason == "reaped"
+    assert counter(sandbox, "create") == 1  # only the first was ever created upstream
+    assert led.record(first).status == "terminating" and led.live_slots() == 1 and led.usage_active() == 1
+    sandbox.configure({})
+    led.wait_for([first], {"terminated"}, timeout=15)
+    check_invariants(led, sandbox.audit(), lateness_bound_s=30)  # no slot left, no live upstream session
