@@ -162,7 +162,34 @@ if has_eu and #eu_live >= eu_cap then
     replaced[i] = eu_live[i]
   end
 end
-if live_used - #replaced >= max_live then
+-- replace_oldest never lets live upstream sessions exceed max_concurrent_sessions (issue 17):
+-- a replaced session whose upstream session may be live (its record says a create may have
+-- happened: an avaturn_session_id, or create_state inflight/unknown/done) keeps its lease
+-- until its termination ends it upstream, and the new session waits for it (`waits_for`:
+-- the provisioning claim defers it while one of them is live); a replaced session that never
+-- reached upstream frees its slot now, and hands the new session what it was waiting for.
+-- The new session takes the replaced ones' slot: they (and what they waited for) are not
+-- counted against it; every other admission counts them all until they end.
+local keeps, waits, seen, inherited_live = {}, {}, {}, 0
+for _, old in ipairs(replaced) do
+  local f = redis.call('HMGET', session_prefix .. old, 'avaturn_session_id', 'create_state', 'waits_for')
+  if (f[1] and f[1] ~= '') or f[2] == 'inflight' or f[2] == 'unknown' or f[2] == 'done' then
+    keeps[old] = true
+    if not seen[old] then seen[old] = true; waits[#waits + 1] = old end
+  end
+  if f[3] and f[3] ~= '' then
+    for w in string.gmatch(f[3], '[^,]+') do
+      local ws = redis.call('HGET', session_prefix .. w, 'status')
+      if not seen[w] and (ws == 'queued' or ws == 'provisioning' or ws == 'ready' or ws == 'terminating') then
+        seen[w] = true
+        waits[#waits + 1] = w
+        local lease = redis.call('ZSCORE', live_key, w)
+        if lease and tonumber(lease) > now then inherited_live = inherited_live + 1 end
+      end
+    end
+  end
+end
+if live_used - #replaced - inherited_live >= max_live then
   return refuse('concurrency_limit', max_live, live_used, 1)
 end
 if slot > latest then
@@ -209,6 +236,7 @@ if slot <= now + WAKE_AHEAD then
   redis.call('LTRIM', wake_key, 0, wake_cap - 1)
 end
 
+local freed = 0
 for _, old in ipairs(replaced) do
   local old_key = session_prefix .. old
   local status = redis.call('HGET', old_key, 'status')
@@ -222,7 +250,13 @@ for _, old in ipairs(replaced) do
   if status == 'terminating' then
     redis.call('ZADD', due_expiry, int(now), due_prefix .. old)
   end
-  redis.call('ZREM', live_key, old)
+  if not keeps[old] then
+    redis.call('ZREM', live_key, old)
+    freed = freed + 1
+  end
+end
+if #waits > 0 then
+  redis.call('HSET', session_key, 'waits_for', table.concat(waits, ','))
 end
 if has_eu then
   for _, old in ipairs(replaced) do
@@ -237,7 +271,7 @@ end
 local new_minute_reset = minute_reset
 if minute_used == 0 then new_minute_reset = WINDOW / 1000 end
 local reply = {'admitted', minute_used + 1, new_minute_reset, day_used + 1,
-               live_used - #replaced + 1, has_eu and (#eu_live - #replaced + 1) or -1,
+               live_used - freed + 1, has_eu and (#eu_live - #replaced + 1) or -1,
                slot, backlog(new_tat), remaining(new_tat, slot), math.max(now, new_tat - mint_tau, slot),
                budget[2]}
 for _, old in ipairs(replaced) do

@@ -18,7 +18,8 @@ The step, in order:
      still hold a lease. At the cap, ``end_user_policy="reject"`` refuses
      (``end_user_limit``); ``"replace_oldest"`` replaces the oldest ``count - cap + 1``.
    * ``max_concurrent_sessions`` - unexpired leases in ``live`` minus the sessions this
-     request replaces (they free their slot in the same step); ``retry_after`` = 1 s (when
+     request replaces and the live ones they were waiting for (see 3.: the new session takes
+     their slot); ``retry_after`` = 1 s (when
      a session ends is not known in advance). Same 1 s for ``end_user_limit``.
    * ``openai_requests_per_minute`` - the mint slot this session would be granted by the
      tenant's GCRA schedule (``tenants/mint_rate.lua``, burst then one per emission interval,
@@ -42,8 +43,22 @@ The step, in order:
    session still ``queued|provisioning|ready`` becomes ``terminating``
    (``termination_reason=replaced``, ``terminating_at`` = now in ms); a replaced session
    that is (now) ``terminating`` is put in ``due:expiry`` at now, so the sweeper ends it
-   even if the caller crashes; every replaced session leaves ``live`` and the end user's
-   set. The caller enqueues their termination (the ids are in :attr:`Admitted.replaced`).
+   even if the caller crashes; every replaced session leaves the end user's set. The caller
+   enqueues their termination (the ids are in :attr:`Admitted.replaced`).
+
+   Replacement never lets live upstream sessions exceed ``max_concurrent_sessions``
+   (CONTRACT.md section 14): a replaced session whose upstream session may be live (its
+   record has an ``avaturn_session_id`` or ``create_state`` ``inflight|unknown|done``, the
+   sessions the termination must DELETE or wait for) **keeps its lease** in ``live`` until
+   its termination records it ended (DELETE answered, or Avaturn's ``max_duration``
+   backstop), and the new session records it in ``waits_for`` (comma-separated ids): the
+   provisioning claim (``broker/sessions/provision_claim.lua``) leaves the new session
+   ``queued`` while any of them is live. A replaced session that never reached upstream
+   leaves ``live`` at once (it cannot create any more: every create is preceded by an
+   atomic mark that needs status ``provisioning``) and the new session inherits what it was
+   waiting for. The concurrency check of the replacing request does not count the replaced
+   sessions nor what they were waiting for (the new session takes their slot); every other
+   request counts all of them until they end, and so does ``GET /v1/usage``.
 
 A lease is live while its deadline is strictly after ``now_ms``. ``now_ms`` is the caller's
 clock: run API processes with synchronised clocks (NTP); Redis TTLs (day counter, rate log,

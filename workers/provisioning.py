@@ -65,6 +65,7 @@ class ProvisioningLoop:
                                   locate=entry_of, source="provision")
         self.max_in_flight = max_in_flight or ctx.settings.worker_max_jobs
         self.lease_ms = lease_ms
+        self.deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
         self.max_sleep = max_sleep
         self.claimed = 0           # sessions claimed (tests, bench)
         self.wakeups = 0           # tokens taken from the wake-up list
@@ -159,7 +160,7 @@ class ProvisioningLoop:
             self._redis_lost = False
         now = now_ms()
         self._wake.clear()  # a token from now on means: claim again
-        next_due, claims = await self.schedule.claim(now, now + self.lease_ms, free)
+        next_due, claims = await self.schedule.claim(now, now + self.lease_ms, free, deadline_ms=self.deadline_ms)
         self.claim_calls += 1
         for claimed in claims:
             self._spawn(claimed)

@@ -75,6 +75,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     attempts: int = 0                    # provisioning claims (broker/sessions/schedule.py)
     mint_at: int = 0                     # the OpenAI mint slot reserved at admission (ms); 0: none
     delete_attempts: int = 0
+    waits_for: str = ""                  # replace_oldest: ids (comma-separated) of the replaced sessions
+                                         # whose upstream end the create waits for (tenants/admission.py)
     traceparent: str = ""                # W3C context of the request that admitted it (tracing on)
     billable_seconds: int = -1           # recorded by the terminal transition (tenants/budget.lua); -1: not yet
     ttl_limited_by: str = ""             # "budget" when admission cut the TTL to the budget left

@@ -19,11 +19,19 @@
 -- transition.lua) and its attempts count goes up by one. A session found in another status
 -- (ready, terminating, terminal, missing) is no longer the scheduler's: its entry is dropped.
 --
+-- A session admitted by replace_oldest may wait for the sessions it replaced (`waits_for`, ids
+-- comma-separated, tenants/admission.lua): while one of them is live (queued, provisioning,
+-- ready, terminating: its upstream session may still run) it is not claimed, its entry moves
+-- to `now + recheck` (the same session, still queued, no attempt counted, no new mint slot);
+-- once none is, `waits_for` is dropped and it is claimed. Past its provisioning deadline
+-- (created_at + ARGV[10], when given) it is claimed anyway: the worker fails it.
+--
 -- KEYS: 1 ring, 2 stats hash (live status -> count)
 -- ARGV: 1 now (ms), 2 lease until (ms), 3 room (sessions to claim at most),
 --       4 tenants read from the ring per call at most (room + 32 below that),
 --       5, 6 the tenant schedule key around the tenant id (prefix, suffix),
---       7, 8, 9 the session key around tenant id and session id (prefix, middle, suffix)
+--       7, 8, 9 the session key around tenant id and session id (prefix, middle, suffix),
+--       10 the provisioning deadline (ms after created_at) or "" (none), 11 recheck (ms)
 -- Reply: {earliest ring score after the claim or "", then per claimed session:
 --         tenant id, status before the claim, its hash after the claim (HGETALL)}
 local ring, stats = KEYS[1], KEYS[2]
@@ -31,7 +39,25 @@ local now, lease_until = tonumber(ARGV[1]), ARGV[2]
 local room = tonumber(ARGV[3])
 local sp, ss = ARGV[5], ARGV[6]
 local kp, km, ks = ARGV[7], ARGV[8], ARGV[9]
+local deadline, recheck = tonumber(ARGV[10]), tonumber(ARGV[11])
 local out = {''}
+
+-- true while session `hkey` (of tenant `tid`) waits for a replaced session still live
+local function waiting(hkey, tid)
+  local waits = redis.call('HGET', hkey, 'waits_for')
+  if not waits or waits == '' then return false end
+  if deadline and now >= (tonumber(redis.call('HGET', hkey, 'created_at')) or 0) + deadline then
+    return false
+  end
+  for w in string.gmatch(waits, '[^,]+') do
+    local ws = redis.call('HGET', kp .. tid .. km .. w .. ks, 'status')
+    if ws == 'queued' or ws == 'provisioning' or ws == 'ready' or ws == 'terminating' then
+      return true
+    end
+  end
+  redis.call('HDEL', hkey, 'waits_for')
+  return false
+end
 
 if room > 0 then
   -- the due tenants, earliest first: as many as can be served, plus some whose ring entry may
@@ -51,7 +77,9 @@ if room > 0 then
       if sid then
         local hkey = kp .. tid .. km .. sid .. ks
         local st = redis.call('HGET', hkey, 'status')
-        if st == 'queued' or st == 'provisioning' then
+        if (st == 'queued' or st == 'provisioning') and waiting(hkey, tid) then
+          redis.call('ZADD', sched, string.format('%d', now + recheck), sid)
+        elseif st == 'queued' or st == 'provisioning' then
           redis.call('ZADD', sched, lease_until, sid)
           set_status(hkey, stats, st, 'provisioning')
           redis.call('HINCRBY', hkey, 'attempts', 1)

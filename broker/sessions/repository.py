@@ -68,6 +68,18 @@ class SessionRepository:
             raws = await pipe.execute()
         return [SessionRecord.from_hash(r) if r else None for r in raws]
 
+    async def statuses(self, tenant_id: str, session_ids: list[str]) -> list[str | None]:
+        """The status of each session (None: no record), one field read per session: what a
+        status-filtered listing examines before reading the matching records in full."""
+        if not session_ids:
+            return []
+        scope = TenantScope(tenant_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hget(scope.session(sid), "status")
+            raws = await pipe.execute()
+        return [None if r is None else _text(r) for r in raws]
+
     async def page_after(self, tenant_id: str, cursor: tuple[int, str] | None, count: int) -> list[tuple[str, int]]:
         """Up to ``count`` entries of the sessions index, newest first, strictly after ``cursor``
         (``(score, session id)`` of the last entry already listed; None: from the newest).

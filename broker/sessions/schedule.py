@@ -14,6 +14,9 @@ score is the time the scheduler takes the session next:
   died loses its sessions to another worker when the lease runs out;
 - a transient upstream failure **reschedules** the same entry at the retry time
   (``SessionRepository.transition(due_provision=...)``), never a new mint slot;
+- a session admitted by ``replace_oldest`` that waits for the upstream end of the sessions it
+  replaced (``waits_for``) is **deferred** by the claim, still ``queued``, every
+  :data:`WAIT_RECHECK_MS`, until none of them is live (or its deadline passed);
 - ``ready``, ``failed`` and ``terminated`` remove it in the same step as the status
   (``due_provision="del"``); a claim that meets a session in another status drops its entry.
 
@@ -33,6 +36,9 @@ from .models import SessionRecord
 _CLAIM = script("provision_claim.lua")
 WAKE_CAP = 64                 # wake-up tokens kept at most (enough to wake every idle worker)
 MAX_TENANTS_PER_CLAIM = 1000  # tenants with due work looked at by one claim call
+# A session that waits for the upstream end of the sessions it replaced (``waits_for``) is
+# looked at again this often (ms) by the claims, until they have ended or its deadline passed.
+WAIT_RECHECK_MS = 250
 
 # The tenant schedule key and the session key around their ids, for the claim script (which
 # builds the keys of the tenants it finds in the ring).
@@ -68,13 +74,19 @@ class ProvisionSchedule:
         self._claim = redis.register_script(_CLAIM)
 
     async def claim(self, now: int, lease_until: int, room: int,
-                    max_tenants: int = MAX_TENANTS_PER_CLAIM) -> tuple[int | None, list[Claimed]]:
+                    max_tenants: int = MAX_TENANTS_PER_CLAIM, *, deadline_ms: int | None = None,
+                    recheck_ms: int = WAIT_RECHECK_MS) -> tuple[int | None, list[Claimed]]:
         """Claim up to ``room`` sessions due at ``now``, round robin over their tenants, leased
         until ``lease_until``; returns the earliest score left in the ring (None: nothing is
         scheduled; a score <= now: more is due than ``room``) and the claimed sessions. One
-        round trip."""
+        round trip.
+
+        A session that waits for replaced sessions still live (``waits_for``, replace_oldest)
+        is not claimed but looked at again ``recheck_ms`` later, unless it is ``deadline_ms``
+        past its creation (then it is claimed, and the worker fails it)."""
         raw = await evalsha(self.execute, self._claim, [PROVISION_TENANTS, STATS_LIVE],
-                            [now, lease_until, room, max_tenants, *_SCHED_PARTS, *_SESSION_PARTS])
+                            [now, lease_until, room, max_tenants, *_SCHED_PARTS, *_SESSION_PARTS,
+                             "" if deadline_ms is None else deadline_ms, recheck_ms])
         claims = []
         for i in range(1, len(raw), 3):
             flat = raw[i + 2]

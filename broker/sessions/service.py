@@ -33,7 +33,8 @@ MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
 TERMINATION_GRACE_MS = 120_000   # a terminating session keeps its slot at most this long per attempt
 MAX_CACHED_CONFIGS = 20_000     # distinct tenant default configs kept validated (a few hundred bytes each)
-LIST_SCAN_LIMIT = 2000          # index entries one listing call examines at most (status filter)
+LIST_SCAN_LIMIT = 200           # index entries one listing call examines at most (then a cursor)
+LIST_BATCH = 100                # index entries read per round trip with a status filter
 STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
 
 
@@ -184,34 +185,53 @@ class SessionService:
         return rec
 
     async def list(self, tenant_id: str, *, status: str | None, limit: int, cursor: str | None) -> SessionList:
+        """One page of the tenant's sessions, newest first, after ``cursor``.
+
+        Every session is listed exactly once across the pages (the cursor is the index position
+        of the last entry examined). One call examines at most :data:`LIST_SCAN_LIMIT` index
+        entries: with a status filter the statuses are read first (one field per entry) and only
+        the matching records in full; when the bound is reached before ``limit`` matches, the page
+        is shorter than ``limit`` (even empty) and ``next_cursor`` continues from there.
+        ``next_cursor`` is null only when nothing is left after the page."""
         if status is not None and status not in STATUS_FILTERS:
             raise InvalidInput(f"status must be one of {', '.join(STATUS_FILTERS)}", code="invalid_status", field="status")
         if not 1 <= limit <= 100:
             raise InvalidInput("limit must be between 1 and 100", code="invalid_limit", field="limit")
         position = _decode_cursor(cursor) if cursor is not None else None
         out: list[SessionView] = []
-        scanned = 0
-        more = False
-        while len(out) < limit and scanned < LIST_SCAN_LIMIT:
-            wanted = limit + 50 if status else limit + 1
-            batch = await self.repo.page_after(tenant_id, position, wanted)
-            records = await self.repo.get_many(tenant_id, [sid for sid, _ in batch])
+        examined = 0
+        exhausted = False
+        while len(out) < limit and examined < LIST_SCAN_LIMIT:
+            room = LIST_SCAN_LIMIT - examined
+            want = min(room, limit - len(out) if status is None else LIST_BATCH)
+            batch = await self.repo.page_after(tenant_id, position, want)
+            ids = [sid for sid, _ in batch]
+            states: list[str | None] = []
+            if status is None:
+                records = await self.repo.get_many(tenant_id, ids)
+                states = [rec.status if rec is not None else None for rec in records]
+            else:
+                states = await self.repo.statuses(tenant_id, ids)
+                matching = [sid for sid, st in zip(ids, states, strict=True) if st == status]
+                full = dict(zip(matching, await self.repo.get_many(tenant_id, matching), strict=True))
+                records = [full.get(sid) if st == status else None for sid, st in zip(ids, states, strict=True)]
             gone = []
-            for (sid, score), rec in zip(batch, records, strict=True):
-                if len(out) == limit or scanned >= LIST_SCAN_LIMIT:
-                    more = True  # an entry after the last one listed (dead or filtered out, maybe)
+            stopped = False
+            for (sid, score), rec, st in zip(batch, records, states, strict=True):
+                if len(out) == limit:
+                    stopped = True  # a match after the last one listed: the next page starts at it
                     break
-                scanned += 1
+                examined += 1
                 position = (score, sid)
-                if rec is None:
+                if st is None:
                     gone.append(sid)
-                elif status is None or rec.status == status:
+                elif rec is not None and (status is None or rec.status == status):  # (it may have moved since)
                     out.append(SessionView.of(rec))
             await self.repo.forget(tenant_id, gone)
-            if more or len(batch) < wanted:  # the index has nothing after this batch
+            if not stopped and len(batch) < want:  # the index has nothing after this batch
+                exhausted = True
                 break
-        if not more and (len(out) == limit or scanned >= LIST_SCAN_LIMIT) and position is not None:
-            more = bool(await self.repo.page_after(tenant_id, position, 1))
+        more = not exhausted and position is not None and bool(await self.repo.page_after(tenant_id, position, 1))
         next_cursor = _encode_cursor(*position) if more and position is not None else None
         return SessionList(data=out, next_cursor=next_cursor)
 

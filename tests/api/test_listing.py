@@ -74,6 +74,44 @@ def test_sessions_sharing_a_millisecond_are_all_listed_with_limit_1(api, admin: 
             assert sorted(seen) == sorted(ids), f"limit={limit}: {len(seen)} listed"
 
 
+
+def test_a_status_filtered_page_examines_a_bounded_slice_and_continues_with_a_cursor(
+        api, admin: Admin, redis_url: str) -> None:
+    """Invariant (issue 17, item 5): ``status=queued&limit=1`` over 300 retained records of
+    50 KB, the one queued session the oldest, examines at most LIST_SCAN_LIMIT (200) index
+    entries per call and reads no whole record that does not match (a few hundred KB from
+    Redis, not the 15 MB of the records): the first page is empty with a ``next_cursor``, the
+    walk lists the queued session exactly once; a ``terminated`` walk lists the other 299
+    exactly once."""
+    tenant, key = admin.tenant("acme", **MANY)
+    r = sync_redis.Redis.from_url(redis_url)
+    scope = TenantScope(tenant["id"])
+    base = 1_780_000_000_000
+    ids = [f"ses_bound{i:017d}" for i in range(300)]
+    pad = "x" * 50_000
+    with r.pipeline(transaction=False) as pipe:
+        for i, sid in enumerate(ids):
+            pipe.hset(scope.session(sid), mapping={
+                "id": sid, "tenant_id": tenant["id"], "status": "queued" if i == 0 else "terminated",
+                "created_at": base + i, "ttl_seconds": 60, "config": pad})
+            pipe.zadd(scope.sessions_index(), {sid: base + i})
+        pipe.execute()
+    try:
+        with tenant_client(api.url, key) as c:
+            sent = int(r.info("stats")["total_net_output_bytes"])
+            first = c.get("/v1/sessions", params={"status": "queued", "limit": 1})
+            read = int(r.info("stats")["total_net_output_bytes"]) - sent
+            assert first.status_code == 200, first.text
+            print(f"status=queued&limit=1 over 300 records of 50 KB: {read} bytes read from Redis")
+            assert read < 500_000, f"one status-filtered page read {read} bytes from Redis"
+            assert first.json()["data"] == [] and first.json()["next_cursor"]  # bound reached, not the end
+            assert _walk(c, 1, status="queued") == [ids[0]]
+            terminated = _walk(c, 100, status="terminated")
+            assert len(terminated) == 299 and set(terminated) == set(ids[1:])
+            assert _walk(c, 7) == ids[::-1]  # unfiltered: newest first, each once
+    finally:
+        r.close()
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

@@ -4,10 +4,13 @@ permanent errors; an Avaturn DELETE that keeps failing until the upstream recove
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
+
+from tenants.scope import TenantScope
 
 from .harness import counter, wait_until
 from .ledger import FINAL, assert_orphans_end_by_backstop, check_invariants
@@ -176,3 +179,99 @@ def test_delete_that_keeps_failing_is_retried_until_the_upstream_recovers(make_h
     assert rec.termination_reason == "requested"
     report = check_invariants(led, sandbox.audit(), lateness_bound_s=30)
     print(f"DELETE failing: {attempts} attempts; ended {report.max_lateness_s}s after the request")
+
+
+def test_replace_oldest_never_exceeds_max_concurrent_upstream_while_deletes_fail(make_harness, make_ledger,
+                                                                                sandbox: Any) -> None:
+    """Invariant (issue 17, item 4; CONTRACT.md section 14): with every Avaturn DELETE failing,
+    15 sequential creates for one end user (replace_oldest, cap 1, max_concurrent_sessions 5)
+    and then 4 for other end users never make the live upstream sessions (sandbox audit,
+    sampled throughout) exceed 5: the replacement waits (queued) for the replaced session's
+    upstream end, both count in GET /v1/usage, and the 4th other end user is refused
+    (concurrency_limit). Once the DELETEs recover the replaced session ends, the last
+    replacement becomes ready, and after stopping everything every session is terminated or
+    failed with a reason and no slot is left held."""
+    h = make_harness()
+    h.worker()  # a real worker process
+    led = make_ledger(h, quotas={"max_concurrent_sessions": 5, "max_sessions_per_end_user": 1,
+                                 "end_user_policy": "replace_oldest"})
+    cap = 5
+    peak = {"live": 0}
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak["live"] = max(peak["live"], int(sandbox.audit(summary=True)["live_sessions"]))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        first = led.create(ttl=60, wait=10, end_user="u")
+        assert led.view(first)["status"] == "ready"
+        sandbox.configure({"delete": {"fail": [{"status": 503}]}})
+        sched = TenantScope(led.tenant_id).provision_schedule()
+        last = first
+        for _ in range(14):
+            last = led.create(ttl=60, end_user="u")
+
+            def looked_at(sid: str = last) -> bool:  # ready, or deferred by a claim (still queued)
+                rec = led.record(sid)
+                score = led.redis.zscore(sched, sid)
+                return rec.status == "ready" or (rec.status == "queued" and score is not None and score > rec.mint_at)
+
+            wait_until(looked_at, 10, f"the worker to look at {last}")
+        assert int(sandbox.audit(summary=True)["live_sessions"]) == 1  # only the first, still undeleted
+        assert led.record(first).status == "terminating" and led.record(first).termination_reason == "replaced"
+        assert led.record(last).status == "queued" and led.record(last).waits_for == first
+        assert led.usage_active() == 2  # the replaced one (live upstream) and its replacement
+        others = []
+        for i in range(3):
+            others.append(led.create(ttl=60, wait=10, end_user=f"other-{i}"))
+        r = led.client.post("/v1/sessions", json={"ttl_seconds": 60, "end_user": "other-3"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit", r.text
+        led.wait_for(others, {"ready"}, timeout=15)
+        assert led.usage_active() == cap
+        assert int(sandbox.audit(summary=True)["live_sessions"]) == 4  # first + 3 others; last waits
+        sandbox.configure({})  # the DELETEs recover: the first ends upstream, the last one starts
+        led.wait_for([first], {"terminated"}, timeout=15)
+        led.wait_for([last], {"ready"}, timeout=15)
+        assert int(sandbox.audit(summary=True)["live_sessions"]) == 4  # last + 3 others
+        for sid in [last, *others]:
+            assert led.client.delete(f"/v1/sessions/{sid}").status_code == 202
+        led.wait_for(None, FINAL, timeout=30)
+    finally:
+        sampling.set()
+        sampler.join(5)
+    assert peak["live"] <= cap, f"{peak['live']} live upstream sessions against max_concurrent_sessions {cap}"
+    for sid in led.sessions:
+        rec = led.record(sid)
+        assert rec.termination_reason, f"{sid} ended without a reason"
+    report = check_invariants(led, sandbox.audit(), lateness_bound_s=30)  # slots released, usage 0
+    print(f"replace_oldest with failing DELETEs: peak {peak['live']} live upstream (cap {cap}); {report}")
+
+
+def test_a_replacement_whose_replaced_session_outlives_the_deadline_fails_saying_so(make_harness, make_ledger,
+                                                                                   sandbox: Any) -> None:
+    """Invariant (issue 17, item 4): when the replaced session cannot be ended upstream before
+    the new session's provisioning deadline (every DELETE failing), the new session is never
+    created upstream: it fails ``provision_deadline_exceeded`` (reason ``reaped``) with a
+    message saying it waited for the session it replaced, and its slot is released; the
+    replaced one keeps its slot until its DELETE succeeds."""
+    h = make_harness(BROKER_PROVISION_DEADLINE_SECONDS=5)
+    h.thread_worker()
+    led = make_ledger(h, quotas={"max_concurrent_sessions": 5, "max_sessions_per_end_user": 1,
+                                 "end_user_policy": "replace_oldest"})
+    first = led.create(ttl=60, wait=10, end_user="u")
+    assert led.view(first)["status"] == "ready"
+    sandbox.configure({"delete": {"fail": [{"status": 503}]}})
+    second = led.create(ttl=60, end_user="u")
+    led.wait_for([second], {"failed"}, timeout=15)
+    view = led.view(second)
+    assert view["error"]["code"] == "provision_deadline_exceeded" and "replaced" in view["error"]["message"]
+    assert led.record(second).termination_reason == "reaped"
+    assert counter(sandbox, "create") == 1  # only the first was ever created upstream
+    assert led.record(first).status == "terminating" and led.live_slots() == 1 and led.usage_active() == 1
+    sandbox.configure({})
+    led.wait_for([first], {"terminated"}, timeout=15)
+    check_invariants(led, sandbox.audit(), lateness_bound_s=30)  # no slot left, no live upstream session

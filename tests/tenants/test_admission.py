@@ -377,3 +377,43 @@ async def test_lease_must_be_in_the_future(redis: aioredis.Redis) -> None:
     else:
         raise AssertionError("admit accepted a lease that ends at now")
     assert await redis.dbsize() == 0
+
+
+async def test_replace_oldest_keeps_the_slot_of_a_session_that_may_be_live_upstream(redis: aioredis.Redis) -> None:
+    """Invariant (issue 17, item 4): a replaced session whose upstream session may be live
+    (an avaturn_session_id, or a create in flight) keeps its lease until its termination ends
+    it; the new session takes its slot but records that it waits for it; every other
+    admission counts both (max_concurrent never exceeded upstream); replacing the waiting
+    session (never upstream) frees its slot at once and the next one inherits the wait."""
+    q = quotas(max_sessions_per_end_user=1, end_user_policy="replace_oldest", max_concurrent_sessions=2)
+    s = TenantScope("ten_a")
+    assert isinstance(await admit(redis, req("ses_1", T0, q, end_user="u1")), Admitted)
+    assert isinstance(await admit(redis, req("ses_o1", T0 + 1, q, end_user="o1")), Admitted)
+    await redis.hset(s.session("ses_1"), mapping={"status": "ready", "avaturn_session_id": "av_1",
+                                                    "create_state": "done"})
+    out = await admit(redis, req("ses_2", T0 + 2, q, end_user="u1"))
+    assert isinstance(out, Admitted) and out.replaced == ["ses_1"]
+    assert await redis.hget(s.session("ses_1"), "status") == b"terminating"
+    assert await redis.zscore(s.live(), "ses_1") is not None  # still holds its slot
+    assert await redis.hget(s.session("ses_2"), "waits_for") == b"ses_1"
+    assert out.usage.concurrency.used == 3  # both counted, honestly
+    assert (await usage(redis, "ten_a", q, T0 + 3)).concurrency.used == 3
+    # another end user: ses_1 + ses_2 + ses_o1 = 3, over the cap of 2 (ses_2 took ses_1's slot): refused
+    refused = await admit(redis, req("ses_o2", T0 + 3, q, end_user="o2"))
+    assert isinstance(refused, Refused) and refused.code == "concurrency_limit"
+    # the same end user again: ses_2 (waiting, never upstream) is replaced and frees its slot at
+    # once; ses_3 takes the slot and inherits the wait for ses_1 (neither counts against it:
+    # 3 leases - ses_2 - ses_1 < 2)
+    out = await admit(redis, req("ses_3", T0 + 4, q, end_user="u1"))
+    assert isinstance(out, Admitted) and out.replaced == ["ses_2"]
+    assert await redis.zscore(s.live(), "ses_2") is None
+    assert await redis.hget(s.session("ses_3"), "waits_for") == b"ses_1"
+    assert sorted(await redis.zrange(s.live(), 0, -1)) == [b"ses_1", b"ses_3", b"ses_o1"]
+    # a create in flight counts as upstream too; a replaced session already ended is not waited for
+    await redis.hset(s.session("ses_3"), mapping={"status": "provisioning", "create_state": "inflight"})
+    await redis.hset(s.session("ses_1"), "status", "terminated")
+    await redis.zrem(s.live(), "ses_1")
+    out = await admit(redis, req("ses_4", T0 + 5, q, end_user="u1"))
+    assert isinstance(out, Admitted) and out.replaced == ["ses_3"]
+    assert await redis.zscore(s.live(), "ses_3") is not None
+    assert await redis.hget(s.session("ses_4"), "waits_for") == b"ses_3"

@@ -48,6 +48,8 @@ class Model:
         self.last = 0
         self.slots: dict[str, int] = {}    # sid -> its mint slot (the provisioning schedule)
         self.wakes = 0                     # admissions whose slot was due within 1 s
+        self.upstream: set[str] = set()    # sessions whose record says they reached Avaturn
+        self.waits: dict[str, list[str]] = {}  # sid -> the replaced sessions it waits for
 
     def grants(self, now: int, n: int) -> list[int]:
         """The next ``n`` mint slots the schedule would grant at ``now`` (without taking them):
@@ -77,7 +79,8 @@ class Model:
         alive = [(c, s) for s, c in members.items() if self.live.get(s, -math.inf) > now]
         return [s for _, s in sorted(alive)]
 
-    def snapshot(self, now: int, end_user: str | None, delta: int = 0, replaced: int = 0) -> UsageSnapshot:
+    def snapshot(self, now: int, end_user: str | None, delta: int = 0, replaced: int = 0,
+                 freed: int | None = None) -> UsageSnapshot:
         q = self.q
         window = sorted(t for t, _ in self.rate if t > now - 60_000)
         used = len(window) + delta
@@ -85,7 +88,7 @@ class Model:
             reset = max(1, math.ceil((window[0] + 60_000 - now) / 1000))
         else:  # nothing used before: 0, or the session just admitted (a full window)
             reset = 60 if delta else 0
-        live = sum(1 for lease in self.live.values() if lease > now) - replaced + delta
+        live = sum(1 for lease in self.live.values() if lease > now) - (replaced if freed is None else freed) + delta
         snap = UsageSnapshot(
             minute=QuotaUsage.of(q.sessions_per_minute, used, reset),
             day=QuotaUsage.of(q.sessions_per_day, self.day.get(utc_day(now), 0) + delta, seconds_to_utc_midnight(now)),
@@ -121,12 +124,24 @@ class Model:
                 if q.end_user_policy != "replace_oldest":
                     return refuse("end_user_limit", q.max_sessions_per_end_user, len(alive), 1)
                 replaced = alive[: len(alive) - q.max_sessions_per_end_user + 1]
-        if snap.concurrency.used - len(replaced) >= q.max_concurrent_sessions:
+        # replace_oldest (issue 17): a replaced session that reached upstream keeps its lease and
+        # the new one waits for it, and for what a replaced session was waiting for (still live)
+        keeps = {old for old in replaced if old in self.upstream}
+        waits: list[str] = []
+        inherited_live = 0
+        for old in replaced:
+            if old in keeps and old not in waits:
+                waits.append(old)
+            for w in self.waits.get(old, []):
+                if w not in waits and self.status.get(w) in ("queued", "provisioning", "ready", "terminating"):
+                    waits.append(w)
+                    inherited_live += self.live.get(w, -math.inf) > now
+        if snap.concurrency.used - len(replaced) - inherited_live >= q.max_concurrent_sessions:
             return refuse("concurrency_limit", q.max_concurrent_sessions, snap.concurrency.used, 1)
         if slot > now + r.mint_window_ms:
             return refuse("provisioning_backlog", q.openai_requests_per_minute, mint.used,
                           math.ceil((slot - now - r.mint_window_ms) / 1000))
-        after = self.snapshot(now, eu, delta=1, replaced=len(replaced))
+        after = self.snapshot(now, eu, delta=1, replaced=len(replaced), freed=len(replaced) - len(keeps))
         # apply
         interval, _ = schedule(q.openai_requests_per_minute)
         self.tat, self.last = max(self.tat, now) + interval, slot
@@ -144,7 +159,10 @@ class Model:
                 self.status[old] = "terminating"
             if self.status.get(old) == "terminating":
                 self.due_expiry[old] = now
-            self.live.pop(old, None)
+            if old not in keeps:
+                self.live.pop(old, None)
+        if waits:
+            self.waits[sid] = waits
         if eu is not None:
             keep = set(self.eu_live(eu, now)) - set(replaced)
             self.eu[eu] = {s: c for s, c in self.eu.get(eu, {}).items() if s in keep}
@@ -285,7 +303,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         if queued:
             sid = queued[pick % len(queued)]
             self.model.status[sid] = "ready"
-            self.run(self.redis.hset(self.scope.session(sid), "status", "ready"))
+            self.model.upstream.add(sid)
+            self.run(self.redis.hset(self.scope.session(sid), mapping={"status": "ready", "avaturn_session_id": "av"}))
 
     @invariant()
     def usage_matches(self) -> None:
@@ -297,6 +316,9 @@ class AdmissionMachine(RuleBasedStateMachine):
     def records_match(self) -> None:
         for sid, status in self.model.status.items():
             assert self.run(self.redis.hget(self.scope.session(sid), "status")) == status.encode()
+            waits = self.model.waits.get(sid)
+            assert self.run(self.redis.hget(self.scope.session(sid), "waits_for")) == (
+                ",".join(waits).encode() if waits else None)
         due = self.run(self.redis.zrange(DUE_EXPIRY, 0, -1, withscores=True))
         expected = sorted((due_member(TENANT, s).encode(), float(t)) for s, t in self.model.due_expiry.items())
         assert sorted(due) == expected

@@ -138,6 +138,40 @@ async def test_entries_no_longer_the_schedulers_are_dropped_without_using_room(r
     assert nxt == now + LEASE
 
 
+async def test_a_session_waiting_for_a_replaced_one_is_deferred_until_it_ended(redis: aioredis.Redis) -> None:
+    """Invariant (issue 17, item 4): a session admitted by replace_oldest that waits for a
+    replaced session still live (``waits_for``) is not claimed: it stays queued, no attempt
+    counted, its same entry moved to now + recheck (no new mint slot), and another tenant's
+    session is claimed meanwhile; once the replaced session is terminated it is claimed (its
+    ``waits_for`` dropped); past its deadline it is claimed anyway (the worker fails it)."""
+    sched = ProvisionSchedule(redis)
+    now = now_ms()
+    await admit(redis, "ten_a", "ses_old", now - 10, status="terminating")
+    await redis.zrem(TenantScope("ten_a").provision_schedule(), "ses_old")
+    await admit(redis, "ten_a", "ses_new", now - 5)
+    await redis.hset(TenantScope("ten_a").session("ses_new"), "waits_for", "ses_old")
+    await admit(redis, "ten_b", "ses_b", now - 1)
+    nxt, claims = await sched.claim(now, now + LEASE, 10, deadline_ms=60_000, recheck_ms=250)
+    assert [c.record.id for c in claims] == ["ses_b"]
+    assert await sched.entries("ten_a") == [("ses_new", now + 250)]
+    rec = SessionRecord.from_hash(await redis.hgetall(TenantScope("ten_a").session("ses_new")))
+    assert (rec.status, rec.attempts, rec.waits_for, rec.mint_at) == ("queued", 0, "ses_old", now - 5)
+    assert nxt == now + 250
+    # still live at the recheck: deferred again
+    _, claims = await sched.claim(now + 250, now + 250 + LEASE, 10, deadline_ms=60_000, recheck_ms=250)
+    assert claims == [] and await sched.entries("ten_a") == [("ses_new", now + 500)]
+    # the replaced session ended: claimed, the wait forgotten
+    await redis.hset(TenantScope("ten_a").session("ses_old"), "status", "terminated")
+    _, [claimed] = await sched.claim(now + 500, now + 500 + LEASE, 10, deadline_ms=60_000, recheck_ms=250)
+    assert claimed.record.id == "ses_new" and claimed.record.attempts == 1 and claimed.record.waits_for == ""
+    # past its deadline, a waiting session is claimed anyway (the worker fails it)
+    await admit(redis, "ten_c", "ses_late", now - 5, created_at=now - 61_000)
+    await admit(redis, "ten_c", "ses_live", now - 20_000, status="ready")
+    await redis.hset(TenantScope("ten_c").session("ses_late"), "waits_for", "ses_live")
+    await redis.zrem(TenantScope("ten_c").provision_schedule(), "ses_live")
+    _, [late] = await sched.claim(now, now + LEASE, 10, deadline_ms=60_000, recheck_ms=250)
+    assert late.record.id == "ses_late" and late.record.waits_for == "ses_live"
+
 async def test_transitions_schedule_and_unschedule_with_the_ring(redis: aioredis.Redis) -> None:
     """Invariant: a reschedule moves the same entry (the ring never later than it); a terminal
     transition removes the entry, and the tenant's ring entry with its last one."""

@@ -93,6 +93,15 @@ async def fail_session(ctx: WorkerContext, rec: SessionRecord, code: str, messag
     return res
 
 
+def deadline_message(rec: SessionRecord) -> str:
+    """The error message of a session failed at its provisioning deadline (by its attempt or
+    the sweeper): a replace_oldest session still waiting for the replaced one says so."""
+    if rec.waits_for:
+        return ("The session it replaced was not ended upstream in time (replace_oldest waits for that); "
+                "create a new one.")
+    return "The session could not be provisioned in time; create a new one."
+
+
 async def timed(ctx: WorkerContext, upstream: str, op: str, coro: Any) -> Any:
     loop = asyncio.get_running_loop()
     start = loop.time()

@@ -31,7 +31,7 @@ from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
-from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, fail_session, patiently, timed
+from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, deadline_message, fail_session, patiently, timed
 from .session_key import inflight_mark
 from .terminate import TerminationPending, stop_upstream_and_finish
 
@@ -73,8 +73,7 @@ async def _provision(ctx: WorkerContext, claimed: Claimed) -> str:
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
     deadline = rec.created_at + deadline_ms
     if now_ms() >= deadline:
-        await _fail(ctx, rec, "provision_deadline_exceeded",
-                    "The session could not be provisioned in time; create a new one.", reason="reaped")
+        await _fail(ctx, rec, "provision_deadline_exceeded", deadline_message(rec), reason="reaped")
         return "deadline"
     try:
         tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (workers/tenant_cache.py)

@@ -33,7 +33,7 @@ from tenants.scope import PROVISION_TENANTS, SWEEP_INDEX_CURSOR, TENANTS_INDEX, 
 
 from ..context import WorkerContext
 from .claim import HELD_LEASE_MS
-from .common import fail_session
+from .common import deadline_message, fail_session
 
 log = logging.getLogger("workers.sweep")
 
@@ -106,10 +106,7 @@ async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) ->
             rec = await ctx.repo.get(tid, sid)  # all of it: the terminal step releases its end-user entry too
             if rec is None:
                 continue
-            res = await fail_session(
-                ctx, rec, "provision_deadline_exceeded",
-                "The session could not be provisioned in time; create a new one.", reason="reaped",
-            )
+            res = await fail_session(ctx, rec, "provision_deadline_exceeded", deadline_message(rec), reason="reaped")
             counts["reaped"] += int(res.applied)
         elif score <= now and ring_score > score and tid not in lowered:
             await ctx.redis.zadd(PROVISION_TENANTS, {tid: score}, lt=True)
