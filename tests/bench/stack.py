@@ -75,6 +75,7 @@ class Stack:
         self.procs: dict[str, Proc] = {}
         self.env: dict[str, str] = {}
         self._r: redis.Redis | None = None
+        self._names: dict[str, int] = {}  # tenant names asked for, for unique names
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -178,9 +179,11 @@ class Stack:
         return httpx.Client(base_url=api, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30)
 
     def tenant(self, name: str, **quotas: Any) -> BenchTenant:
-        """A tenant with generous quotas (overridable) and the benchmark session config, and a key."""
+        """A tenant with generous quotas (overridable) and the benchmark session config, and a key.
+        Tenant names are unique per deployment: a scenario that asks for a name twice gets a suffix."""
+        self._names[name] = self._names.get(name, 0) + 1
         body = {
-            "name": name,
+            "name": name if self._names[name] == 1 else f"{name}-{self._names[name]}",
             "quotas": {"sessions_per_minute": 100_000, "max_concurrent_sessions": 100_000,
                        "sessions_per_day": 10_000_000, "max_session_seconds": 7200,
                        "openai_requests_per_minute": 100_000, **quotas},
