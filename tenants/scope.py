@@ -26,6 +26,7 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:budget:{yyyymm}:eu   hash  {u:{eu}, r:{eu}, t50:{eu}...}  the same per end user
     sb:t:{tid}:usage:d:{yyyymmdd}   hash  {s, b, s:{eu}, b:{eu}}  sessions admitted / billable seconds (400 d)
     sb:t:{tid}:usage:h:{yyyymmddhh} hash  the same per UTC hour (31 d)
+    sb:t:{tid}:events               stream  the tenant's events (evt_ + entry id; 7 days: tenants/outbox.lua)
     sb:t:{tid}:outbox:usage         list  usage.threshold_reached records, for the event system (issue 20)
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
@@ -143,6 +144,10 @@ class TenantScope:
 
     def usage_hour(self, yyyymmddhh: str) -> str:
         return f"{self._base}usage:h:{yyyymmddhh}"
+
+    def events(self) -> str:
+        """The tenant's event stream (tenants/outbox.lua builds the same name from a session key)."""
+        return self._base + "events"
 
     def usage_outbox(self) -> str:
         return self._base + "outbox:usage"
