@@ -76,3 +76,47 @@ def test_refusals_record_nothing(api, worker, admin: Admin, settings) -> None:
     assert {f["session_id"] for _, f in stream} == {sid}
 
 
+
+
+def test_get_events_pages_oldest_first_filters_and_is_tenant_scoped(api, worker, admin: Admin) -> None:
+    """Invariant: GET /v1/events lists exactly the caller's state changes, oldest first after the
+    cursor; another tenant's events are never visible; bad input is a 400 naming the field."""
+    _, key_a = admin.tenant("a")
+    _, key_b = admin.tenant("b")
+    with tenant_client(api.url, key_a) as a, tenant_client(api.url, key_b) as b:
+        sids = []
+        for _ in range(3):
+            r = a.post("/v1/sessions?wait=10", json={"ttl_seconds": 60})
+            assert r.status_code == 201, r.text
+            sids.append(r.json()["id"])
+        assert b.post("/v1/sessions?wait=10").status_code == 201
+        everything = a.get("/v1/events", params={"limit": 100}).json()
+        assert len(everything["data"]) == 6
+        assert sorted((e["data"]["session"]["id"], e["type"]) for e in everything["data"]) == sorted(
+            [(s, "session.created") for s in sids] + [(s, "session.ready") for s in sids])
+        for e in everything["data"]:
+            assert e["id"].startswith("evt_") and e["created_at"].endswith("Z")
+            assert e["data"]["session"]["status"] == e["type"].split(".")[1].replace("created", "queued")
+        # pages of 2 walk the same list
+        walked, after = [], None
+        while True:
+            page = a.get("/v1/events", params={"limit": 2, **({"after": after} if after else {})}).json()
+            walked += page["data"]
+            if page["next_cursor"] is None:
+                break
+            after = page["next_cursor"]
+        assert [e["id"] for e in walked] == [e["id"] for e in everything["data"]]
+        ready = a.get("/v1/events", params={"type": "session.ready", "session_id": sids[1]}).json()["data"]
+        assert len(ready) == 1 and ready[0]["data"]["sequence"] == 2 and ready[0]["data"]["session"]["ready_at"]
+        # tenant B sees only its own, even filtering by A's session or with A's cursor
+        b_all = b.get("/v1/events").json()["data"]
+        assert len(b_all) == 2 and not {e["data"]["session"]["id"] for e in b_all} & set(sids)
+        assert b.get("/v1/events", params={"session_id": sids[0]}).json()["data"] == []
+        after_a = b.get("/v1/events", params={"after": everything["data"][0]["id"]}).json()["data"]
+        assert {e["id"] for e in after_a} <= {e["id"] for e in b_all}
+        for params, field in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "x"}, "limit"),
+                              ({"after": "nope"}, "after"), ({"type": "session.nope"}, "type"),
+                              ({"session_id": "x"}, "session_id")):
+            r = a.get("/v1/events", params=params)
+            assert r.status_code == 400, (params, r.text)
+            assert r.json()["error"]["field"] == field
