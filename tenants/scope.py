@@ -38,6 +38,7 @@ Layout (prefix ``sb:``)::
     sb:console:{sha256(token)}      hash  {tenant_id, key_id, key_hash, csrf, expires_at}  (a console
                                            sign-in; expires with it, <= 12 h: broker/api/console_session.py)
     sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
+    sb:outbox:{tid}                 pub/sub channel: an event was appended to sb:t:{tid}:events (its id)
     sb:keys:revoked                 pub/sub channel: a key hash was revoked or its not_after changed
     sb:tenants:changed              pub/sub channel: a tenant record changed (quotas, status, config)
 """
@@ -55,6 +56,7 @@ PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
+OUTBOX_PATTERN = PREFIX + "outbox:*"  # sb:outbox:{tid}: tenants/outbox.lua publishes each event's id
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
 TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"
 

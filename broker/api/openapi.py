@@ -279,6 +279,19 @@ _TID = _path("tenant_id", "A tenant id (ten_...).")
 _KID = _path("key_id", "An API key id (key_...).")
 _LIMIT = _query("limit", integer(1, 100), "Page size, 1..100 (default 20).")
 _CURSOR = _query("cursor", {"type": "string"}, "The next_cursor of the previous page.")
+_LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False, "schema": text(1),
+                  "description": "An event id (evt_...): resume after it."}
+
+
+def _SSE_OK(description: str) -> J:  # noqa: N802
+    return {"description": description + " One `event:`/`id:`/`data:` block per event (data: the event JSON).",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+_TOO_MANY_STREAMS = {"description": "`too_many_streams`: the tenant has as many event streams open on this API "
+                                    "process as it may (10); close one.",
+                     "headers": {"Retry-After": {**_HEADER, "required": True}},
+                     "content": {"application/json": {"schema": ref("Error")}}}
 _CREATED = {"Location": {**_HEADER, "required": True}, **_RATELIMIT}
 _TENANT_ERRORS = (401, 403, 503)
 _ADMIN_ERRORS = (401, 503)
@@ -331,6 +344,17 @@ OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple
          _query("after", text(1), "An event id: the events after it (the next_cursor of the previous page)."),
          _query("limit", integer(1, 100), "Page size, 1..100 (default 20).")],
         None, {200: _ok("EventList", "Events, oldest first, kept 7 days.")}, (400, *_TENANT_ERRORS),
+    ),
+    ("get", "/v1/events/stream"): (
+        [_LAST_EVENT_ID], None, {200: _SSE_OK("The tenant's events from now on (after Last-Event-ID when sent)."),
+                                 429: _TOO_MANY_STREAMS},
+        (400, *_TENANT_ERRORS),
+    ),
+    ("get", "/v1/sessions/{session_id}/events"): (
+        [_SID, _LAST_EVENT_ID], None,
+        {200: _SSE_OK("The session's events from its first (after Last-Event-ID when sent); "
+                      "ends after session.failed or session.terminated."), 429: _TOO_MANY_STREAMS},
+        (400, *_TENANT_ERRORS, 404),
     ),
     ("post", "/admin/v1/tenants"): ([], "TenantCreate", {201: _ok("TenantView", "Created.")},
                                     (400, *_ADMIN_ERRORS, 409, 413, 415)),
