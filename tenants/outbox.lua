@@ -4,13 +4,14 @@
 -- broker/sessions/transition.lua and workers/jobs/finish.lua: session.ready, session.failed,
 -- session.terminated), by tenants/outbox.py; call it after the record holds the new state.
 --
--- Storage: the tenant's stream `sb:t:{tid}:events` (the session key `sb:t:{tid}:s:{sid}` with
--- its `:s:{sid}` replaced), entries older than 7 days trimmed (MINID ~) by each append. The
+-- Storage: the tenant's stream `events` under its key base (TenantScope.events(): the session
+-- key with its `:s:{sid}` replaced by `:events`), entries older than 7 days trimmed (MINID ~) by each append. The
 -- entry's id (ms-seq, monotonic per tenant) is the event's (`evt_` + it). Fields: type,
 -- session id, sequence (HINCRBY of the session's `event_seq`: 1, 2, 3...), then the session
 -- fields the session object is rendered from as of the event (never its config, secrets or
 -- frontend token): broker/sessions/outbox.py renders them. The event id is then PUBLISHed on
--- `sb:outbox:{tid}` (a wake-up for the live streams; the stream, not the message, is the record).
+-- the channel of the stream's own name (TenantScope.events(), matched by scope.OUTBOX_PATTERN):
+-- a wake-up for the live streams; the stream, not the message, is the record.
 local OUTBOX_RETENTION_MS = 7 * 86400 * 1000
 local OUTBOX_FIELDS = {'status', 'created_at', 'ready_at', 'expires_at', 'terminated_at',
   'avaturn_session_id', 'end_user', 'termination_reason', 'error_code', 'error_message', 'metadata',
@@ -30,8 +31,9 @@ local function append_event(hkey, etype)
   end
   local t = redis.call('TIME')
   local minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - OUTBOX_RETENTION_MS
-  local id = redis.call('XADD', base .. ':events', 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
+  local stream = base .. ':events'
+  local id = redis.call('XADD', stream, 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
   -- wakes the SSE readers of the tenant (broker/sessions/events.py: one subscription per API process)
-  redis.call('PUBLISH', 'sb:outbox:' .. string.sub(base, string.len('sb:t:') + 1), id)
+  redis.call('PUBLISH', stream, id)
   return id
 end

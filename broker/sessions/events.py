@@ -3,8 +3,8 @@ wake-ups of the SSE event streams (issue 20).
 
 One pub/sub connection per API process subscribes to ``sb:events:*`` (the transition
 script PUBLISHes every status change) and wakes the waiters of that session; the same
-connection subscribes to ``sb:outbox:*`` (``tenants/outbox.lua`` PUBLISHes the tenant id's
-channel with each event it appends) and wakes that tenant's stream readers, which then read the
+connection subscribes to ``OUTBOX_PATTERN`` (``tenants/outbox.lua`` PUBLISHes each event's id on
+the channel named like the tenant's outbox stream) and wakes that tenant's stream readers, which then read the
 outbox stream after their cursor (so a wake-up lost or doubled changes nothing). A waiter
 re-reads the record after it registered, so an event published before the subscription
 cannot be missed; if the pub/sub connection drops, waiters fall back to re-reading the
@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import redis.asyncio as aioredis
 
-from tenants.scope import EVENTS_PATTERN, OUTBOX_PATTERN
+from tenants.scope import EVENTS_PATTERN, OUTBOX_PATTERN, TenantScope
 
 log = logging.getLogger("broker.events")
 
@@ -59,9 +59,12 @@ class SessionEvents:
                     channel = msg.get("channel")
                     if isinstance(channel, bytes):
                         channel = channel.decode()
-                    head, _, last = str(channel).rpartition(":")
-                    group = self._readers if head + ":*" == OUTBOX_PATTERN else self._waiters
-                    for ev in group.get(last, ()):
+                    tenant = TenantScope.tenant_of_events_channel(str(channel))
+                    if tenant is not None:  # an event appended to the tenant's outbox
+                        group, name = self._readers, tenant
+                    else:                   # sb:events:{tid}:{sid}: a session's status changed
+                        group, name = self._waiters, str(channel).rsplit(":", 1)[-1]
+                    for ev in group.get(name, ()):
                         ev.set()
             except asyncio.CancelledError:
                 raise

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import redis
 
+from tenants.scope import TenantScope
 from tests.fixtures.stack import Admin, tenant_client, wait_status
 
 
@@ -105,7 +106,7 @@ def _outbox_receivers(redis_url: str) -> int:
     """How many subscriptions a tenant's outbox wake-up reaches (PUBLISH's answer)."""
     r = redis.Redis.from_url(redis_url)
     try:
-        return int(r.publish("sb:outbox:ten_probe", "0-0"))
+        return int(r.publish(TenantScope("ten_probe").events(), "0-0"))
     finally:
         r.close()
 
