@@ -1,5 +1,6 @@
 -- Atomic admission of one session (see tenants/admission.py for the rules). Loaded after the
--- functions of tenants/mint_rate.lua (mint_peek, mint_take: tenants.mint_rate.lua_library()).
+-- functions of tenants/mint_rate.lua (mint_peek, mint_take: tenants.mint_rate.lua_library()),
+-- tenants/outbox.lua (append_event: the session.created event) and tenants/budget.lua.
 --
 -- KEYS[1] idempotency record (hash {body, sid}) or "" when no Idempotency-Key
 -- KEYS[2] rate      zset sid -> admission ms      (sliding 60 s window log)
@@ -258,6 +259,8 @@ end
 if #waits > 0 then
   redis.call('HSET', session_key, 'waits_for', table.concat(waits, ','))
 end
+-- its event, in this same step (tenants/outbox.lua)
+append_event(session_key, 'session.created')
 if has_eu then
   for _, old in ipairs(replaced) do
     redis.call('ZREM', eu_key, old)

@@ -80,6 +80,7 @@ from broker.redis_mux import Execute, evalsha
 from tenants.mint_rate import lua_library, schedule
 from tenants.budgets import BudgetExhausted, BudgetGrant, admission_spec, iso_ms, with_budget
 from tenants.models import Quotas
+from tenants.outbox import lua_functions as outbox_lua
 from tenants.scope import (
     DUE_EXPIRY,
     PROVISION_TENANTS,
@@ -95,8 +96,8 @@ RefusalCode = Literal[
     "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit", "provisioning_backlog"
 ]
 
-# the GCRA (mint_rate.lua) and budget.lua's functions (budget_admit) prepended
-_SOURCE = with_budget(lua_library() + resources.files(__package__).joinpath("admission.lua").read_text())
+# the GCRA (mint_rate.lua), budget.lua's functions (budget_admit) and the outbox's append_event prepended
+_SOURCE = with_budget(lua_library() + outbox_lua() + resources.files(__package__).joinpath("admission.lua").read_text())
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 

@@ -26,6 +26,7 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:budget:{yyyymm}:eu   hash  {u:{eu}, r:{eu}, t50:{eu}...}  the same per end user
     sb:t:{tid}:usage:d:{yyyymmdd}   hash  {s, b, s:{eu}, b:{eu}}  sessions admitted / billable seconds (400 d)
     sb:t:{tid}:usage:h:{yyyymmddhh} hash  the same per UTC hour (31 d)
+    sb:t:{tid}:events               stream  the tenant's events (evt_ + entry id; 7 days: tenants/outbox.lua)
     sb:t:{tid}:outbox:usage         list  usage.threshold_reached records, for the event system (issue 20)
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
@@ -37,6 +38,7 @@ Layout (prefix ``sb:``)::
     sb:console:{sha256(token)}      hash  {tenant_id, key_id, key_hash, csrf, expires_at}  (a console
                                            sign-in; expires with it, <= 12 h: broker/api/console_session.py)
     sb:events:{tid}:{sid}           pub/sub channel: session reached ready/failed/terminated
+    sb:t:{tid}:events               pub/sub channel (same name as the stream): an event was appended (its id)
     sb:keys:revoked                 pub/sub channel: a key hash was revoked or its not_after changed
     sb:tenants:changed              pub/sub channel: a tenant record changed (quotas, status, config)
 """
@@ -54,6 +56,7 @@ PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
+OUTBOX_PATTERN = PREFIX + "t:*:events"  # tenants/outbox.lua publishes each event's id on its stream's name
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
 TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"
 
@@ -143,6 +146,19 @@ class TenantScope:
 
     def usage_hour(self, yyyymmddhh: str) -> str:
         return f"{self._base}usage:h:{yyyymmddhh}"
+
+    def events(self) -> str:
+        """The tenant's event stream, and the pub/sub channel of its wake-ups (tenants/outbox.lua
+        builds the same name from a session key)."""
+        return self._base + "events"
+
+    @staticmethod
+    def tenant_of_events_channel(channel: str) -> str | None:
+        """The tenant id of a channel matched by ``OUTBOX_PATTERN``, None for another channel."""
+        head, sep, tail = channel.partition(PREFIX + "t:")
+        if head or not sep or not tail.endswith(":events"):
+            return None
+        return tail[: -len(":events")]
 
     def usage_outbox(self) -> str:
         return self._base + "outbox:usage"

@@ -35,6 +35,8 @@ from .openapi import document_openapi
 from .redis_packing import use_hiredis_packing
 from .ops_routes import healthz, metrics_handlers, ops_handlers
 from .tenant_routes import tenant_router
+from .event_routes import event_router
+from .event_stream import StreamSlots
 from .usage_routes import admin_usage_router, tenant_usage_router
 
 MAX_BODY = 64 * 1024
@@ -83,6 +85,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
             tenants=tenants,
             auth=auth,
             events=events,
+            event_streams=StreamSlots(),  # open SSE streams per tenant (issue 20)
             metrics=metrics,
             sessions=SessionService(
                 SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds,
@@ -108,6 +111,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
     if "tenant" in surfaces:
         handlers.append(tenant_router)
         handlers.append(tenant_usage_router)  # GET /v1/usage/history (issue 21)
+        handlers.append(event_router)  # GET /v1/events (issue 20)
         handlers.extend(console_routers)  # the web console: its page, files and sign-in (tenant surface)
     if "admin" in surfaces and settings.admin_token:
         handlers.append(admin_router)

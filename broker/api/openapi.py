@@ -22,6 +22,7 @@ import msgspec
 from litestar import Litestar
 
 from broker.sessions.models import SessionList, SessionView
+from broker.sessions.outbox import EVENT_TYPES
 from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
 from tenants.models import (
     MAX_SESSION_SECONDS_CAP, ApiKeyCreated, ApiKeyMeta, ApiKeyRevoked, TenantDisabled, TenantView,
@@ -207,6 +208,12 @@ def components() -> J:
         "TenantList": obj({"data": {"type": "array", "items": ref("TenantView")}, "next_cursor": nullable(text())},
                           ("data", "next_cursor")),
         "ApiKeyList": obj({"data": {"type": "array", "items": ref("ApiKeyMeta")}}, ("data",)),
+        "Event": obj({"id": text(), "type": {"enum": list(EVENT_TYPES)}, "created_at": text(),
+                      "data": {"type": "object", "description": "Session events: sequence (1, 2, 3... per session) "
+                                                                "and session (the session object as of the event)."}},
+                     ("id", "type", "created_at", "data")),
+        "EventList": obj({"data": {"type": "array", "items": ref("Event")}, "next_cursor": nullable(text())},
+                         ("data", "next_cursor")),
     }
 
 
@@ -272,6 +279,19 @@ _TID = _path("tenant_id", "A tenant id (ten_...).")
 _KID = _path("key_id", "An API key id (key_...).")
 _LIMIT = _query("limit", integer(1, 100), "Page size, 1..100 (default 20).")
 _CURSOR = _query("cursor", {"type": "string"}, "The next_cursor of the previous page.")
+_LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False, "schema": text(1),
+                  "description": "An event id (evt_...): resume after it."}
+
+
+def _SSE_OK(description: str) -> J:  # noqa: N802
+    return {"description": description + " One `event:`/`id:`/`data:` block per event (data: the event JSON).",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+_TOO_MANY_STREAMS = {"description": "`too_many_streams`: the tenant has as many event streams open on this API "
+                                    "process as it may (10); close one.",
+                     "headers": {"Retry-After": {**_HEADER, "required": True}},
+                     "content": {"application/json": {"schema": ref("Error")}}}
 _CREATED = {"Location": {**_HEADER, "required": True}, **_RATELIMIT}
 _TENANT_ERRORS = (401, 403, 503)
 _ADMIN_ERRORS = (401, 503)
@@ -317,6 +337,24 @@ OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple
          _query("granularity", {"enum": ["day", "hour"]}, "day (<= 400 days, the default) or hour (<= 31 days)."),
          _query("tenant_id", text(1), "Only this tenant (404 if unknown).")],
         None, {200: _ok("AdminUsage", "Per tenant and window, oldest first.")}, (400, *_ADMIN_ERRORS, 404),
+    ),
+    ("get", "/v1/events"): (
+        [_query("type", text(1), "Only events of this type (or these, comma-separated)."),
+         _query("session_id", text(1, 68), "Only this session's events."),
+         _query("after", text(1), "An event id: the events after it (the next_cursor of the previous page)."),
+         _query("limit", integer(1, 100), "Page size, 1..100 (default 20).")],
+        None, {200: _ok("EventList", "Events, oldest first, kept 7 days.")}, (400, *_TENANT_ERRORS),
+    ),
+    ("get", "/v1/events/stream"): (
+        [_LAST_EVENT_ID], None, {200: _SSE_OK("The tenant's events from now on (after Last-Event-ID when sent)."),
+                                 429: _TOO_MANY_STREAMS},
+        (400, *_TENANT_ERRORS),
+    ),
+    ("get", "/v1/sessions/{session_id}/events"): (
+        [_SID, _LAST_EVENT_ID], None,
+        {200: _SSE_OK("The session's events from its first (after Last-Event-ID when sent); "
+                      "ends after session.failed or session.terminated."), 429: _TOO_MANY_STREAMS},
+        (400, *_TENANT_ERRORS, 404),
     ),
     ("post", "/admin/v1/tenants"): ([], "TenantCreate", {201: _ok("TenantView", "Created.")},
                                     (400, *_ADMIN_ERRORS, 409, 413, 415)),

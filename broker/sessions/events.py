@@ -1,7 +1,11 @@
-"""Session status events for ``POST /v1/sessions?wait=N`` (no polling of job results).
+"""Session status events for ``POST /v1/sessions?wait=N`` (no polling of job results), and the
+wake-ups of the SSE event streams (issue 20).
 
 One pub/sub connection per API process subscribes to ``sb:events:*`` (the transition
-script PUBLISHes every status change) and wakes the waiters of that session. A waiter
+script PUBLISHes every status change) and wakes the waiters of that session; the same
+connection subscribes to ``OUTBOX_PATTERN`` (``tenants/outbox.lua`` PUBLISHes each event's id on
+the channel named like the tenant's outbox stream) and wakes that tenant's stream readers, which then read the
+outbox stream after their cursor (so a wake-up lost or doubled changes nothing). A waiter
 re-reads the record after it registered, so an event published before the subscription
 cannot be missed; if the pub/sub connection drops, waiters fall back to re-reading the
 record every ``fallback_poll`` seconds until the listener reconnects.
@@ -13,11 +17,11 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import redis.asyncio as aioredis
 
-from tenants.scope import EVENTS_PATTERN
+from tenants.scope import EVENTS_PATTERN, OUTBOX_PATTERN, TenantScope
 
 log = logging.getLogger("broker.events")
 
@@ -27,6 +31,7 @@ class SessionEvents:
         self.redis = redis
         self.fallback_poll = fallback_poll
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._readers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._healthy = asyncio.Event()
 
@@ -44,15 +49,22 @@ class SessionEvents:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.psubscribe(EVENTS_PATTERN)
+                await pubsub.psubscribe(EVENTS_PATTERN, OUTBOX_PATTERN)
                 self._healthy.set()
+                for readers in self._readers.values():  # what was appended while we were away
+                    for ev in readers:
+                        ev.set()
                 warned = False
                 async for msg in pubsub.listen():
                     channel = msg.get("channel")
                     if isinstance(channel, bytes):
                         channel = channel.decode()
-                    sid = str(channel).rsplit(":", 1)[-1]
-                    for ev in self._waiters.get(sid, ()):
+                    tenant = TenantScope.tenant_of_events_channel(str(channel))
+                    if tenant is not None:  # an event appended to the tenant's outbox
+                        group, name = self._readers, tenant
+                    else:                   # sb:events:{tid}:{sid}: a session's status changed
+                        group, name = self._waiters, str(channel).rsplit(":", 1)[-1]
+                    for ev in group.get(name, ()):
                         ev.set()
             except asyncio.CancelledError:
                 raise
@@ -95,3 +107,21 @@ class SessionEvents:
                 waiters.discard(ev)
                 if not waiters:
                     self._waiters.pop(session_id, None)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy.is_set()
+
+    @contextlib.contextmanager
+    def reader(self, tenant_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever the tenant's outbox gets an event (or the listener reconnects)."""
+        ev = asyncio.Event()
+        self._readers[tenant_id].add(ev)
+        try:
+            yield ev
+        finally:
+            readers = self._readers.get(tenant_id)
+            if readers is not None:
+                readers.discard(ev)
+                if not readers:
+                    self._readers.pop(tenant_id, None)

@@ -127,7 +127,9 @@ class SessionView(msgspec.Struct, kw_only=True):
     ttl_limited_by: str | None = None
 
     @classmethod
-    def of(cls, rec: SessionRecord) -> SessionView:
+    def of(cls, rec: SessionRecord, at_ms: int | None = None) -> SessionView:
+        """The wire view of ``rec``; ``at_ms``: when (a live session's billable seconds run
+        up to it: an event renders the session as of the event), default now."""
         avaturn = None
         if rec.avaturn_session_id and rec.status in ("ready", "terminating", "terminated"):
             token = rec.avaturn_token if rec.status != "terminated" and rec.avaturn_token else None
@@ -144,7 +146,7 @@ class SessionView(msgspec.Struct, kw_only=True):
             termination_reason=rec.termination_reason or None,
             error=ErrorView(rec.error_code, rec.error_message) if rec.error_code else None,
             metadata=msgspec.json.decode(rec.metadata) if rec.metadata else {},
-            billable_seconds=rec.billable_at(now_ms()) if rec.ready_at else max(0, rec.billable_seconds),
+            billable_seconds=rec.billable_at(at_ms or now_ms()) if rec.ready_at else max(0, rec.billable_seconds),
             ttl_limited_by=rec.ttl_limited_by or None,
         )
 

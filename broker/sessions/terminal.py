@@ -15,6 +15,7 @@ as the Lua table ``TERMINAL_DROP``; no caller has to remember it.
 from __future__ import annotations
 
 from tenants.budgets import lua_functions as budget_lua
+from tenants.outbox import lua_functions as outbox_lua
 
 TERMINAL_DROP: tuple[str, ...] = ("config", "avaturn_token", "secret_enc", "secret_expires_at", "avaturn_key_enc")
 
@@ -24,5 +25,6 @@ _LUA = "local TERMINAL_DROP = {" + ", ".join(f"'{name}'" for name in TERMINAL_DR
 def with_terminal_drop(script: str) -> str:
     """``script`` with the Lua table ``TERMINAL_DROP`` defined before it, and the budget settle
     ``budget_settle(session_key, end_ms)`` (tenants/budget.lua) that the same scripts call where
-    they record a terminal status (billable_seconds, budgets, usage windows: issue 21)."""
-    return _LUA + budget_lua() + script
+    they record a terminal status (billable_seconds, budgets, usage windows: issue 21), and the
+    outbox's ``append_event(session_key, type)`` (tenants/outbox.lua: issue 20)."""
+    return _LUA + budget_lua() + outbox_lua() + script

@@ -15,6 +15,7 @@
 -- A transition to a terminal status (terminated, failed) also drops the fields a retained record
 -- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py, and
 -- settles the session's budget reservation and billable seconds (budget_settle, composed there too).
+-- A change to ready, failed or terminated appends its event (append_event, tenants/outbox.lua).
 -- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
@@ -47,6 +48,10 @@ if #ARGV >= i then
 end
 if new == 'terminated' or new == 'failed' then redis.call('HDEL', KEYS[1], unpack(TERMINAL_DROP)) end
 if new ~= st and (new == 'terminated' or new == 'failed') then budget_settle(KEYS[1], nil) end  -- tenants/budget.lua
+-- the change's event, in this same step, once the record holds the new state (tenants/outbox.lua)
+if new ~= st and (new == 'ready' or new == 'failed' or new == 'terminated') then
+  append_event(KEYS[1], 'session.' .. new)
+end
 
 local sid, member, tid = ARGV[7], ARGV[6], ARGV[11]
 if ARGV[3] == 'del' then

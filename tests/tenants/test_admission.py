@@ -89,7 +89,13 @@ async def test_admitted_session_writes_every_record(redis: aioredis.Redis) -> No
         b"budget_limits": b"-1,-1",
         b"usage_day": b"20261123",
         b"usage_hour": b"2026112312",
+        # the outbox (tenants/outbox.lua): the session's event counter, its session.created the first
+        b"event_seq": b"1",
     }
+    events = await redis.xrange(s.events())
+    assert len(events) == 1 and events[0][1][b"type"] == b"session.created"
+    assert events[0][1][b"session_id"] == b"ses_1" and events[0][1][b"sequence"] == b"1"
+    assert events[0][1][b"status"] == b"queued"
     assert out.mint_at == T0
     assert await redis.zscore(s.sessions_index(), "ses_1") == T0
     assert await redis.zscore(s.live(), "ses_1") == T0 + LEASE_MS

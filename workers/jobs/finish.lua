@@ -3,7 +3,8 @@
 -- finish_terminated (workers/jobs/common.py): from any live status, status terminated
 -- (set_status: the stats count), terminated_at, termination_reason (kept if set, else the
 -- given one), the fields a retained record no longer needs dropped (TERMINAL_DROP, from
--- broker/sessions/terminal.py), the lease released (live zset
+-- broker/sessions/terminal.py), billable seconds settled, the session.terminated event appended
+-- (tenants/outbox.lua), the lease released (live zset
 -- and end-user zset), out of the termination and provisioning schedules, the retention TTL,
 -- the new status published. Keep the two in step.
 -- KEYS: 1 due:expiry, 2 the ring of tenants with scheduled provisioning, 3 stats hash,
@@ -27,6 +28,7 @@ for i = 1, (#KEYS - 3) / 4 do
     redis.call('HSET', hkey, 'terminated_at', now, 'termination_reason', reason)
     redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
     budget_settle(hkey, tonumber(now))  -- billable_seconds, budgets, usage (tenants/budget.lua)
+    append_event(hkey, 'session.terminated')  -- its event, same step (tenants/outbox.lua)
     redis.call('ZREM', KEYS[4 * i + 1], sid)
     redis.call('ZREM', KEYS[4 * i + 2], sid)
     redis.call('ZREM', KEYS[1], member)
