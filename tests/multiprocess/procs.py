@@ -3,11 +3,13 @@ each logging to its own file, with health waits and signals by process id."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,24 @@ class BrokerProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+@contextlib.contextmanager
+def running(request: Any, procs: dict[str, BrokerProcess], client: Any,
+            start: Iterable[str] | None = None) -> Iterator[None]:
+    """Start ``start`` (default: every process) and wait until each is healthy; on exit print
+    every process's log tail if the test failed, stop them all and close ``client``."""
+    names = list(procs) if start is None else list(start)
+    try:
+        for name in names:
+            procs[name].start()
+        for name in names:
+            procs[name].wait_healthy()
+        yield
+        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+            for proc in procs.values():
+                print(f"--- {proc.name} (log tail)\n{proc.tail()}")
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        client.close()

@@ -22,7 +22,7 @@ from broker.cli_usage import export
 from broker.embedded_redis import EmbeddedRedis
 from tests.fixtures.stack import Admin, make_settings, tenant_client, wait_status
 
-from .procs import BrokerProcess, broker_env
+from .procs import BrokerProcess, broker_env, running
 
 LATENESS_S = 1  # the expiry machinery's p99 lateness bound (CONTRACT.md, docs/performance.md)
 
@@ -39,19 +39,8 @@ def processes(
         "api2": BrokerProcess.api("api-2", env, tmp_path),
         "worker": BrokerProcess.worker("worker-1", env, tmp_path),
     }
-    try:
-        for proc in procs.values():
-            proc.start()
-        for proc in procs.values():
-            proc.wait_healthy()
+    with running(request, procs, client):
         yield {**procs, "redis": client, "settings": make_settings(redis_server.url, sandbox)}
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            for proc in procs.values():
-                print(f"--- {proc.name} (log tail)\n{proc.tail()}")
-    finally:
-        for proc in procs.values():
-            proc.stop()
-        client.close()
 
 
 def _ms(iso: str) -> int:

@@ -27,7 +27,7 @@ from broker.embedded_redis import EmbeddedRedis
 from tenants.scope import STATS_LIVE
 from tests.fixtures.stack import Admin
 
-from .procs import BrokerProcess, broker_env
+from .procs import BrokerProcess, broker_env, running
 
 L_A, N_A = 8, 40          # tenant A: max_concurrent_sessions, burst size
 DAY_B, N_B = 6, 20        # tenant B: sessions_per_day, burst size
@@ -50,19 +50,8 @@ def processes(
         "worker2": BrokerProcess.worker("worker-2", env, tmp_path),
         "worker3": BrokerProcess.worker("worker-3", env, tmp_path),
     }
-    try:
-        for name in ("api1", "api2", "worker1"):
-            procs[name].start()
-        for name in ("api1", "api2", "worker1"):
-            procs[name].wait_healthy()
+    with running(request, procs, client, start=("api1", "api2", "worker1")):
         yield {**procs, "redis": client}
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            for proc in procs.values():
-                print(f"--- {proc.name} (log tail)\n{proc.tail()}")
-    finally:
-        for proc in procs.values():
-            proc.stop()
-        client.close()
 
 
 def _post(url: str, key: str) -> Outcome:

@@ -30,7 +30,7 @@ import redis as sync_redis
 
 from broker.embedded_redis import EmbeddedRedis, free_port
 from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
-from tests.multiprocess.procs import BrokerProcess, broker_env
+from tests.multiprocess.procs import BrokerProcess, broker_env, running
 from tests.observability.helpers import prometheus_binaries
 from tests.observability.live import ROOT, Proc, prometheus_config
 
@@ -57,19 +57,8 @@ def traced(request: pytest.FixtureRequest, redis_server: EmbeddedRedis, sandbox:
     env = broker_env(redis_server.url, sandbox, BROKER_LOG_LEVEL="INFO",
                      OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
     procs = {"api": BrokerProcess.api("api", env, tmp_path), "worker": BrokerProcess.worker("worker", env, tmp_path)}
-    try:
-        for proc in procs.values():
-            proc.start()
-        for proc in procs.values():
-            proc.wait_healthy()
+    with running(request, procs, client):
         yield {**procs, "env": env}
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            for proc in procs.values():
-                print(f"--- {proc.name} (log tail)\n{proc.tail()}")
-    finally:
-        for proc in procs.values():
-            proc.stop()
-        client.close()
 
 
 def _wait_status(client: httpx.Client, sid: str, statuses: set[str], timeout: float = 20) -> dict[str, Any]:
