@@ -37,3 +37,21 @@ local function append_event(hkey, etype)
   redis.call('PUBLISH', stream, id)
   return id
 end
+
+-- A tenant event that is not a session's (usage.threshold_reached, webhook_endpoint.disabled,
+-- test.ping): `base` is the tenant's key base (`sb:t:{tid}:`), `data_json` the event's `data`
+-- object as JSON (never a secret), `endpoint_id` (optional, '' for none) restricts its webhook
+-- delivery to that one endpoint (test.ping). Same stream, retention and wake-up as append_event.
+local function append_tenant_event(base, etype, data_json, endpoint_id)
+  local entry = {'type', etype, 'data', data_json}
+  if endpoint_id and endpoint_id ~= '' then
+    entry[#entry + 1] = 'endpoint_id'
+    entry[#entry + 1] = endpoint_id
+  end
+  local t = redis.call('TIME')
+  local minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - OUTBOX_RETENTION_MS
+  local stream = base .. 'events'
+  local id = redis.call('XADD', stream, 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
+  redis.call('PUBLISH', stream, id)
+  return id
+end

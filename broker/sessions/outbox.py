@@ -60,6 +60,8 @@ def render(tenant_id: str, eid: bytes | str, raw: dict[bytes, bytes]) -> Event:
     sid = fields.pop("session_id", "")
     seq = int(fields.pop("sequence", "0"))
     data: dict[str, Any] = {}
+    if not sid and "data" in fields:  # a tenant event (outbox.lua append_tenant_event)
+        data = msgspec.json.decode(fields["data"])
     if sid:
         rec = msgspec.convert({"id": sid, "tenant_id": tenant_id, **fields}, SessionRecord, strict=False)
         data = {"sequence": seq, "session": msgspec.to_builtins(SessionView.of(rec, at_ms))}
