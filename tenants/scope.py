@@ -28,6 +28,10 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:usage:h:{yyyymmddhh} hash  the same per UTC hour (31 d)
     sb:t:{tid}:events               stream  the tenant's events (evt_ + entry id; 7 days: tenants/outbox.lua)
     sb:t:{tid}:outbox:usage         list  usage.threshold_reached records, for the event system (issue 20)
+    sb:t:{tid}:wh:eps               set   the tenant's webhook endpoint ids (at most 10)
+    sb:t:{tid}:wh:ep:{weid}         hash  one webhook endpoint (fields: broker/webhooks/__init__.py)
+    sb:t:{tid}:wh:ep:{weid}:attempts stream its delivery attempts (capped; read newest first)
+    sb:wh:tenants                   set   tenant ids with at least one webhook endpoint
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
     sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
     sb:sched:prov:tenants           zset  tid -> no later than the earliest score of its sched:prov
@@ -57,6 +61,7 @@ STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions i
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
 OUTBOX_PATTERN = PREFIX + "t:*:events"  # tenants/outbox.lua publishes each event's id on its stream's name
+WEBHOOK_TENANTS = PREFIX + "wh:tenants"  # set: tenants with at least one webhook endpoint
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
 TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"
 
@@ -162,6 +167,16 @@ class TenantScope:
 
     def usage_outbox(self) -> str:
         return self._base + "outbox:usage"
+
+    # webhooks (contract section 11): the endpoints and their attempt logs (broker/webhooks/)
+    def webhook_endpoints(self) -> str:
+        return self._base + "wh:eps"
+
+    def webhook_endpoint(self, endpoint_id: str) -> str:
+        return f"{self._base}wh:ep:{endpoint_id}"
+
+    def webhook_attempts(self, endpoint_id: str) -> str:
+        return f"{self._base}wh:ep:{endpoint_id}:attempts"
 
     def events_channel(self, session_id: str) -> str:
         return f"{PREFIX}events:{self.tenant_id}:{session_id}"
