@@ -27,6 +27,7 @@ from broker.embedded_redis import EmbeddedRedis
 from broker.sessions.models import SessionRecord
 from tests.faults.harness import Harness, wait_until
 from tests.faults.ledger import Ledger
+from tests.fixtures import wait
 from tenants.scope import STATS_LIVE, TenantScope
 
 pytestmark = pytest.mark.slow
@@ -69,12 +70,14 @@ def _records(redis: sync_redis.Redis, tid: str, sids: list[str]) -> list[Session
 
 
 def _wait_settled(redis: sync_redis.Redis, tid: str, sids: list[str], timeout: float) -> list[SessionRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        recs = _records(redis, tid, sids)
-        if all(r.status not in ("queued", "provisioning") for r in recs) or time.monotonic() > deadline:
-            return recs
-        time.sleep(0.2)
+    seen: list[list[SessionRecord]] = [[]]
+
+    def settled() -> list[SessionRecord] | None:
+        seen[0] = _records(redis, tid, sids)
+        return seen[0] if all(r.status not in ("queued", "provisioning") for r in seen[0]) else None
+
+    return wait.wait_until(settled, timeout, f"{len(sids)} sessions settled", interval=0.2,
+                      state=lambda: Counter(r.status for r in seen[0]))
 
 
 @pytest.mark.timeout(120)

@@ -25,6 +25,7 @@ from tenants.models import TenantCreate
 from tenants.session_config import merge_session
 from tenants.scope import PROVISION_TENANTS, PROVISION_WAKE, STATS_LIVE, TenantScope
 from tenants.service import TenantService
+from tests.fixtures.wait import wait_until_async
 from workers import provisioning as provisioning_mod
 from workers.context import WorkerContext
 from workers.provisioning import ProvisioningLoop
@@ -218,7 +219,11 @@ class Starts:
 @contextlib.asynccontextmanager
 async def running_loop(ctx: WorkerContext, **kw: Any) -> AsyncIterator[ProvisioningLoop]:
     loop = ProvisioningLoop(ctx, **kw).start()
-    await asyncio.sleep(0.2)  # idle: blocked on the wake-up list
+
+    async def idle() -> bool:  # one iteration done (now on its timer), its listener blocked on the wake-up list
+        return loop.last_run > 0 and int((await ctx.redis.info("clients"))["blocked_clients"]) >= 1
+
+    await wait_until_async(idle, 5, "the loop idle, blocked on the wake-up list")
     try:
         yield loop
     finally:
@@ -226,10 +231,7 @@ async def running_loop(ctx: WorkerContext, **kw: Any) -> AsyncIterator[Provision
 
 
 async def _until(predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.002)
+    await wait_until_async(predicate, timeout, "the session started", interval=0.002)  # 2 ms: latencies are measured
 
 
 @pytest.fixture
@@ -290,8 +292,7 @@ async def test_two_loops_never_run_a_session_twice(ctx: WorkerContext, starts: S
             for i in range(300):
                 await admit(ctx.redis, f"ten_{i % 4}", f"ses_{i}", now, token=i % 10 == 0)
             await _until(lambda: len(starts.at) == 300, 20)
-            await asyncio.sleep(0.3)
-            assert second.claimed > 0
+            assert second.claimed > 0  # counted at the claim, before the start
     finally:
         await other.close()
     assert sorted(len(v) for v in starts.at.values()) == [1] * 300
@@ -330,7 +331,7 @@ async def test_a_claimers_lease_is_renewed_while_it_works_and_lapses_when_it_die
         await admit(ctx.redis, "ten_a", "ses_long", now_ms())
         await _until(lambda: "ses_long" in starts.at, 2)
         async with running_loop(other, lease_ms=lease_ms, renew_s=renew_s) as second:
-            await asyncio.sleep(2.5 * lease_ms / 1000)
+            await asyncio.sleep(2.5 * lease_ms / 1000)  # 2.5 leases pass: only the renewals keep the claim
             assert second.claimed == 0 and first.keeper.renewals >= 3
             await first.stop()  # like a SIGKILL for the session: its attempt is cut off, no renewal
             cut = time.time()
@@ -347,9 +348,9 @@ async def test_an_idle_loop_costs_a_few_commands_a_second(ctx: WorkerContext, re
     0.75 s (the EVALSHA and the script's two reads of the ring, all counted by Redis), a blocking
     pop every second."""
     async with running_loop(ctx):
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # past the start-up commands (script load, first claim): idle from here
         before = int((await redis.info("stats"))["total_commands_processed"])
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)  # the 3 s window the idle command rate is measured over
         sent = int((await redis.info("stats"))["total_commands_processed"]) - before - 1
     assert sent / 3.0 <= 5.5, sent
 
@@ -413,11 +414,11 @@ async def test_a_drained_loop_claims_nothing_and_leaves_the_event_loop_free(ctx:
         await _until(lambda: "ses_running" in starts.at, 2)
         loop.drain()
         await admit(ctx.redis, "ten_a", "ses_after", now_ms())
-        t0 = time.monotonic()
-        await asyncio.sleep(0.05)
-        assert time.monotonic() - t0 < 0.5  # not starved by a busy loop
+        ran = asyncio.Event()
+        asyncio.get_running_loop().call_soon(ran.set)
+        await asyncio.wait_for(ran.wait(), 5)  # the event loop runs other work: not held by a busy loop
         assert await loop.wait_idle(5)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a window in which a loop not drained would have claimed the woken ses_after
         assert "ses_after" not in starts.at and loop.claimed == 1
         assert await ProvisionSchedule(ctx.redis).entries("ten_a") != []
 
