@@ -243,7 +243,7 @@ def test_prometheus_keeps_the_exemplar_that_the_time_to_ready_panel_shows(traced
                 assert r.status_code == 200, r.text
                 return {e["labels"].get("trace_id", "") for series in r.json()["data"] for e in series["exemplars"]}
 
-            seen = wait_until(lambda: (ids := exemplar_trace_ids()) if trace_id in ids else None, 30,
+            seen = wait_until(lambda: ids if trace_id in (ids := exemplar_trace_ids()) else None, 30,
                               f"Prometheus had the exemplar of {expr}", interval=0.5)
             assert seen == {trace_id}, (expr, seen, prom.log.read_text()[-2000:])
     finally:
