@@ -81,14 +81,13 @@ return 1
 """
 
 # KEYS: the endpoints set, the endpoint's hash, its attempts stream, WEBHOOK_TENANTS;
-# ARGV: the endpoint id, the tenant id. Answers 0 when the endpoint does not exist.
+# ARGV: the endpoint id, the tenant id. Answers 0 when the endpoint did not exist (what a late
+# write of the delivery may have left under its keys is removed all the same).
 _DELETE = """
 local member = redis.call('SREM', KEYS[1], ARGV[1])
-local existed = redis.call('DEL', KEYS[2])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3])
 if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[2]) end
-if member == 0 and existed == 0 then return 0 end
-return 1
+return member
 """
 
 # KEYS: the endpoint's hash; ARGV: the tenant's key base, the event's data (JSON), the endpoint id.

@@ -53,6 +53,9 @@ async def test_a_deleted_endpoint_is_not_brought_back(repo: WebhookEndpoints, re
     assert await redis.hgetall(key) == {b"failing_since": b"1700000000000"}
     assert await repo.list("t_a") == []
     assert await redis.xlen(TenantScope("t_a").events()) == 0  # no ping was recorded
+    with pytest.raises(NotFound):  # deleting it again is a 404, and removes the leftover
+        await repo.delete("t_a", weid)
+    assert not await redis.exists(key)
 
 
 @pytest.mark.asyncio
