@@ -58,12 +58,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Tracing (broker/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
     otel_traces_exporter: str = "none"
     otel_service_name: str | None = None
+    # Webhooks (contract section 11): http and private/loopback endpoint addresses (development, tests)
+    webhook_allow_private: bool = False
 
     def __repr__(self) -> str:  # never print secrets
         return (
             f"Settings(redis_url={_redact_url(self.redis_url)!r}, admin_token={'set' if self.admin_token else None}, "
             f"secret_keys={len(self.secret_keys)} key(s), openai_base_url={self.openai_base_url!r}, "
-            f"avaturn_base_url={self.avaturn_base_url!r})"
+            f"avaturn_base_url={self.avaturn_base_url!r}, webhook_allow_private={self.webhook_allow_private})"
         )
 
     __str__ = __repr__
@@ -112,6 +114,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             http_body_timeout_seconds=_number(env, "BROKER_HTTP_BODY_TIMEOUT_SECONDS", 30.0, 0.1, 600.0),
             otel_traces_exporter=_traces_exporter(env),
             otel_service_name=_optional(env, "OTEL_SERVICE_NAME"),
+            webhook_allow_private=_bool(env, "BROKER_WEBHOOK_ALLOW_PRIVATE", False),
         )
 
 
@@ -216,6 +219,19 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
         if raw.lower() == choice.lower():
             return choice
     raise SettingsError(f"{name} must be one of {', '.join(choices)}")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``true``/``false`` (any case; also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false")
 
 
 def _traces_exporter(env: Mapping[str, str]) -> str:
