@@ -16,7 +16,8 @@
 -- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py, and
 -- settles the session's budget reservation and billable seconds (budget_settle, composed there too).
 -- A change to ready, failed or terminated appends its event (append_event, tenants/outbox.lua).
--- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
+-- Returns {1, new status, usage.threshold_reached events recorded by the settle} when applied,
+-- {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
 local allowed = false
@@ -47,7 +48,8 @@ if #ARGV >= i then
   redis.call('HDEL', KEYS[1], unpack(dels))
 end
 if new == 'terminated' or new == 'failed' then redis.call('HDEL', KEYS[1], unpack(TERMINAL_DROP)) end
-if new ~= st and (new == 'terminated' or new == 'failed') then budget_settle(KEYS[1], nil) end  -- tenants/budget.lua
+local crossed = 0
+if new ~= st and (new == 'terminated' or new == 'failed') then crossed = budget_settle(KEYS[1], nil) end  -- tenants/budget.lua
 -- the change's event, in this same step, once the record holds the new state (tenants/outbox.lua)
 if new ~= st and (new == 'ready' or new == 'failed' or new == 'terminated') then
   append_event(KEYS[1], 'session.' .. new)
@@ -66,4 +68,4 @@ if ARGV[5] == 'del' then unschedule(KEYS[5], KEYS[7], tid, sid)
 elseif ARGV[5] ~= '' then schedule(KEYS[5], KEYS[7], tid, sid, ARGV[5]) end
 if ARGV[9] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[9]) end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], new) end
-return {1, new}
+return {1, new, crossed}

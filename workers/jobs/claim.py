@@ -238,9 +238,11 @@ class FinishBatch:
         recorded = await self._finish(keys=keys, args=args)
         out = []
         for (rec, _, _), value in zip(batch, recorded, strict=True):
-            if value:
-                reason = value.decode() if isinstance(value, bytes) else str(value)
+            if value:  # [reason, thresholds recorded by the settle] (finish.lua)
+                reason = value[0].decode() if isinstance(value[0], bytes) else str(value[0])
                 self.metrics.terminations.labels(reason).inc()
+                if int(value[1]):
+                    self.metrics.usage_thresholds.inc(int(value[1]))
                 self.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
                 if rec.expires_at and reason == "expired":
                     self.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))

@@ -12,8 +12,8 @@
 --       zset, 4i+3 the tenant's provisioning schedule
 -- ARGV: 1 now (ms), 2 retention seconds, then per session i: session id, due member,
 --       events channel, reason when none is recorded, tenant id
--- Returns per session: the termination reason recorded when applied, false when the session
--- was missing or already terminal.
+-- Returns per session: {the termination reason recorded, usage.threshold_reached events its
+-- budget settle recorded} when applied, false when the session was missing or already terminal.
 local now, retention = ARGV[1], ARGV[2]
 local out = {}
 for i = 1, (#KEYS - 3) / 4 do
@@ -27,7 +27,7 @@ for i = 1, (#KEYS - 3) / 4 do
     set_status(hkey, KEYS[3], st, 'terminated')
     redis.call('HSET', hkey, 'terminated_at', now, 'termination_reason', reason)
     redis.call('HDEL', hkey, unpack(TERMINAL_DROP))
-    budget_settle(hkey, tonumber(now))  -- billable_seconds, budgets, usage (tenants/budget.lua)
+    local crossed = budget_settle(hkey, tonumber(now))  -- billable_seconds, budgets, usage (tenants/budget.lua)
     append_event(hkey, 'session.terminated')  -- its event, same step (tenants/outbox.lua)
     redis.call('ZREM', KEYS[4 * i + 1], sid)
     redis.call('ZREM', KEYS[4 * i + 2], sid)
@@ -35,7 +35,7 @@ for i = 1, (#KEYS - 3) / 4 do
     unschedule(KEYS[4 * i + 3], KEYS[2], tid, sid)
     redis.call('EXPIRE', hkey, retention)
     redis.call('PUBLISH', channel, 'terminated')
-    out[i] = reason
+    out[i] = {reason, crossed}
   else
     out[i] = false
   end
