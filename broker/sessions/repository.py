@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.redis_mux import Execute, RedisMux, evalsha
-from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
+from tenants.scope import DUE_EXPIRING, DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
 
 from .lua import script
 from .models import SessionRecord
@@ -216,6 +216,7 @@ class SessionRepository:
             scope.provision_schedule(),
             STATS_LIVE,
             PROVISION_TENANTS,
+            DUE_EXPIRING,
         ]
         pairs: list[str | int] = []
         for k, v in (fields or {}).items():

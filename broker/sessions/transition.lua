@@ -1,7 +1,7 @@
 -- Atomic state transition of one session, with its indexes (lib.lua is prepended).
 -- KEYS: 1 session hash, 2 live zset (leases), 3 end-user zset (or ""-named dummy),
 --       4 due:expiry zset, 5 the tenant's provisioning schedule, 6 stats hash (live status -> count),
---       7 the ring of tenants with scheduled provisioning
+--       7 the ring of tenants with scheduled provisioning, 8 due:expiring zset (session.expiring)
 -- ARGV: 1 allowed from-statuses, comma separated, or "*" for any live status
 --       2 new status, or "" to keep it
 --       3 lease: "" keep | "del" release (also from the end-user zset) | score (ms)
@@ -16,6 +16,8 @@
 -- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py, and
 -- settles the session's budget reservation and billable seconds (budget_settle, composed there too).
 -- A change to ready, failed or terminated appends its event (append_event, tenants/outbox.lua).
+-- A change to ready puts the session in due:expiring at its expires_at (the worker's expiring
+-- loop records session.expiring from there, workers/expiry.py); leaving ready takes it out.
 -- Returns {1, new status, usage.threshold_reached events recorded by the settle} when applied,
 -- {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -56,6 +58,12 @@ if new ~= st and (new == 'ready' or new == 'failed' or new == 'terminated') then
 end
 
 local sid, member, tid = ARGV[7], ARGV[6], ARGV[11]
+if new ~= st and new == 'ready' then
+  local expires_at = redis.call('HGET', KEYS[1], 'expires_at')
+  if expires_at then redis.call('ZADD', KEYS[8], expires_at, member) end
+elseif new ~= st and st == 'ready' or new == 'terminated' or new == 'failed' then
+  redis.call('ZREM', KEYS[8], member)
+end
 if ARGV[3] == 'del' then
   redis.call('ZREM', KEYS[2], sid)
   redis.call('ZREM', KEYS[3], sid)

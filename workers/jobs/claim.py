@@ -28,7 +28,8 @@ import redis.asyncio as aioredis
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.lua import script
 from broker.sessions.repository import RETENTION_SECONDS
-from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member, split_due_member
+from tenants.scope import (DUE_EXPIRING, DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member,
+                           split_due_member)
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -229,7 +230,7 @@ class FinishBatch:
 
     async def _write(self, batch: list[tuple[SessionRecord, str, asyncio.Future[bool]]]) -> list[bool]:
         now = now_ms()
-        keys: list[str] = [DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE]
+        keys: list[str] = [DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, DUE_EXPIRING]
         args: list[Any] = [now, RETENTION_SECONDS]
         for rec, reason, _ in batch:
             scope = TenantScope(rec.tenant_id)
