@@ -92,7 +92,7 @@ async def fail_session(ctx: WorkerContext, rec: SessionRecord, code: str, messag
     )
     if res.applied:
         ctx.metrics.provisions.labels("failed", code).inc()
-        if res.thresholds:  # never by construction (a failed session bills 0 s: the settle only frees), counted anyway
+        if res.thresholds:  # rare: a failed session bills 0 s (its settle only frees), unless the budget changed meanwhile
             ctx.metrics.usage_thresholds.inc(res.thresholds)
     return res
 
