@@ -46,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # the upstream timeout (one full attempt of each). See :meth:`mint_window_seconds`.
     provision_margin_seconds: float | None = None
     worker_max_jobs: int = 500
+    # session.expiring is recorded this long before expires_at (contract: 60 s; workers/expiry.py)
+    session_expiring_lead_seconds: float = 60.0
     log_format: str = "json"
     log_level: str = "INFO"
     library_log_level: str = "WARNING"   # arq, httpx, httpx2, openai: INFO logs a line per job/request
@@ -103,6 +105,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             provision_margin_seconds=(None if _optional(env, "BROKER_PROVISION_MARGIN_SECONDS") is None
                                       else _number(env, "BROKER_PROVISION_MARGIN_SECONDS", 0.0, 0.0, 3600.0)),
             worker_max_jobs=int(_number(env, "BROKER_WORKER_MAX_JOBS", 500, 1, 10000)),
+            session_expiring_lead_seconds=_number(env, "BROKER_SESSION_EXPIRING_LEAD_SECONDS", 60.0, 1.0, 3600.0),
             log_format=_choice(env, "BROKER_LOG_FORMAT", "json", ("json", "console")),
             log_level=_choice(env, "BROKER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             library_log_level=_choice(env, "BROKER_LIBRARY_LOG_LEVEL", "WARNING",
