@@ -166,14 +166,12 @@ def sleeps_in(path: str, source: str) -> list[Sleep]:
     return finder.found
 
 
-def test_files(root: Path = ROOT) -> Iterator[tuple[str, str]]:
+def sources(root: Path = ROOT) -> Iterator[tuple[str, str]]:
+    """(path, text) of every Python file of tests/ but the wait helper."""
     for file in sorted((root / "tests").rglob("*.py")):
         rel = file.relative_to(root).as_posix()
         if rel != HELPER:
             yield rel, file.read_text()
-
-
-test_files.__test__ = False  # type: ignore[attr-defined]  # a generator, not a test
 
 
 def offences(files: Iterable[tuple[str, str]], allowed: dict[tuple[str, str, str], str]) -> tuple[list[Sleep], list[tuple[str, str, str]]]:
@@ -185,7 +183,7 @@ def offences(files: Iterable[tuple[str, str]], allowed: dict[tuple[str, str, str
 
 
 def test_no_sleep_is_used_as_synchronisation() -> None:
-    bare, stale = offences(test_files(), ALLOWED)
+    bare, stale = offences(sources(), ALLOWED)
     assert not bare, ("sleeps used as synchronisation (wait for the state instead, with tests/fixtures/wait.py), "
                       "or deliberate ones missing from ALLOWED with their reason:\n" + "\n".join(map(str, bare)))
     assert not stale, f"ALLOWED entries that match no sleep any more (remove them): {stale}"
@@ -220,5 +218,5 @@ def test_the_check_fails_on_a_bare_sleep_however_it_is_imported() -> None:
 
 
 def test_the_wait_helper_is_the_only_file_left_out() -> None:
-    assert HELPER not in {path for path, _ in test_files()}
+    assert HELPER not in {path for path, _ in sources()}
     assert sleeps_in(HELPER, (ROOT / HELPER).read_text()), "the helper's poll step is a sleep the check would see"
