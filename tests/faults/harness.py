@@ -31,10 +31,11 @@ from tests.fixtures.wait import wait_until as wait
 SECRETS = (ADMIN_TOKEN, PLATFORM_OPENAI_KEY, PLATFORM_AVATURN_KEY, "ek_")
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; returns the seconds it took, fails after ``timeout``."""
+def wait_until(predicate: Any, timeout: float, what: str, **options: Any) -> float:
+    """Poll ``predicate`` until true; returns the seconds it took, fails after ``timeout``
+    (``options``: those of tests.fixtures.wait.wait_until, e.g. ``state``)."""
     start = time.monotonic()
-    wait(predicate, timeout, what)
+    wait(predicate, timeout, what, **options)
     return time.monotonic() - start
 
 
