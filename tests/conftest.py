@@ -23,10 +23,10 @@ pytest_plugins = ["tests.fixtures.redis_binary", "tests.fixtures.sandbox", "test
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``serial`` assert millisecond bounds of the system under load: beside another
     test process on the same cores they measure the neighbour. Under pytest-xdist they are
-    skipped, saying so; ``make test`` runs them on one process after the parallel part."""
+    skipped, saying so; ``make test TEST_JOBS=2`` runs them on one process after the parallel part."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    skip = pytest.mark.skip(reason="serial: millisecond bounds, run on one process (make test does: pytest -m serial)")
+    skip = pytest.mark.skip(reason="serial: millisecond bounds, run on one process (make test TEST_JOBS=2 runs them after: pytest -m serial)")
     for item in items:
         if item.get_closest_marker("serial") is not None:
             item.add_marker(skip)

@@ -81,7 +81,7 @@ def _wait_settled(redis: sync_redis.Redis, tid: str, sids: list[str], timeout: f
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.serial  # millisecond bounds: the machine's cores to itself (make test runs it after -n 2)
+@pytest.mark.serial  # millisecond bounds: skipped under xdist, run after it (make test TEST_JOBS=2)
 def test_a_burst_at_the_default_pacing_is_all_ready_each_at_its_slot(harness, sandbox: Any) -> None:
     """Invariant (the issue's first report, 150 at once at the default 300 mints/min, default
     deadline 60 s): all 150 are admitted and all become ready, none fails; the k-th admitted
@@ -242,7 +242,7 @@ def _noisy_neighbour(harness: Any, sandbox: Any, *, a_per_minute: int, max_jobs:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.serial  # millisecond bounds: the machine's cores to itself (make test runs it after -n 2)
+@pytest.mark.serial  # millisecond bounds: skipped under xdist, run after it (make test TEST_JOBS=2)
 def test_a_tenants_time_to_ready_does_not_move_while_another_has_thousands_queued(harness, sandbox: Any) -> None:
     """Invariant (CONTRACT 9, fair across tenants, workers with free capacity): tenant B's time
     to ready (20 sessions, one after the other) while tenant A has 5,000 sessions queued at a
@@ -261,7 +261,7 @@ def test_a_tenants_time_to_ready_does_not_move_while_another_has_thousands_queue
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.serial  # millisecond bounds: the machine's cores to itself (make test runs it after -n 2)
+@pytest.mark.serial  # millisecond bounds: skipped under xdist, run after it (make test TEST_JOBS=2)
 def test_a_saturated_worker_shares_its_slots_round_robin(harness, sandbox: Any) -> None:
     """Invariant (CONTRACT 9, workers saturated): with A's 5,000 sessions due at once (1,000
     mints/s) and the worker's 10 slots all busy with A's 250 ms attempts, B's session is started
