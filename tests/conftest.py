@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skipped, saying so; ``make test TEST_JOBS=2`` runs them on one process after the parallel part."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    skip = pytest.mark.skip(reason="serial: millisecond bounds, run on one process (make test TEST_JOBS=2 runs them after: pytest -m serial)")
+    skip = pytest.mark.skip(reason="serial: millisecond bounds, run on one process "
+                                   "(make test TEST_JOBS=2 runs them after: pytest -m serial)")
     for item in items:
         if item.get_closest_marker("serial") is not None:
             item.add_marker(skip)
