@@ -10,9 +10,10 @@ import {
   ERROR_EXPLAINED, EventStreamSource, STATUS_RANK, TERMINAL, TERMINATION_REASONS, WAITING_FOR,
   buildTimeline, formatDuration,
 } from "./timeline.js";
+import { webhookViews } from "./webhooks.js";
 
 const $ = (id) => document.getElementById(id);
-const VIEWS = ["signin", "sessions", "new", "session", "usage"];
+const VIEWS = ["signin", "sessions", "new", "session", "usage", "webhooks", "webhook"];
 const SAFE = new Set(["GET", "HEAD"]);
 
 let csrfToken = null; // the console session's CSRF token (never the API key)
@@ -119,7 +120,8 @@ function show(view) {
   for (const name of VIEWS) $(`view-${name}`).hidden = name !== view;
   $("nav").hidden = view === "signin";
   for (const link of document.querySelectorAll("nav a")) {
-    const here = link.getAttribute("href") === `#/${view}` || (view === "session" && link.getAttribute("href") === "#/sessions");
+    const parent = { session: "#/sessions", webhook: "#/webhooks" }[view];
+    const here = link.getAttribute("href") === `#/${view}` || link.getAttribute("href") === parent;
     if (here) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
@@ -612,6 +614,13 @@ function showUsage() {
   refresh();
 }
 
+// ---- webhooks (webhooks.js) ---------------------------------------------------------------
+
+const webhooks = webhookViews({
+  api, ApiError, $, el, announce, showBanner, show, shortTime,
+  setStop: (stop) => { stopRefresh = stop; },
+});
+
 // ---- routing -------------------------------------------------------------------------------
 
 function focusTitle(view) {
@@ -622,6 +631,7 @@ function focusTitle(view) {
 function route() {
   stopRefresh();
   stopRefresh = () => {};
+  webhooks.hideSecret(); // a signing secret is shown once, on the page it was made on
   if (!signedInAs) {
     show("signin");
     $("api-key").focus();
@@ -637,6 +647,12 @@ function route() {
   } else if (hash === "#/usage") {
     showUsage();
     focusTitle("usage");
+  } else if (hash === "#/webhooks") {
+    webhooks.showList();
+    focusTitle("webhooks");
+  } else if (hash.startsWith("#/webhooks/")) {
+    webhooks.showEndpoint(decodeURIComponent(hash.slice("#/webhooks/".length)));
+    focusTitle("webhook");
   } else {
     showSessions();
     focusTitle("sessions");
