@@ -12,8 +12,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import redis
 from playwright.sync_api import Page, expect
 
+from tenants.scope import TenantScope
 from tests.fixtures.stack import Admin, ApiServer, tenant_client
 from workers.sandbox import SandboxServer
 from tests.security.support import unknown_key
@@ -563,3 +565,28 @@ def test_a_stream_refused_is_explained(page: Page, stack: tuple[ApiServer, Admin
     expect(page.locator("#s-fetch-error")).to_contain_text(re.compile("not found|no session|unknown", re.I))
     expect(page.locator("#s-live")).to_have_attribute("data-state", "stopped")
     assert len(_paths(requests, "GET", "/v1/sessions/ses_doesnotexist")) == 0
+
+
+def test_a_session_whose_events_are_gone_is_shown_as_it_is(
+    page: Page, stack: tuple[ApiServer, Admin], settings: Any
+) -> None:
+    """Invariant: a session whose events are no longer in the outbox (kept 7 days; here deleted)
+    gets an empty replay: the page then reads the session once and shows it (status, token)
+    rather than an empty timeline."""
+    api, admin = stack
+    tenant, key = admin.tenant("acme")
+    with tenant_client(api.url, key) as tenant_api:
+        sid = tenant_api.post("/v1/sessions?wait=10", json={"ttl_seconds": 120}).json()["id"]
+        token = _until_status(tenant_api, sid, "ready")["avaturn"]["token"]
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert r.delete(TenantScope(tenant["id"]).events()) == 1
+    finally:
+        r.close()
+    _sign_in(page, api.url, key)
+    requests = _requests(page)
+    page.locator("#sessions-body a", has_text=sid).click()
+    expect(_status(page)).to_have_text("ready", timeout=SLOW)
+    expect(page.get_by_label("Avaturn session token")).to_have_value(token)
+    expect(page.locator("#s-live")).to_have_attribute("data-state", "live")
+    assert len(_paths(requests, "GET", f"/v1/sessions/{sid}")) == 1

@@ -447,6 +447,7 @@ function showSession(id) {
   let last = null;
   let token = null; // the frontend token: GET once when session.ready arrives (events withhold it)
   let tokenAsked = false;
+  let noReplay = null;
   const path = `/v1/sessions/${encodeURIComponent(id)}`;
   const source = new EventStreamSource(`${path}/events`, { probe: () => probeStream(`${path}/events`) });
   const onSession = (session) => {
@@ -458,7 +459,7 @@ function showSession(id) {
     last = session;
     renderSession(session, seen, token);
   };
-  const fetchToken = async () => {
+  const readSession = async () => {
     tokenAsked = true;
     try {
       const { data } = await api("GET", path);
@@ -466,19 +467,25 @@ function showSession(id) {
       if (last && STATUS_RANK[data.status] < STATUS_RANK[last.status]) renderSession(last, seen, token);
       else onSession(data);
     } catch (error) {
-      showBanner($("s-fetch-error"), `The frontend token could not be fetched: ${error.message}`);
+      showBanner($("s-fetch-error"), `The session could not be read: ${error.message}`);
     }
   };
   source.start({
     onEvent: (event) => {
       const session = event.data && event.data.session;
       if (session) onSession(session);
-      if (session && event.type === "session.ready" && !tokenAsked) fetchToken();
+      if (session && event.type === "session.ready" && !tokenAsked) readSession();
     },
     onState: (state) => {
       $("s-live").textContent = STREAM_STATES[state] || "";
       $("s-live").dataset.state = state;
-      if (state === "live") showBanner($("s-fetch-error"), "");
+      if (state === "live") {
+        showBanner($("s-fetch-error"), "");
+        // The replay comes at once; none at all means the session's events are gone (kept
+        // 7 days): show the session as it is now, once.
+        clearTimeout(noReplay);
+        if (last === null) noReplay = setTimeout(() => { if (last === null && !tokenAsked) readSession(); }, 2000);
+      }
     },
     onError: (error) => showBanner($("s-fetch-error"), error.message),
   });
@@ -492,7 +499,7 @@ function showSession(id) {
       $("s-stop-error").textContent = error.message;
     }
   };
-  stopRefresh = () => { source.stop(); clearInterval(ticker); };
+  stopRefresh = () => { source.stop(); clearInterval(ticker); clearTimeout(noReplay); };
 }
 
 $("s-copy").addEventListener("click", async () => {
