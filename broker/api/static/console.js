@@ -474,6 +474,9 @@ function showSession(id) {
     onEvent: (event) => {
       const session = event.data && event.data.session;
       if (session) onSession(session);
+      if (session && event.type === "session.expiring" && session.expires_at) {
+        announce(`Session expires at ${localTime(session.expires_at)}.`);
+      }
       if (session && event.type === "session.ready" && !tokenAsked) readSession();
     },
     onState: (state) => {
