@@ -175,3 +175,16 @@ def test_reset_forgets_the_receivers(sandbox: SandboxProcess, http: httpx.Client
     deliver(http, sandbox.webhook_url(name), [secret])
     sandbox.reset()
     assert http.get(f"{sandbox.base_url}/_sandbox/webhooks").json() == {"receivers": {}}
+
+
+def test_first_attempt_only_lets_every_redelivery_through(sandbox: SandboxProcess, http: httpx.Client,
+                                                          name: str) -> None:
+    secret = new_secret()
+    sandbox.configure_webhooks(name, {"secrets": [secret], "first_attempt_only": True,
+                                      "fail": [{"status": 503, "rate": 1.0}]})
+    url = sandbox.webhook_url(name)
+    eid, payload = event(7)
+    send = lambda: http.post(url, content=payload, headers=signed_headers([secret], eid, int(time.time()), payload))  # noqa: E731
+    assert [send().status_code for _ in range(3)] == [503, 204, 204]
+    assert [d["nth"] for d in sandbox.webhook_deliveries(name)] == [1, 2, 3]
+    assert deliver(http, url, [secret], 8).status_code == 503  # another id: its first receipt fails

@@ -264,12 +264,14 @@ class SandboxApp:
 
     async def _delivery(self, name: str, headers: dict[str, str], raw: bytes, receive: Receive, send: Send) -> None:
         receiver = self.state.receivers.get(name)
-        delay = receiver.delay()
-        delivery = receiver.record(headers, raw, delay)
+        delivery = receiver.record(headers, raw)
+        misbehave = receiver.misbehaves(delivery)
+        delay = receiver.delay() if misbehave else 0.0
+        delivery.delay_ms = round(delay * 1000.0, 3)
         if delay and await _wait_disconnect(receive, delay):
             receiver.answered(delivery, None)  # the sender gave up first (its timeout)
             return
-        rule = receiver.pick()
+        rule = receiver.pick() if misbehave else None
         if rule is None:
             if delivery.verified:
                 reply = Reply(204)

@@ -16,7 +16,8 @@ Config (``PUT .../config``, every key optional; a PUT replaces the whole config,
      "latency_ms": 0,                                 # spent before every answer
      "slow": {"rate": 0.1, "latency_ms": 3000},       # on top, for that fraction of deliveries
      "fail": [{"status": 503, "rate": 0.3, "retry_after": 1}, {"status": 410, "count": 1}],
-     "seed": 7}
+     "first_attempt_only": false,                     # true: a redelivery of a webhook-id is neither
+     "seed": 7}                                       # slowed nor failed (a receiver that recovers)
 
 ``fail`` rules are the sandbox's (:class:`workers.sandbox.faults.FaultRule`: ``status``, ``hang``
 or ``close``; ``rate``, ``count``, ``retry_after``), tried in order, the first that fires answers.
@@ -25,7 +26,8 @@ A delivery no rule fails is answered 204 when its signature verifies with one of
 the GET lists their sha256.
 
 Each delivery is recorded as ``{"seq", "received_at" (unix seconds, real clock), "webhook_id",
-"webhook_timestamp", "verified", "verified_by" (indexes of the secrets that verify it), "error"
+"webhook_timestamp", "nth" (1 for the first receipt of that webhook-id, 2 for the next...),
+"verified", "verified_by" (indexes of the secrets that verify it), "error"
 (why it did not verify, else null), "status" (what the receiver answered, null when it dropped the
 connection or the client went away first), "delay_ms", "body" (the raw body, text)}``.
 """
@@ -63,6 +65,7 @@ class ReceiverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, o
     latency_ms: float = 0.0
     slow: SlowRule | None = None
     fail: list[FaultRule] = msgspec.field(default_factory=list)
+    first_attempt_only: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +85,7 @@ class Delivery(msgspec.Struct, kw_only=True):
     received_at: float
     webhook_id: str | None
     webhook_timestamp: str | None
+    nth: int                      # 1 for the first receipt of this webhook-id, 2 for the next...
     verified: bool
     verified_by: list[int]
     error: str | None
@@ -108,6 +112,7 @@ class Receiver:
         self.deliveries: deque[Delivery] = deque(maxlen=cap)
         self.counters: Counter[str] = Counter()
         self.seq = 0
+        self.seen: Counter[str] = Counter()   # receipts per webhook-id
         self.configure(ReceiverConfig())
 
     def configure(self, config: ReceiverConfig) -> None:
@@ -115,6 +120,10 @@ class Receiver:
         self._verifiers = [Webhook(s) for s in config.secrets]
         self._rng = random.Random(config.seed if config.seed is not None else 0)
         self._remaining = [rule.count for rule in config.fail]
+
+    def misbehaves(self, delivery: Delivery) -> bool:
+        """Whether the slow and fail rules apply to this delivery (see ``first_attempt_only``)."""
+        return delivery.nth == 1 or not self.config.first_attempt_only
 
     def delay(self) -> float:
         """Seconds to wait before answering this delivery."""
@@ -136,7 +145,7 @@ class Receiver:
             return rule
         return None
 
-    def record(self, headers: dict[str, str], body: bytes, delay: float) -> Delivery:
+    def record(self, headers: dict[str, str], body: bytes) -> Delivery:
         """Verify and record one delivery (its answer is filled in by the caller)."""
         verified_by: list[int] = []
         error: str | None = None
@@ -154,16 +163,20 @@ class Receiver:
         if verified_by:
             error = None
         self.seq += 1
+        webhook_id = headers.get("webhook-id")
+        if webhook_id is not None:
+            self.seen[webhook_id] += 1
         delivery = Delivery(
             seq=self.seq,
             received_at=time.time(),
-            webhook_id=headers.get("webhook-id"),
+            webhook_id=webhook_id,
             webhook_timestamp=headers.get("webhook-timestamp"),
+            nth=self.seen[webhook_id] if webhook_id is not None else 1,
             verified=bool(verified_by),
             verified_by=verified_by,
             error=error,
             status=None,
-            delay_ms=round(delay * 1000.0, 3),
+            delay_ms=0.0,
             body=body.decode("utf-8", errors="replace"),
         )
         self.deliveries.append(delivery)
