@@ -27,12 +27,22 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:usage:d:{yyyymmdd}   hash  {s, b, s:{eu}, b:{eu}}  sessions admitted / billable seconds (400 d)
     sb:t:{tid}:usage:h:{yyyymmddhh} hash  the same per UTC hour (31 d)
     sb:t:{tid}:events               stream  the tenant's events (evt_ + entry id; 7 days: tenants/outbox.lua)
-    sb:t:{tid}:outbox:usage         list  usage.threshold_reached records, for the event system (issue 20)
     sb:t:{tid}:wh:eps               set   the tenant's webhook endpoint ids (at most 10)
     sb:t:{tid}:wh:ep:{weid}         hash  one webhook endpoint (fields: broker/webhooks/__init__.py)
     sb:t:{tid}:wh:ep:{weid}:attempts stream its delivery attempts (capped; read newest first)
     sb:wh:tenants                   set   tenant ids with at least one webhook endpoint
+    sb:t:{tid}:wh:cursor            string  the last outbox entry id fanned out to the delivery queues
+    sb:t:{tid}:wh:q:{weid}:{sid}    list  entry ids queued for one endpoint and one session ('-' for a
+                                          tenant event), oldest first; only the head is delivered
+    sb:t:{tid}:wh:due:{weid}        zset  sid ('-') -> when its queue's head is tried next (ms): now, a
+                                          retry time or a claim's lease end (broker/webhooks/queue.py)
+    sb:t:{tid}:wh:heads:{weid}      hash  {sid}:n -> failed attempts at the queue's head, {sid}:c -> claim token
+    sb:wh:ring                      zset  "{tid}:{weid}" -> no later than the earliest score of its wh:due
+    sb:wh:pending                   string  deliveries queued, all tenants (the pending gauge)
+    sb:wh:wake                      pub/sub channel: a delivery was queued outside the fan-out (resend)
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
+    sb:due:expiring                 zset  "{tid}:{sid}" -> expires_at (ms) of a ready session whose
+                                          session.expiring event is still to come (workers/expiry.py)
     sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
     sb:sched:prov:tenants           zset  tid -> no later than the earliest score of its sched:prov
     sb:sched:prov:wake              list  wake-up tokens for idle provisioning loops (BLPOP, at most 64)
@@ -53,6 +63,7 @@ PREFIX = "sb:"
 
 TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
+DUE_EXPIRING = PREFIX + "due:expiring"  # zset: ready sessions -> expires_at, until their session.expiring
 DUE_PROVISION = PREFIX + "due:provision"
 PROVISION_TENANTS = PREFIX + "sched:prov:tenants"  # zset: tenants with scheduled provisioning work
 PROVISION_WAKE = PREFIX + "sched:prov:wake"        # list: LPUSHed when a slot is due (BLPOPped by idle workers)
@@ -62,6 +73,9 @@ SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's plac
 EVENTS_PATTERN = PREFIX + "events:*"
 OUTBOX_PATTERN = PREFIX + "t:*:events"  # tenants/outbox.lua publishes each event's id on its stream's name
 WEBHOOK_TENANTS = PREFIX + "wh:tenants"  # set: tenants with at least one webhook endpoint
+WEBHOOK_RING = PREFIX + "wh:ring"        # zset: "{tid}:{weid}" -> earliest due delivery (broker/webhooks/queue.py)
+WEBHOOK_PENDING = PREFIX + "wh:pending"  # string: deliveries queued, all tenants
+WEBHOOK_WAKE = PREFIX + "wh:wake"        # pub/sub channel: a delivery was queued outside the fan-out
 KEY_REVOCATIONS_CHANNEL = PREFIX + "keys:revoked"
 TENANT_CHANGED_CHANNEL = PREFIX + "tenants:changed"
 
@@ -165,9 +179,6 @@ class TenantScope:
             return None
         return tail[: -len(":events")]
 
-    def usage_outbox(self) -> str:
-        return self._base + "outbox:usage"
-
     # webhooks (contract section 11): the endpoints and their attempt logs (broker/webhooks/)
     def webhook_endpoints(self) -> str:
         return self._base + "wh:eps"
@@ -177,6 +188,20 @@ class TenantScope:
 
     def webhook_attempts(self, endpoint_id: str) -> str:
         return f"{self._base}wh:ep:{endpoint_id}:attempts"
+
+    # webhook delivery (broker/webhooks/queue.py): the fan-out cursor and the ordered queues
+    def webhook_cursor(self) -> str:
+        return self._base + "wh:cursor"
+
+    def webhook_queue(self, endpoint_id: str, session_id: str) -> str:
+        """list of entry ids for one endpoint and one session (``-`` for a tenant event)."""
+        return f"{self._base}wh:q:{endpoint_id}:{session_id}"
+
+    def webhook_due(self, endpoint_id: str) -> str:
+        return f"{self._base}wh:due:{endpoint_id}"
+
+    def webhook_heads(self, endpoint_id: str) -> str:
+        return f"{self._base}wh:heads:{endpoint_id}"
 
     def events_channel(self, session_id: str) -> str:
         return f"{PREFIX}events:{self.tenant_id}:{session_id}"

@@ -21,7 +21,7 @@ from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_se
 from broker.settings import Settings
 
 from .context import WorkerContext
-from .expiry import ExpiryLoop
+from .expiry import ExpiringLoop, ExpiryLoop
 from .jobs.common import REDIS_ERRORS
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
@@ -92,6 +92,7 @@ class BrokerWorker:
         self.ctx: dict[str, Any] = {"broker_worker": self}  # arq's ctx, passed to the jobs
         self.provisioning: ProvisioningLoop | None = None
         self.expiry: ExpiryLoop | None = None
+        self.expiring: ExpiringLoop | None = None
         self._started = False
         self._signalled = False
         self._last_warning = 0.0
@@ -137,6 +138,7 @@ class BrokerWorker:
         self.expiry = ctx["expiry"] = ExpiryLoop(wc).start()  # ends due sessions (workers/expiry.py)
         ctx["claims"] = self.expiry.claims            # the stop jobs claim through the same script
         ctx["keeper"] = self.expiry.keeper            # and their claims are renewed with the loop's
+        self.expiring = ctx["expiring"] = ExpiringLoop(wc).start()  # session.expiring events (workers/expiry.py)
         self.provisioning = ctx["provisioning"] = ProvisioningLoop(wc).start()  # workers/provisioning.py
         if self.gc_thresholds is not None:
             tune_gc(self.gc_thresholds)  # everything alive now (modules, SDK, clients) out of the collector's way
@@ -147,6 +149,8 @@ class BrokerWorker:
             await ctx["provisioning"].stop()  # what is cut off is taken again after its lease
         if ctx.get("expiry"):
             await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
+        if ctx.get("expiring"):
+            await ctx["expiring"].stop()
         # cancelled and waited for: one cut off inside a pipeline must leave it (and give its
         # connection back) before the clients close, or the pipeline is left holding it
         background = [task for task in (ctx.get("heartbeat"), ctx.get("shared_gauges")) if task]
