@@ -9,7 +9,9 @@
 -- a failure: `failing_since` is set if it was empty; then
 --   'gone' (410), or `now - failing_since >= failing_ms`: the endpoint is disabled (reason gone /
 --   failing) and `webhook_endpoint.disabled` is appended to the tenant's outbox in this same
---   step, the head popped (the claim drops the rest of its queues);
+--   step, the head popped (the claim drops the rest of its queues): endpoint_gone /
+--   endpoint_failing are counted once per endpoint disabled;
+--   an endpoint already disabled (by another attempt, by the tenant): due now, for the claim to drop;
 --   else after the last attempt (`give_up`): the head is popped (given up), the next is due now;
 --   else the head is tried again at `retry_at` (attempt count = `attempt`).
 -- ARGV (after the templates): tenant id, endpoint id, session, entry id, token, result
@@ -69,16 +71,22 @@ if result == 'gone' then
 elseif now - fs >= failing_ms then
   reason = 'failing'
 end
-if reason ~= '' then
-  if redis.call('HGET', ekey, 'disabled') ~= '1' then
-    redis.call('HSET', ekey, 'disabled', '1', 'disabled_reason', reason, 'disabled_at', fmt(now))
-    local url = redis.call('HGET', ekey, 'url') or ''
-    append_tenant_event(string.format(T.base, tid), 'webhook_endpoint.disabled',
-      cjson.encode({id = weid, url = url, disabled_reason = reason}), '')
-  end
+if reason ~= '' and redis.call('HGET', ekey, 'disabled') ~= '1' then
+  redis.call('HSET', ekey, 'disabled', '1', 'disabled_reason', reason, 'disabled_at', fmt(now))
+  local url = redis.call('HGET', ekey, 'url') or ''
+  append_tenant_event(string.format(T.base, tid), 'webhook_endpoint.disabled',
+    cjson.encode({id = weid, url = url, disabled_reason = reason}), '')
   pop_head()
   if reason == 'gone' then return 'endpoint_gone' end
   return 'endpoint_failing'
+end
+if redis.call('HGET', ekey, 'disabled') == '1' then
+  -- disabled meanwhile (another attempt, the tenant): the claim drops its queues, this one too
+  redis.call('HSET', heads, sid .. ':n', attempt)
+  redis.call('HDEL', heads, sid .. ':c')
+  redis.call('ZADD', due, fmt(now), sid)
+  redis.call('ZADD', RING, 'LT', fmt(now), member)
+  return 'retry'
 end
 if give_up == '1' then
   pop_head()

@@ -178,3 +178,164 @@ async def test_retry_schedule_retry_after_and_give_up(
 
 async def _logged(redis: aioredis.Redis, weid: str, n: int) -> bool:
     return await redis.xlen(TenantScope(TID).webhook_attempts(weid)) >= n
+
+
+async def test_410_disables_at_once_and_records_the_event(
+        redis: aioredis.Redis, cipher: CredentialCipher, receiver: Receiver, start: Any) -> None:
+    gone, s1 = await create_endpoint(redis, cipher, TID, receiver.expect("gone"))
+    watch, s2 = await create_endpoint(redis, cipher, TID, receiver.expect("watch"))
+    receiver.expect("gone", s1, rule=lambda rec, n: (410, 0.0, {}))
+    receiver.expect("watch", s2)
+    d = await start()
+    first = "evt_" + await session_event(redis, TID, "sess_g", "session.created")
+    await until(lambda: receiver.of("gone", 410), what="the 410")
+    # the endpoint is disabled and webhook_endpoint.disabled delivered to the other endpoint
+    await until(lambda: any(r.event["type"] == "webhook_endpoint.disabled" for r in receiver.of("watch")),
+                what="webhook_endpoint.disabled delivered")
+    ep = await redis.hgetall(TenantScope(TID).webhook_endpoint(gone))
+    assert ep[b"disabled"] == b"1" and ep[b"disabled_reason"] == b"gone" and ep[b"disabled_at"] != b""
+    event = next(r.event for r in receiver.of("watch") if r.event["type"] == "webhook_endpoint.disabled")
+    assert event["data"] == {"id": gone, "url": receiver.url("gone"), "disabled_reason": "gone"}
+    # later events are not fanned out to it; one POST only, no retry
+    await session_event(redis, TID, "sess_g", "session.ready", status="ready")
+    await until(lambda: len(receiver.of("watch")) == 3, what="the ready event at the other endpoint")
+    assert [r.webhook_id for r in receiver.of("gone", None)] == [first]
+    assert d.metrics.registry.get_sample_value("broker_webhook_deliveries_total", {"outcome": "endpoint_gone"}) == 1
+    await until(lambda: _pending_is(redis, 0), what="nothing left queued")
+
+
+async def test_five_days_failing_disables_with_the_event(
+        redis: aioredis.Redis, cipher: CredentialCipher, receiver: Receiver, start: Any) -> None:
+    clock = Clock()
+    bad, s1 = await create_endpoint(redis, cipher, TID, receiver.expect("bad"))
+    watch, s2 = await create_endpoint(redis, cipher, TID, receiver.expect("watch"), events="webhook_endpoint.disabled")
+    receiver.expect("bad", s1, rule=lambda rec, n: (500, 0.0, {}))
+    receiver.expect("watch", s2)
+    d = await start(clock=clock)
+    await session_event(redis, TID, "sess_1", "session.created")
+    await until(lambda: _logged(redis, bad, 1), what="first failure")
+    ep_key = TenantScope(TID).webhook_endpoint(bad)
+    first_failure = int(await redis.hget(ep_key, "failing_since"))
+    # 4 days later a failure does not disable it (the first retry, due long ago)
+    clock.advance(4 * DAY_MS)
+    d.poke()
+    await until(lambda: _logged(redis, bad, 2), what="second failure")
+    assert await redis.hget(ep_key, "disabled") == b"0"
+    assert int(await redis.hget(ep_key, "failing_since")) == first_failure
+    # 5 days after the first failure, the next failure (a new session's event) disables it
+    clock.advance(DAY_MS + 1000)
+    await session_event(redis, TID, "sess_2", "session.created")
+    await until(lambda: redis.hget(ep_key, "disabled_reason"), what="disabled")
+    assert await redis.hget(ep_key, "disabled_reason") == b"failing"
+    await until(lambda: receiver.of("watch"), what="webhook_endpoint.disabled delivered")
+    assert receiver.of("watch")[0].event["data"]["disabled_reason"] == "failing"
+    assert d.metrics.registry.get_sample_value("broker_webhook_deliveries_total",
+                                               {"outcome": "endpoint_failing"}) == 1
+    # sess_1's delivery still queued is dropped, with its line in the attempt log
+    await until(lambda: _pending_is(redis, 0), what="the disabled endpoint's queues dropped")
+    log = await attempts(redis, bad)
+    assert [e["error"] for e in log][-1] == "endpoint_disabled"
+    assert not receiver.unverified
+
+
+async def test_a_success_clears_failing_since(
+        redis: aioredis.Redis, cipher: CredentialCipher, receiver: Receiver, start: Any) -> None:
+    clock = Clock()
+    weid, s1 = await create_endpoint(redis, cipher, TID, receiver.expect("flaky"))
+    receiver.expect("flaky", s1, rule=lambda rec, n: (500 if n == 1 else 200, 0.0, {}))
+    await start(clock=clock)
+    await session_event(redis, TID, "sess_1", "session.created")
+    ep_key = TenantScope(TID).webhook_endpoint(weid)
+    await until(lambda: redis.hget(ep_key, "failing_since"), what="failing")
+    clock.advance(6000)
+    await until(lambda: receiver.of("flaky"), what="delivered on the retry")
+    await until(lambda: _pending_is(redis, 0))
+    assert await redis.hget(ep_key, "failing_since") == b""
+
+
+async def test_a_slow_endpoint_does_not_delay_another(
+        redis: aioredis.Redis, cipher: CredentialCipher, receiver: Receiver, start: Any) -> None:
+    slow, s1 = await create_endpoint(redis, cipher, TID, receiver.expect("slow"))
+    fast, s2 = await create_endpoint(redis, cipher, TID, receiver.expect("fast"))
+    receiver.expect("slow", s1, rule=lambda rec, n: (200, 4.0, {}))
+    receiver.expect("fast", s2)
+    d = await start(max_in_flight=16, per_endpoint=4)
+    t0 = time.monotonic()
+    for i in range(40):
+        await session_event(redis, TID, f"sess_{i}", "session.created")
+    await until(lambda: len(receiver.of("fast")) == 40, timeout=10, what="the fast endpoint's 40")
+    fast_done = time.monotonic() - t0
+    # the slow receiver answers after 4 s: meanwhile the fast one got everything (bound generous:
+    # the slow endpoint holds at most per_endpoint = 4 of the 16 slots)
+    assert fast_done < 3.5, fast_done
+    assert len(receiver.of("slow")) <= 4
+    assert receiver.max_in_flight["slow"] <= 4
+    assert d.in_flight >= 1
+    assert not receiver.unverified
+
+
+async def test_rotation_signs_with_both_secrets_for_24_hours(
+        redis: aioredis.Redis, cipher: CredentialCipher, receiver: Receiver, start: Any) -> None:
+    from broker.webhooks.signing import new_secret
+
+    clock = Clock()
+    old, new = new_secret(), new_secret()
+    until_ms = clock() + DAY_MS
+    weid, _ = await create_endpoint(redis, cipher, TID, receiver.expect("rot"), secret=new,
+                                    prev_secret_enc=cipher.encrypt(old), prev_secret_until=str(until_ms))
+    receiver.expect("rot", new)
+    await start(clock=clock)
+    await session_event(redis, TID, "sess_1", "session.created")
+    await until(lambda: receiver.of("rot"), what="delivery during the rotation")
+    first = receiver.of("rot")[0]
+    assert len(first.headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        Webhook(secret).verify(first.body, first.headers)
+    clock.offset += DAY_MS + 1000  # the 24 h are over
+    await session_event(redis, TID, "sess_2", "session.created")
+    await until(lambda: len(receiver.of("rot")) == 2, what="delivery after the rotation")
+    second = receiver.of("rot")[1]
+    assert len(second.headers["webhook-signature"].split(" ")) == 1
+    Webhook(new).verify(second.body, second.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(second.body, second.headers)
+    assert not receiver.unverified
+
+
+async def test_a_name_resolving_to_loopback_is_refused_before_connecting(
+        redis: aioredis.Redis, cipher: CredentialCipher, start: Any) -> None:
+    connections = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(count, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        weid, _ = await create_endpoint(redis, cipher, TID, f"https://localhost:{port}/hook")
+        await start(allow_private=False)
+        await session_event(redis, TID, "sess_1", "session.created")
+        await until(lambda: _logged(redis, weid, 1), what="the refused attempt")
+        log = await attempts(redis, weid)
+        assert log[0]["error"] == "address_not_public" and log[0]["status"] == ""
+        assert connections == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_body_is_the_event_as_the_api_renders_it(
+        redis: aioredis.Redis, cipher: CredentialCipher, receiver: Receiver, start: Any) -> None:
+    from broker.sessions.outbox import EventLog
+
+    weid, s1 = await create_endpoint(redis, cipher, TID, receiver.expect("b"))
+    receiver.expect("b", s1)
+    await start()
+    await session_event(redis, TID, "sess_1", "session.created")
+    await until(lambda: receiver.of("b"), what="delivery")
+    page = await EventLog(redis).page(TID)
+    import msgspec
+    assert receiver.of("b")[0].body == msgspec.json.encode(page.data[0])
+    assert receiver.of("b")[0].webhook_id == page.data[0].id
