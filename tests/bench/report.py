@@ -177,7 +177,7 @@ def _webhook_rows(m: dict[str, Any]) -> list[Row]:
     adm = m["webhook_admission"]
     with_rps, without_rps = adm["with_endpoint"]["rps"], adm["without"]["rps"]
     r = _ratio(with_rps, without_rps)
-    out.append(Row("admission throughput, tenant with a webhook endpoint", with_rps, "req/s", without_rps,
+    out.append(Row("admission throughput, tenant with a webhook endpoint (worker paused)", with_rps, "req/s", without_rps,
                    "tenant without", r, ">= 0.9x", r >= 0.9))
     if "webhook_lateness" in m:
         late = m["webhook_lateness"]
