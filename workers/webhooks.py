@@ -219,12 +219,12 @@ class WebhookDelivery:
     def _spawn(self, d: Delivery) -> None:
         key = (d.tenant_id, d.endpoint_id, d.session)
         running = self._running.get(key)
-        if running is not None:
+        if running is not None and running.entry_id == d.entry_id:
             # its lease lapsed while this worker still delivers it (a stalled loop, a Redis
             # blip): this claim only renewed it; the POST in flight completes with its token
-            if running.entry_id == d.entry_id:
-                running.token = d.token
+            running.token = d.token
             return
+        # (a running one with another entry has completed: its task is only ending)
         self._running[key] = d
         task = asyncio.create_task(self._deliver(d))
         self._in_flight.add(task)
