@@ -113,8 +113,8 @@ class ApiMetrics:
         )
         self.usage_thresholds = Counter(
             "broker_usage_thresholds_total",
-            "usage.threshold_reached records (50/80/100 % of a budget, once per period) written by admissions "
-            "of this process.", registry=r,
+            "usage.threshold_reached events (50/80/100 % of a budget, once per period) recorded by this process: "
+            "by its admissions (API) or by the budget settle of the sessions it ended (worker).", registry=r,
         )
         self.redis_errors = Counter(
             "broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",

@@ -46,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # the upstream timeout (one full attempt of each). See :meth:`mint_window_seconds`.
     provision_margin_seconds: float | None = None
     worker_max_jobs: int = 500
+    # session.expiring is recorded this long before expires_at (contract: 60 s; workers/expiry.py)
+    session_expiring_lead_seconds: float = 60.0
     log_format: str = "json"
     log_level: str = "INFO"
     library_log_level: str = "WARNING"   # arq, httpx, httpx2, openai: INFO logs a line per job/request
@@ -58,12 +60,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Tracing (broker/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
     otel_traces_exporter: str = "none"
     otel_service_name: str | None = None
+    # Webhooks (contract section 11): http and private/loopback endpoint addresses (development, tests)
+    webhook_allow_private: bool = False
 
     def __repr__(self) -> str:  # never print secrets
         return (
             f"Settings(redis_url={_redact_url(self.redis_url)!r}, admin_token={'set' if self.admin_token else None}, "
             f"secret_keys={len(self.secret_keys)} key(s), openai_base_url={self.openai_base_url!r}, "
-            f"avaturn_base_url={self.avaturn_base_url!r})"
+            f"avaturn_base_url={self.avaturn_base_url!r}, webhook_allow_private={self.webhook_allow_private})"
         )
 
     __str__ = __repr__
@@ -101,6 +105,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             provision_margin_seconds=(None if _optional(env, "BROKER_PROVISION_MARGIN_SECONDS") is None
                                       else _number(env, "BROKER_PROVISION_MARGIN_SECONDS", 0.0, 0.0, 3600.0)),
             worker_max_jobs=int(_number(env, "BROKER_WORKER_MAX_JOBS", 500, 1, 10000)),
+            session_expiring_lead_seconds=_number(env, "BROKER_SESSION_EXPIRING_LEAD_SECONDS", 60.0, 1.0, 3600.0),
             log_format=_choice(env, "BROKER_LOG_FORMAT", "json", ("json", "console")),
             log_level=_choice(env, "BROKER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             library_log_level=_choice(env, "BROKER_LIBRARY_LOG_LEVEL", "WARNING",
@@ -112,6 +117,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             http_body_timeout_seconds=_number(env, "BROKER_HTTP_BODY_TIMEOUT_SECONDS", 30.0, 0.1, 600.0),
             otel_traces_exporter=_traces_exporter(env),
             otel_service_name=_optional(env, "OTEL_SERVICE_NAME"),
+            webhook_allow_private=_bool(env, "BROKER_WEBHOOK_ALLOW_PRIVATE", False),
         )
 
 
@@ -216,6 +222,19 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
         if raw.lower() == choice.lower():
             return choice
     raise SettingsError(f"{name} must be one of {', '.join(choices)}")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``true``/``false`` (any case; also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    raw = _optional(env, name)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false")
 
 
 def _traces_exporter(env: Mapping[str, str]) -> str:

@@ -96,8 +96,9 @@ RefusalCode = Literal[
     "rate_limited", "concurrency_limit", "daily_quota_exhausted", "end_user_limit", "provisioning_backlog"
 ]
 
-# the GCRA (mint_rate.lua), budget.lua's functions (budget_admit) and the outbox's append_event prepended
-_SOURCE = with_budget(lua_library() + outbox_lua() + resources.files(__package__).joinpath("admission.lua").read_text())
+# prepended: the outbox (append_event, append_tenant_event) first, as budget.lua's thresholds call
+# it; then budget.lua's functions (budget_admit) and the GCRA (mint_rate.lua)
+_SOURCE = outbox_lua() + with_budget(lua_library() + resources.files(__package__).joinpath("admission.lua").read_text())
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 

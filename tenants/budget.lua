@@ -1,40 +1,50 @@
 -- Session-second budgets and usage counters (tenants/budgets.py explains the rules).
 -- Composed (prepended) into tenants/admission.lua (budget_admit) and into every script that
 -- records a terminal status (budget_settle: broker/sessions/transition.lua,
--- workers/jobs/finish.lua, through broker/sessions/terminal.py). Defines Lua functions only.
+-- workers/jobs/finish.lua, through broker/sessions/terminal.py). Defines Lua functions only,
+-- and calls append_tenant_event (tenants/outbox.lua): the outbox must be prepended BEFORE this
+-- file (a Lua local function is visible only after its definition).
 --
 -- Keys, all under the tenant's base (TenantScope.base(): the same names as tenants/scope.py's
--- TenantScope.budget_month / budget_end_users / usage_day / usage_hour / usage_outbox):
+-- TenantScope.budget_month / budget_end_users / usage_day / usage_hour):
 --   budget:{yyyymm}      hash used, reserved, t50/t80/t100 (threshold recorded)        month + 40 d
 --   budget:{yyyymm}:eu   hash u:{eu}, r:{eu}, t50:{eu}... (the same, per end user)     month + 40 d
 --   usage:d:{yyyymmdd}   hash s, b, s:{eu}, b:{eu} (sessions admitted, billable seconds)  400 d
 --   usage:h:{yyyymmddhh} hash (the same per UTC hour)                                     31 d
---   outbox:usage         list of JSON usage.threshold_reached records (oldest first, capped)
+--   events               the tenant's event stream: usage.threshold_reached (append_tenant_event)
 -- A session's seconds count in the month, day and hour in which it was admitted (its
 -- reservation lives there); the session hash keeps where (budget_base, budget_period,
 -- budget_reserved, budget_limits, usage_day, usage_hour) so the settle needs no clock.
 
 local BUDGET_MIN_TTL = 10
 local BUDGET_THRESHOLDS = {50, 80, 100}
-local BUDGET_OUTBOX_CAP = 1000
 
 local function budget_int(n)
   return string.format('%d', n)
 end
 
+-- "2026-11-01T00:00:00Z": the ISO start of the UTC month after `period` (yyyymm), i.e. when it ends.
+local function budget_period_end(period)
+  local y, m = tonumber(string.sub(period, 1, 4)), tonumber(string.sub(period, 5, 6))
+  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+  return string.format('%04d-%02d-01T00:00:00Z', y, m)
+end
+
 -- Record each threshold of one budget that committed seconds (used + reserved) reach, once
--- per period (flag field HSETNX in the budget hash); returns how many were recorded.
-local function budget_thresholds(base, hkey, flag_suffix, budget, limit, committed, period, end_user, now)
+-- per period (flag field HSETNX in the budget hash): a usage.threshold_reached event in the
+-- tenant's event stream, in this same step. Returns how many were recorded.
+local function budget_thresholds(base, hkey, flag_suffix, budget, limit, used, reserved, period, end_user, now)
   if limit < 0 then return 0 end
+  local committed = used + reserved
   local n = 0
   for _, pct in ipairs(BUDGET_THRESHOLDS) do
     if committed * 100 >= pct * limit and
         redis.call('HSETNX', hkey, 't' .. pct .. flag_suffix, budget_int(now)) == 1 then
-      local event = {type = 'usage.threshold_reached', budget = budget, percent = pct, limit = limit,
-                     committed = committed, period = period, at_ms = now}
-      if end_user ~= '' then event.end_user = end_user end
-      redis.call('RPUSH', base .. 'outbox:usage', cjson.encode(event))
-      redis.call('LTRIM', base .. 'outbox:usage', -BUDGET_OUTBOX_CAP, -1)
+      local data = {budget = budget, percent = pct, limit = limit, used = used, reserved = reserved,
+                    committed = committed, period = string.sub(period, 1, 4) .. '-' .. string.sub(period, 5, 6),
+                    period_end = budget_period_end(period)}
+      if end_user ~= '' then data.end_user = end_user end
+      append_tenant_event(base, 'usage.threshold_reached', cjson.encode(data), '')
       n = n + 1
     end
   end
@@ -80,13 +90,13 @@ local function budget_admit(base, spec_json, session_key)
   redis.call('HINCRBY', mkey, 'reserved', granted)
   redis.call('EXPIRE', mkey, keep_month)
   local crossed = budget_thresholds(base, mkey, '', 'session_seconds_per_month', spec.m,
-                                    m_used + m_res + granted, spec.p, '', now)
+                                    m_used, m_res + granted, spec.p, '', now)
   if eu ~= '' then
     redis.call('HINCRBY', ekey, 'r:' .. eu, granted)
     redis.call('EXPIRE', ekey, keep_month)
     if spec.e >= 0 then
       crossed = crossed + budget_thresholds(base, ekey, ':' .. eu, 'session_seconds_per_end_user_per_month',
-                                            spec.e, e_used + e_res + granted, spec.p, eu, now)
+                                            spec.e, e_used, e_res + granted, spec.p, eu, now)
     end
   end
   for _, w in ipairs({{'usage:d:' .. spec.d, 400 * 86400}, {'usage:h:' .. spec.h, 31 * 86400}}) do
@@ -107,10 +117,14 @@ end
 -- ready) once, add it to the period's used seconds and the usage windows, and return the
 -- session's reservation at once. end_ms: the terminal time (nil: the hash's terminated_at,
 -- else Redis's clock). A record admitted before budgets existed only gets billable_seconds.
+-- Returns how many usage.threshold_reached events it recorded (the caller counts them in
+-- broker_usage_thresholds_total): a settle crosses a threshold when the session's billable
+-- seconds exceed its reservation (it was billed until it actually ended: expiry lateness,
+-- rounding up, a DELETE retried upstream while terminating).
 local function budget_settle(session_key, end_ms)
   local f = redis.call('HMGET', session_key, 'billable_seconds', 'ready_at', 'terminated_at', 'end_user',
                        'budget_base', 'budget_period', 'budget_reserved', 'budget_limits', 'usage_day', 'usage_hour')
-  if f[1] then return end
+  if f[1] then return 0 end
   if not end_ms then
     end_ms = tonumber(f[3] or '')
     if not end_ms or end_ms <= 0 then
@@ -123,21 +137,22 @@ local function budget_settle(session_key, end_ms)
   if ready > 0 then billable = math.max(0, math.ceil((end_ms - ready) / 1000)) end
   redis.call('HSET', session_key, 'billable_seconds', billable)
   local base, period = f[5], f[6]
-  if not base or not period then return end
+  if not base or not period then return 0 end
   local eu, reserved = f[4] or '', tonumber(f[7] or '0')
   local limits = {}
   for v in string.gmatch(f[8] or '-1,-1', '[^,]+') do limits[#limits + 1] = tonumber(v) end
   local mkey = base .. 'budget:' .. period
-  if redis.call('EXISTS', mkey) == 0 then return end  -- the period's accounting has expired (40 d after it)
+  if redis.call('EXISTS', mkey) == 0 then return 0 end  -- the period's accounting has expired (40 d after it)
   local used = redis.call('HINCRBY', mkey, 'used', billable)
   local res = redis.call('HINCRBY', mkey, 'reserved', -reserved)
-  budget_thresholds(base, mkey, '', 'session_seconds_per_month', limits[1] or -1, used + res, period, '', end_ms)
+  local crossed = budget_thresholds(base, mkey, '', 'session_seconds_per_month', limits[1] or -1, used, res,
+                                    period, '', end_ms)
   if eu ~= '' then
     local ekey = mkey .. ':eu'
     local e_used = redis.call('HINCRBY', ekey, 'u:' .. eu, billable)
     local e_res = redis.call('HINCRBY', ekey, 'r:' .. eu, -reserved)
-    budget_thresholds(base, ekey, ':' .. eu, 'session_seconds_per_end_user_per_month', limits[2] or -1,
-                      e_used + e_res, period, eu, end_ms)
+    crossed = crossed + budget_thresholds(base, ekey, ':' .. eu, 'session_seconds_per_end_user_per_month',
+                                          limits[2] or -1, e_used, e_res, period, eu, end_ms)
   end
   for _, w in ipairs({'usage:d:' .. (f[9] or ''), 'usage:h:' .. (f[10] or '')}) do
     if billable > 0 and redis.call('EXISTS', base .. w) == 1 then
@@ -145,4 +160,5 @@ local function budget_settle(session_key, end_ms)
       if eu ~= '' then redis.call('HINCRBY', base .. w, 'b:' .. eu, billable) end
     end
   end
+  return crossed
 end

@@ -25,11 +25,14 @@ Budget changes (admin PATCH) apply to the next admission; a live session keeps t
 it was admitted under for its threshold records, and runs to its reserved end even when the
 budget was lowered below what is used. A session counts in the month it was admitted in.
 
-Threshold records: when committed seconds (``used + reserved``) reach 50, 80 and 100 % of a
-budget, a ``usage.threshold_reached`` record is appended to the tenant's
-``outbox:usage`` list, once per budget per period (a flag in the budget hash), in the same
-step as the reservation or settle that crossed it. Webhook delivery comes with the event
-system (issue 20), which is to drain this list.
+Thresholds: when committed seconds (``used + reserved``) reach 50, 80 and 100 % of a
+budget, a ``usage.threshold_reached`` event is appended to the tenant's event stream
+(``append_tenant_event``, tenants/outbox.lua), once per budget (and end user) per period (a
+flag in the budget hash), in the same step as the reservation or settle that crossed it. Its
+``data``: ``budget``, ``percent``, ``limit``, ``used``, ``reserved``, ``committed``,
+``period`` (``YYYY-MM``), ``period_end`` and ``end_user`` for the per-end-user budget. Both
+steps return how many they recorded (``broker_usage_thresholds_total``). A settle crosses one
+when the session's billable seconds exceed its reservation (billed until it actually ended).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ _SOURCE = resources.files(__package__).joinpath("budget.lua").read_text()
 
 def lua_functions() -> str:
     """``budget.lua``: the Lua functions ``budget_admit`` and ``budget_settle`` (and helpers),
-    to prepend to a script that calls them."""
+    to prepend to a script that calls them, AFTER the outbox's (tenants/outbox.py), whose
+    ``append_tenant_event`` they call."""
     return _SOURCE
 
 
@@ -174,8 +178,3 @@ async def read_budgets(
         )
     return out
 
-
-async def threshold_records(redis: aioredis.Redis, tenant_id: str) -> list[dict[str, object]]:
-    """The tenant's ``usage.threshold_reached`` records still in its outbox list, oldest first."""
-    raw = await redis.lrange(TenantScope(tenant_id).usage_outbox(), 0, -1)
-    return [msgspec.json.decode(r) for r in raw]

@@ -39,7 +39,7 @@ local function append_event(hkey, etype)
 end
 
 -- A tenant event that is not a session's (usage.threshold_reached, webhook_endpoint.disabled,
--- test.ping): `base` is the tenant's key base (`sb:t:{tid}:`), `data_json` the event's `data`
+-- test.ping): `base` is the tenant's key base (TenantScope.base(), ending in a colon), `data_json` the event's `data`
 -- object as JSON (never a secret), `endpoint_id` (optional, '' for none) restricts its webhook
 -- delivery to that one endpoint (test.ping). Same stream, retention and wake-up as append_event.
 local function append_tenant_event(base, etype, data_json, endpoint_id)

@@ -27,7 +27,6 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:usage:d:{yyyymmdd}   hash  {s, b, s:{eu}, b:{eu}}  sessions admitted / billable seconds (400 d)
     sb:t:{tid}:usage:h:{yyyymmddhh} hash  the same per UTC hour (31 d)
     sb:t:{tid}:events               stream  the tenant's events (evt_ + entry id; 7 days: tenants/outbox.lua)
-    sb:t:{tid}:outbox:usage         list  usage.threshold_reached records, for the event system (issue 20)
     sb:t:{tid}:wh:eps               set   the tenant's webhook endpoint ids (at most 10)
     sb:t:{tid}:wh:ep:{weid}         hash  one webhook endpoint (fields: broker/webhooks/__init__.py)
     sb:t:{tid}:wh:ep:{weid}:attempts stream its delivery attempts (capped; read newest first)
@@ -42,6 +41,8 @@ Layout (prefix ``sb:``)::
     sb:wh:pending                   string  deliveries queued, all tenants (the pending gauge)
     sb:wh:wake                      pub/sub channel: a delivery was queued outside the fan-out (resend)
     sb:due:expiry                   zset  "{tid}:{sid}" -> expires_at (ms)   (sweeper)
+    sb:due:expiring                 zset  "{tid}:{sid}" -> expires_at (ms) of a ready session whose
+                                          session.expiring event is still to come (workers/expiry.py)
     sb:due:provision                zset  no longer written (before issue 15: provisioning deadlines)
     sb:sched:prov:tenants           zset  tid -> no later than the earliest score of its sched:prov
     sb:sched:prov:wake              list  wake-up tokens for idle provisioning loops (BLPOP, at most 64)
@@ -62,6 +63,7 @@ PREFIX = "sb:"
 
 TENANTS_INDEX = PREFIX + "tenants"
 DUE_EXPIRY = PREFIX + "due:expiry"
+DUE_EXPIRING = PREFIX + "due:expiring"  # zset: ready sessions -> expires_at, until their session.expiring
 DUE_PROVISION = PREFIX + "due:provision"
 PROVISION_TENANTS = PREFIX + "sched:prov:tenants"  # zset: tenants with scheduled provisioning work
 PROVISION_WAKE = PREFIX + "sched:prov:wake"        # list: LPUSHed when a slot is due (BLPOPped by idle workers)
@@ -69,6 +71,9 @@ PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
+# what precedes "{tid}:" in every tenant key: for Lua that builds a session key from a
+# "{tid}:{sid}" member (TenantScope(tid).session(sid) = TENANT_KEYS + tid + ":s:" + sid)
+TENANT_KEYS = PREFIX + "t:"
 OUTBOX_PATTERN = PREFIX + "t:*:events"  # tenants/outbox.lua publishes each event's id on its stream's name
 WEBHOOK_TENANTS = PREFIX + "wh:tenants"  # set: tenants with at least one webhook endpoint
 WEBHOOK_RING = PREFIX + "wh:ring"        # zset: "{tid}:{weid}" -> earliest due delivery (broker/webhooks/queue.py)
@@ -176,9 +181,6 @@ class TenantScope:
         if head or not sep or not tail.endswith(":events"):
             return None
         return tail[: -len(":events")]
-
-    def usage_outbox(self) -> str:
-        return self._base + "outbox:usage"
 
     # webhooks (contract section 11): the endpoints and their attempt logs (broker/webhooks/)
     def webhook_endpoints(self) -> str:

@@ -23,6 +23,17 @@ on by itself; an unexpected error is logged and the loop goes on.
 
 Idle cost: one pipelined pair of ``ZRANGEBYSCORE`` per ``MAX_SLEEP_S`` per worker (4
 commands/s), none of them inside a script.
+
+Next to it, :class:`ExpiringLoop` records ``session.expiring`` (contract section 11: 60 s
+before ``expires_at``, or at ready for a shorter session). The step that makes a session ready
+(``transition.lua``) puts it in ``sb:due:expiring`` at its ``expires_at``; the loop takes the
+entries due within the lead time and records each one's event in one atomic step per batch
+(``jobs/expiring.lua``): only while the session is still ``ready``, once (the entry is removed
+and a flag set in the session hash in that step: two workers racing record it once). Leaving
+``ready`` removes the entry. A session ready with less than the lead left is due at once. The
+loop sleeps until the next entry is due, at most ``MAX_SLEEP_S``: an event is late by at most
+that (a session that becomes ready while it sleeps) plus one script call. Idle cost: one
+script call per ``MAX_SLEEP_S`` per worker.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ import logging
 import time
 
 from broker.logs import log_context
+from broker.sessions.lua import script
 from broker.sessions.models import SessionRecord, now_ms
+from tenants.scope import DUE_EXPIRING, TENANT_KEYS
 
 from .context import WorkerContext
 from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper, FinishBatch, TerminationClaims
@@ -54,6 +67,8 @@ MIN_TICK_S = 0.02          # between two batches while sessions are due
 STOP_GRACE_MS = 1_000
 REDIS_DOWN_PAUSE_S = 0.5
 ERROR_PAUSE_S = 1.0
+EXPIRING_BATCH = 500       # session.expiring events recorded per script call at most
+_EXPIRING = script("expiring.lua", "workers.jobs")
 
 
 class ExpiryLoop:
@@ -160,3 +175,62 @@ class ExpiryLoop:
         if time.monotonic() - self._last_warning > 5:
             self._last_warning = time.monotonic()
             log.warning(message, *args)
+
+
+class ExpiringLoop:
+    """Records ``session.expiring`` ``lead_s`` (default: the setting
+    ``BROKER_SESSION_EXPIRING_LEAD_SECONDS``, 60 s) before each ready session's ``expires_at``
+    (see the module's docstring). One per worker process; any number may run."""
+
+    def __init__(self, ctx: WorkerContext, *, lead_s: float | None = None, batch: int = EXPIRING_BATCH,
+                 max_sleep: float = MAX_SLEEP_S) -> None:
+        self.ctx = ctx
+        lead = ctx.settings.session_expiring_lead_seconds if lead_s is None else lead_s
+        self.lead_ms = int(lead * 1000)
+        self.batch = batch
+        self.max_sleep = max_sleep
+        self.recorded = 0          # events this loop recorded
+        self._script = ctx.redis.register_script(_EXPIRING)
+        self._task: asyncio.Task[None] | None = None
+        self._last_warning = 0.0
+
+    def start(self) -> ExpiringLoop:
+        self._task = asyncio.create_task(self.run(), name="expiring-loop")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                delay = await self.step()
+            except asyncio.CancelledError:
+                raise
+            except REDIS_ERRORS as exc:
+                self.ctx.metrics.redis_errors.labels("expiry").inc()
+                if time.monotonic() - self._last_warning > 5:
+                    self._last_warning = time.monotonic()
+                    log.warning("redis unreachable (%s); the expiring loop keeps retrying", type(exc).__name__)
+                delay = REDIS_DOWN_PAUSE_S
+            except Exception:
+                log.exception("expiring loop iteration failed; going on")
+                delay = ERROR_PAUSE_S
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def step(self) -> float:
+        """Record the events now due (one script call); returns how long to sleep."""
+        now = now_ms()
+        recorded, taken, next_score = await self._script(
+            keys=[DUE_EXPIRING], args=[now + self.lead_ms, self.batch, TENANT_KEYS, now])
+        self.recorded += int(recorded)
+        if int(taken) >= self.batch:
+            return MIN_TICK_S  # more may be due
+        if next_score is None:
+            return self.max_sleep
+        until_next = (float(next_score) - self.lead_ms - now_ms()) / 1000
+        return min(self.max_sleep, max(0.001, until_next))

@@ -1,5 +1,5 @@
-"""Running one worker process: the provisioning, expiry and webhook delivery loops, arq (stop jobs, the sweeper's
-cron, its health record) through its documented API, plus the metrics/health HTTP endpoint on
+"""Running one worker process: the provisioning, expiry and webhook delivery loops, arq (stop
+jobs, the sweeper's cron, its health record) through its documented API, plus the metrics/health HTTP endpoint on
 ``--metrics-port``."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_se
 from broker.settings import Settings
 
 from .context import WorkerContext
-from .expiry import ExpiryLoop
+from .expiry import ExpiringLoop, ExpiryLoop
 from .jobs.common import REDIS_ERRORS
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
@@ -69,8 +69,8 @@ class Health:
 
 class BrokerWorker:
     """One worker process's work: the provisioning loop (``workers/provisioning.py``), the
-    expiry loop (``workers/expiry.py``) and the webhook delivery (``workers/webhooks.py``), which are ours, and an arq ``Worker``, used through its
-    documented API for what it does as shipped: the stop jobs (``terminate_session``, enqueued
+    expiry loop (``workers/expiry.py``) and the webhook delivery (``workers/webhooks.py``),
+    which are ours, and an arq ``Worker``, used through its documented API for what it does as shipped: the stop jobs (``terminate_session``, enqueued
     with ``ArqRedis.enqueue_job``), the sweeper's cron and its health record.
 
     Redis going away never ends the process: our loops pause and resume by themselves, and
@@ -94,6 +94,7 @@ class BrokerWorker:
         self.ctx: dict[str, Any] = {"broker_worker": self}  # arq's ctx, passed to the jobs
         self.provisioning: ProvisioningLoop | None = None
         self.expiry: ExpiryLoop | None = None
+        self.expiring: ExpiringLoop | None = None
         self.webhooks: WebhookDelivery | None = None
         self._started = False
         self._signalled = False
@@ -140,6 +141,7 @@ class BrokerWorker:
         self.expiry = ctx["expiry"] = ExpiryLoop(wc).start()  # ends due sessions (workers/expiry.py)
         ctx["claims"] = self.expiry.claims            # the stop jobs claim through the same script
         ctx["keeper"] = self.expiry.keeper            # and their claims are renewed with the loop's
+        self.expiring = ctx["expiring"] = ExpiringLoop(wc).start()  # session.expiring events (workers/expiry.py)
         self.provisioning = ctx["provisioning"] = ProvisioningLoop(wc).start()  # workers/provisioning.py
         self.webhooks = ctx["webhooks"] = webhook_delivery(wc).start()  # fan-out and delivery: workers/webhooks.py
         if self.gc_thresholds is not None:
@@ -153,6 +155,8 @@ class BrokerWorker:
             await ctx["webhooks"].stop()  # likewise: a POST cut off is delivered again after its lease
         if ctx.get("expiry"):
             await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
+        if ctx.get("expiring"):
+            await ctx["expiring"].stop()
         # cancelled and waited for: one cut off inside a pipeline must leave it (and give its
         # connection back) before the clients close, or the pipeline is left holding it
         background = [task for task in (ctx.get("heartbeat"), ctx.get("shared_gauges")) if task]

@@ -99,6 +99,10 @@ class WorkerMetrics:
         self.billable_seconds = Counter("broker_billable_seconds_total",
                                         "Billable session seconds (ready -> terminated) of the sessions this worker "
                                         "terminated, by tenant (top N, else 'other').", ["tenant"], registry=r)
+        self.usage_thresholds = Counter("broker_usage_thresholds_total",
+                                        "usage.threshold_reached events (50/80/100 % of a budget, once per period) "
+                                        "recorded by this process: by the budget settle of the sessions it ended "
+                                        "(a session billed past its reservation).", registry=r)
         self.redis_errors = Counter("broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
                                     ["source"], registry=r)
         # webhook delivery (workers/webhooks.py)

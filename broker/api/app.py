@@ -22,6 +22,7 @@ from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.repository import SessionRepository
 from broker.sessions.service import SessionService
 from broker.settings import Settings
+from broker.webhooks.endpoints import WebhookEndpoints
 from tenants.auth import KeyAuthenticator
 from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
@@ -38,6 +39,7 @@ from .tenant_routes import tenant_router
 from .event_routes import event_router
 from .event_stream import StreamSlots
 from .usage_routes import admin_usage_router, tenant_usage_router
+from .webhook_routes import webhook_router
 
 MAX_BODY = 64 * 1024
 ALL_SURFACES = ("tenant", "admin", "ops", "metrics")
@@ -86,6 +88,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
             auth=auth,
             events=events,
             event_streams=StreamSlots(),  # open SSE streams per tenant (issue 20)
+            webhooks=WebhookEndpoints(redis, cipher, settings.webhook_allow_private),  # issue 20
             metrics=metrics,
             sessions=SessionService(
                 SessionRepository(redis, mux), JobQueue(arq), provision_deadline_s=settings.provision_deadline_seconds,
@@ -112,6 +115,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
         handlers.append(tenant_router)
         handlers.append(tenant_usage_router)  # GET /v1/usage/history (issue 21)
         handlers.append(event_router)  # GET /v1/events (issue 20)
+        handlers.append(webhook_router)  # /v1/webhook_endpoints, POST /v1/events/{id}/resend (issue 20)
         handlers.extend(console_routers)  # the web console: its page, files and sign-in (tenant surface)
     if "admin" in surfaces and settings.admin_token:
         handlers.append(admin_router)

@@ -23,6 +23,10 @@ from litestar import Litestar
 
 from broker.sessions.models import SessionList, SessionView
 from broker.sessions.outbox import EVENT_TYPES
+from broker.webhooks.endpoints import (
+    MAX_DESCRIPTION, MAX_ENDPOINTS, AttemptPage, EndpointDeleted, EndpointView, EndpointWithSecret,
+)
+from broker.webhooks.urls import MAX_URL_LENGTH
 from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
 from tenants.models import (
     MAX_SESSION_SECONDS_CAP, ApiKeyCreated, ApiKeyMeta, ApiKeyRevoked, TenantDisabled, TenantView,
@@ -143,6 +147,17 @@ TENANT_CREATE = obj({"name": _NAME, **_TENANT_FIELDS}, ("name",))
 TENANT_PATCH = obj({"name": nullable(_NAME), "status": nullable({"enum": ["active", "disabled"]}), **_TENANT_FIELDS})
 KEY_CREATE = obj({"not_after": nullable({"type": "string", "format": "date-time"})})
 KEY_ROTATE = obj({"overlap_seconds": integer(0, MAX_ROTATION_OVERLAP_SECONDS)})
+_WEBHOOK_URL = text(1, MAX_URL_LENGTH, description="https URL whose host resolves to public addresses only (http and "
+                                                   "private addresses with BROKER_WEBHOOK_ALLOW_PRIVATE=true)")
+_WEBHOOK_EVENTS = nullable({"type": "array", "minItems": 1, "items": {"enum": list(EVENT_TYPES)},
+                            "description": "The event types delivered to the endpoint; null or left out: every type."})
+_WEBHOOK_DESCRIPTION = nullable(text(0, MAX_DESCRIPTION, description="free text without control characters"))
+WEBHOOK_CREATE = obj({"url": _WEBHOOK_URL, "events": _WEBHOOK_EVENTS, "description": _WEBHOOK_DESCRIPTION}, ("url",))
+WEBHOOK_PATCH = obj({"url": _WEBHOOK_URL, "events": _WEBHOOK_EVENTS, "description": _WEBHOOK_DESCRIPTION,
+                     "disabled": {"type": "boolean", "description": "false re-enables a disabled endpoint; true "
+                                                                    "disables it (disabled_reason: tenant)"}})
+EVENT_RESEND = obj({"endpoint_id": nullable(text(1, description="An endpoint id (we_...); default: every enabled "
+                                                                   "endpoint whose events filter matches."))})
 
 # ---- response bodies -----------------------------------------------------------------------
 
@@ -162,7 +177,7 @@ def _model_components() -> J:
     """Response schemas generated from the msgspec models, closed and with readable names."""
     _, components = msgspec.json.schema_components(
         [SessionView, SessionList, TenantView, TenantDisabled, ApiKeyMeta, ApiKeyRevoked, ApiKeyCreated, UsageSnapshot,
-         BudgetUsage, Window, TenantWindow],
+         BudgetUsage, Window, TenantWindow, EndpointView, EndpointWithSecret, EndpointDeleted, AttemptPage],
         ref_template=REF + "{name}",
     )
     raw = msgspec.json.encode(components).decode()
@@ -176,6 +191,12 @@ def _model_components() -> J:
     session = out["SessionView"]["properties"]
     session["status"] = {"enum": STATUSES}
     session["termination_reason"] = nullable({"enum": REASONS})
+    for name in ("EndpointView", "EndpointWithSecret"):
+        endpoint = out[name]["properties"]
+        endpoint["disabled_reason"] = nullable({"enum": ["gone", "failing", "tenant"]})
+        endpoint["events"] = nullable({"type": "array", "items": {"enum": list(EVENT_TYPES)}})
+    out["EndpointWithSecret"]["properties"]["secret"] = text(7, pattern="^whsec_[A-Za-z0-9+/=]+$",
+                                                             description="Shown in this answer only.")
     return out
 
 
@@ -212,6 +233,13 @@ def components() -> J:
                       "data": {"type": "object", "description": "Session events: sequence (1, 2, 3... per session) "
                                                                 "and session (the session object as of the event)."}},
                      ("id", "type", "created_at", "data")),
+        "WebhookEndpointCreate": WEBHOOK_CREATE,
+        "WebhookEndpointPatch": WEBHOOK_PATCH,
+        "EventResend": EVENT_RESEND,
+        "EndpointList": obj({"data": {"type": "array", "maxItems": MAX_ENDPOINTS, "items": ref("EndpointView")}},
+                            ("data",)),
+        "EventResent": obj({"event_id": text(), "endpoint_ids": {"type": "array", "items": text()}},
+                           ("event_id", "endpoint_ids")),
         "EventList": obj({"data": {"type": "array", "items": ref("Event")}, "next_cursor": nullable(text())},
                          ("data", "next_cursor")),
     }
@@ -233,7 +261,9 @@ _REASONS_BY_STATUS = {
          "its limit, used and reserved seconds and period_end; retry after Retry-After (the period's end).",
     403: "The tenant is disabled.", 404: "Not found (another tenant's id answers exactly like an unknown one).",
     409: "A request with this Idempotency-Key is still being admitted (`idempotency_key_in_flight`); on the "
-         "admin API: another tenant has this name (`tenant_name_taken`).", 413: "The body is larger than 64 KiB.",
+         "admin API: another tenant has this name (`tenant_name_taken`); webhooks: the tenant has "
+         f"{MAX_ENDPOINTS} endpoints already (`webhook_endpoint_limit`, with `limit` and `current`), or the "
+         "endpoint is disabled (`webhook_endpoint_disabled`).", 413: "The body is larger than 64 KiB.",
     415: "The body is not JSON, or its Content-Type names a charset other than UTF-8.",
     422: "The Idempotency-Key was used with another body.",
     429: ("A quota is exhausted (`rate_limited`, `concurrency_limit`, `daily_quota_exhausted`, `end_user_limit`), "
@@ -277,6 +307,8 @@ def _body(schema: str) -> J:
 _SID = _path("session_id", "A session id (ses_...).")
 _TID = _path("tenant_id", "A tenant id (ten_...).")
 _KID = _path("key_id", "An API key id (key_...).")
+_WEID = _path("endpoint_id", "A webhook endpoint id (we_...).")
+_EID = _path("event_id", "An event id (evt_...).")
 _LIMIT = _query("limit", integer(1, 100), "Page size, 1..100 (default 20).")
 _CURSOR = _query("cursor", {"type": "string"}, "The next_cursor of the previous page.")
 _LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False, "schema": text(1),
@@ -295,6 +327,7 @@ _TOO_MANY_STREAMS = {"description": "`too_many_streams`: the tenant has as many 
 _CREATED = {"Location": {**_HEADER, "required": True}, **_RATELIMIT}
 _TENANT_ERRORS = (401, 403, 503)
 _ADMIN_ERRORS = (401, 503)
+_WEBHOOK_BODY = (400, *_TENANT_ERRORS, 413, 415)
 
 # (method, path) -> parameters, body schema, success responses, error statuses
 OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple[int, ...]]] = {
@@ -355,6 +388,38 @@ OPERATIONS: dict[tuple[str, str], tuple[list[J], str | None, dict[int, J], tuple
         {200: _SSE_OK("The session's events from its first (after Last-Event-ID when sent); "
                       "ends after session.failed or session.terminated."), 429: _TOO_MANY_STREAMS},
         (400, *_TENANT_ERRORS, 404),
+    ),
+    ("post", "/v1/webhook_endpoints"): (
+        [], "WebhookEndpointCreate",
+        {201: _ok("EndpointWithSecret", "Created; the signing secret is shown this once.")}, (*_WEBHOOK_BODY, 409),
+    ),
+    ("get", "/v1/webhook_endpoints"): ([], None, {200: _ok("EndpointList", "The endpoints, oldest first.")},
+                                       _TENANT_ERRORS),
+    ("get", "/v1/webhook_endpoints/{endpoint_id}"): ([_WEID], None, {200: _ok("EndpointView", "The endpoint.")},
+                                                     (*_TENANT_ERRORS, 404)),
+    ("patch", "/v1/webhook_endpoints/{endpoint_id}"): (
+        [_WEID], "WebhookEndpointPatch", {200: _ok("EndpointView", "Updated.")}, (*_WEBHOOK_BODY, 404),
+    ),
+    ("delete", "/v1/webhook_endpoints/{endpoint_id}"): (
+        [_WEID], None, {200: _ok("EndpointDeleted", "Deleted, with its attempt log.")}, (*_TENANT_ERRORS, 404),
+    ),
+    ("post", "/v1/webhook_endpoints/{endpoint_id}/rotate_secret"): (
+        [_WEID], None,
+        {200: _ok("EndpointWithSecret", "The new secret, shown this once; the old one also signs for 24 h.")},
+        (*_TENANT_ERRORS, 404),
+    ),
+    ("post", "/v1/webhook_endpoints/{endpoint_id}/test"): (
+        [_WEID], None, {202: _ok("Event", "A test.ping event, delivered to this endpoint only.")},
+        (*_TENANT_ERRORS, 404, 409),
+    ),
+    ("get", "/v1/webhook_endpoints/{endpoint_id}/attempts"): (
+        [_WEID, _LIMIT, _query("cursor", {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"},
+                               "The next_cursor of the previous page.")],
+        None, {200: _ok("AttemptPage", "Delivery attempts, newest first.")}, (400, *_TENANT_ERRORS, 404),
+    ),
+    ("post", "/v1/events/{event_id}/resend"): (
+        [_EID], "EventResend", {202: _ok("EventResent", "Queued for delivery to these endpoints.")},
+        (*_WEBHOOK_BODY, 404, 409),
     ),
     ("post", "/admin/v1/tenants"): ([], "TenantCreate", {201: _ok("TenantView", "Created.")},
                                     (400, *_ADMIN_ERRORS, 409, 413, 415)),

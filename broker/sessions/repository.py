@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.redis_mux import Execute, RedisMux, evalsha
-from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
+from tenants.scope import DUE_EXPIRING, DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
 
 from .lua import script
 from .models import SessionRecord
@@ -27,7 +27,10 @@ Score = int | str  # "" keep, "del" remove, or an int score
 
 
 class TransitionResult:
-    __slots__ = ("applied", "status", "missing")
+    """``thresholds``: the ``usage.threshold_reached`` events the budget settle of a terminal
+    transition recorded (tenants/budget.lua), for ``broker_usage_thresholds_total``."""
+
+    __slots__ = ("applied", "status", "missing", "thresholds")
 
     def __init__(self, raw: list[Any]) -> None:
         code = int(raw[0])
@@ -35,9 +38,10 @@ class TransitionResult:
         self.missing = code == -1
         status = raw[1]
         self.status = status.decode() if isinstance(status, bytes) else str(status)
+        self.thresholds = int(raw[2]) if len(raw) > 2 else 0
 
     def __repr__(self) -> str:
-        return f"TransitionResult(applied={self.applied}, status={self.status!r})"
+        return f"TransitionResult(applied={self.applied}, status={self.status!r}, thresholds={self.thresholds})"
 
 
 def _text(member: bytes | str) -> str:
@@ -212,6 +216,7 @@ class SessionRepository:
             scope.provision_schedule(),
             STATS_LIVE,
             PROVISION_TENANTS,
+            DUE_EXPIRING,
         ]
         pairs: list[str | int] = []
         for k, v in (fields or {}).items():

@@ -26,5 +26,6 @@ def with_terminal_drop(script: str) -> str:
     """``script`` with the Lua table ``TERMINAL_DROP`` defined before it, and the budget settle
     ``budget_settle(session_key, end_ms)`` (tenants/budget.lua) that the same scripts call where
     they record a terminal status (billable_seconds, budgets, usage windows: issue 21), and the
-    outbox's ``append_event(session_key, type)`` (tenants/outbox.lua: issue 20)."""
-    return _LUA + budget_lua() + outbox_lua() + script
+    outbox's ``append_event(session_key, type)`` (tenants/outbox.lua: issue 20). The outbox
+    comes before the budget functions, which call its ``append_tenant_event`` (thresholds)."""
+    return _LUA + outbox_lua() + budget_lua() + script

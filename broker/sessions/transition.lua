@@ -1,7 +1,7 @@
 -- Atomic state transition of one session, with its indexes (lib.lua is prepended).
 -- KEYS: 1 session hash, 2 live zset (leases), 3 end-user zset (or ""-named dummy),
 --       4 due:expiry zset, 5 the tenant's provisioning schedule, 6 stats hash (live status -> count),
---       7 the ring of tenants with scheduled provisioning
+--       7 the ring of tenants with scheduled provisioning, 8 due:expiring zset (session.expiring)
 -- ARGV: 1 allowed from-statuses, comma separated, or "*" for any live status
 --       2 new status, or "" to keep it
 --       3 lease: "" keep | "del" release (also from the end-user zset) | score (ms)
@@ -16,7 +16,10 @@
 -- no longer needs: TERMINAL_DROP, defined before this script by broker/sessions/terminal.py, and
 -- settles the session's budget reservation and billable seconds (budget_settle, composed there too).
 -- A change to ready, failed or terminated appends its event (append_event, tenants/outbox.lua).
--- Returns {1, new status} when applied, {0, current status} when not allowed, {-1, ""} if missing.
+-- A change to ready puts the session in due:expiring at its expires_at (the worker's expiring
+-- loop records session.expiring from there, workers/expiry.py); leaving ready takes it out.
+-- Returns {1, new status, usage.threshold_reached events recorded by the settle} when applied,
+-- {0, current status} when not allowed, {-1, ""} if missing.
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {-1, ''} end
 local allowed = false
@@ -47,13 +50,20 @@ if #ARGV >= i then
   redis.call('HDEL', KEYS[1], unpack(dels))
 end
 if new == 'terminated' or new == 'failed' then redis.call('HDEL', KEYS[1], unpack(TERMINAL_DROP)) end
-if new ~= st and (new == 'terminated' or new == 'failed') then budget_settle(KEYS[1], nil) end  -- tenants/budget.lua
+local crossed = 0
+if new ~= st and (new == 'terminated' or new == 'failed') then crossed = budget_settle(KEYS[1], nil) end  -- tenants/budget.lua
 -- the change's event, in this same step, once the record holds the new state (tenants/outbox.lua)
 if new ~= st and (new == 'ready' or new == 'failed' or new == 'terminated') then
   append_event(KEYS[1], 'session.' .. new)
 end
 
 local sid, member, tid = ARGV[7], ARGV[6], ARGV[11]
+if new ~= st and new == 'ready' then
+  local expires_at = redis.call('HGET', KEYS[1], 'expires_at')
+  if expires_at then redis.call('ZADD', KEYS[8], expires_at, member) end
+elseif new ~= st and st == 'ready' or new == 'terminated' or new == 'failed' then
+  redis.call('ZREM', KEYS[8], member)
+end
 if ARGV[3] == 'del' then
   redis.call('ZREM', KEYS[2], sid)
   redis.call('ZREM', KEYS[3], sid)
@@ -66,4 +76,4 @@ if ARGV[5] == 'del' then unschedule(KEYS[5], KEYS[7], tid, sid)
 elseif ARGV[5] ~= '' then schedule(KEYS[5], KEYS[7], tid, sid, ARGV[5]) end
 if ARGV[9] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[9]) end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], new) end
-return {1, new}
+return {1, new, crossed}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import redis
 
 from tests.fixtures.stack import Admin, tenant_client, wait_status
@@ -120,3 +121,25 @@ def test_get_events_pages_oldest_first_filters_and_is_tenant_scoped(api, worker,
             r = a.get("/v1/events", params=params)
             assert r.status_code == 400, (params, r.text)
             assert r.json()["error"]["field"] == field
+
+
+def test_usage_thresholds_are_events_listed_by_type(api, worker, admin: Admin) -> None:
+    """Invariant: each threshold of a budget crossed by an admission is one
+    usage.threshold_reached event in GET /v1/events (filterable by type), counted by the API's
+    broker_usage_thresholds_total; a refused admission records none."""
+    _, key = admin.tenant("budgeted", quotas={"session_seconds_per_month": 100})
+    with tenant_client(api.url, key) as c:
+        assert c.post("/v1/sessions", json={"ttl_seconds": 60}).status_code == 202   # 60 %: 50
+        assert c.post("/v1/sessions", json={"ttl_seconds": 60}).status_code == 202   # cut to 40: 80, 100
+        assert c.post("/v1/sessions", json={"ttl_seconds": 60}).status_code == 402   # nothing left
+        r = c.get("/v1/events", params={"type": "usage.threshold_reached"})
+        assert r.status_code == 200, r.text
+        events = r.json()["data"]
+    assert [e["data"]["percent"] for e in events] == [50, 80, 100]
+    first = events[0]["data"]
+    assert (first["budget"], first["limit"], first["used"], first["reserved"], first["committed"]) == (
+        "session_seconds_per_month", 100, 0, 60, 60)
+    assert first["period_end"].endswith("-01T00:00:00Z") and len(first["period"]) == 7
+    assert all("sequence" not in e["data"] and "end_user" not in e["data"] for e in events)
+    metrics = httpx.get(f"{api.url}/metrics").text
+    assert "broker_usage_thresholds_total 3.0" in metrics

@@ -25,7 +25,7 @@ def _step(name: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
 
-PARTS = ("admission", "tenants", "ready", "worker", "terminations", "scheduler")
+PARTS = ("admission", "budget", "tenants", "ready", "worker", "terminations", "scheduler")
 
 
 def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
@@ -38,6 +38,9 @@ def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
         adm = scenarios.api_floor_and_admission(stack)
         m["baseline_a"] = {"saturation": adm["baseline_a_saturation"], "half_load": adm["baseline_a_half_load"]}
         m["admission"] = {"saturation": adm["admission_saturation"], "half_load": adm["admission_half_load"]}
+    if "budget" in want:
+        _step("admission with a budget set vs without, worker not running")
+        m["budget"] = scenarios.admission_with_budget(stack)
     if "tenants" in want:
         _step(f"admission latency with 10 and {TENANTS} tenants")
         m["tenants"] = scale.tenants_scaling(stack, TENANTS, m["admission"]["saturation"]["rps"] / 2)

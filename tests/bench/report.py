@@ -48,6 +48,8 @@ def rows(m: dict[str, Any]) -> list[Row]:
         out += _worker_rows(m)
     if "terminations" in m:
         out += _termination_rows(m)
+    if "budget" in m:
+        out += _budget_rows(m)
     if "tenants" in m:
         out += _tenant_rows(m)
     if "noisy_neighbour" in m:
@@ -72,6 +74,26 @@ def _admission_rows(m: dict[str, Any]) -> list[Row]:
         out.append(Row(f"admission {p} at 50% load ({adm_half['rps']:.0f} req/s)", v, "ms", a_half[f"{p}_ms"],
                        f"A at {a_half['rps']:.0f} req/s", _ratio(v, a_half[f"{p}_ms"]),
                        "<= 10 ms" if p == "p99" else "", v <= 10 if p == "p99" else None))
+    return out
+
+
+def _budget_rows(m: dict[str, Any]) -> list[Row]:
+    """Issue 21: admission with a budget set within 10 % of without (same run, alternating slices)."""
+    out: list[Row] = []
+    b = m["budget"]
+    none, budget = b["none_saturation"]["rps"], b["budget_saturation"]["rps"]
+    r = _ratio(budget, none)
+    out.append(Row("admission throughput with a budget set", budget, "req/s", none, "no budget", r, ">= 0.9x",
+                   r >= 0.9))
+    nh, bh = b["none_half_load"], b["budget_half_load"]
+    for p in ("p50", "p99"):
+        v, base = bh[f"{p}_ms"], nh[f"{p}_ms"]
+        r = _ratio(v, base)
+        out.append(Row(f"admission {p} with a budget set ({bh['rps']:.0f} req/s)", v, "ms", base,
+                       f"no budget at {nh['rps']:.0f} req/s", r, "<= 1.1x" if p == "p99" else "",
+                       r <= 1.1 if p == "p99" else None))
+    out.append(Row("seconds reserved by the budgeted tenant's admissions (the budget was in play)",
+                   b["budget_reserved_seconds"], "s"))
     return out
 
 

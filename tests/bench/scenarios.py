@@ -11,6 +11,9 @@ import time
 from datetime import datetime
 from typing import Any
 
+from tenants.budgets import period as budget_period
+from tenants.scope import TenantScope
+
 from .load import Answer, RunStats, closed_loop, fixed_rate, merge, pct, saturate
 from .stack import BenchTenant, Stack
 
@@ -74,6 +77,45 @@ def api_floor_and_admission(stack: Stack) -> dict[str, Any]:
     out["admission_half_load"] = merge(adm_runs).as_dict()
     out["admission_half_load"]["slices_p99_ms"] = [round(r.p99, 3) for r in adm_runs]
     stack.stop_proc("baseline_a")
+    stack.flush_sessions()
+    return out
+
+
+BUDGET_SECONDS = 1_000_000_000  # the largest budget: never exhausted (nor 50 % reached) by a run
+
+
+def admission_with_budget(stack: Stack) -> dict[str, Any]:
+    """Issue 21: POST /v1/sessions of a tenant with a monthly budget set against one without,
+    the same body, at saturation and then both at the same rate (half the no-budget saturation),
+    in alternating slices as in :func:`api_floor_and_admission` (whatever else runs on the
+    machine weighs on both alike). Run with no worker process."""
+    api = stack.procs["api"]
+    url = api.url + "/v1/sessions"
+    plain = stack.tenant("bench-no-budget").key
+    with_budget = stack.tenant("bench-budget", session_seconds_per_month=BUDGET_SECONDS)
+    budgeted = with_budget.key
+    saturate(url, [plain], method="POST", body=CREATE_BODY, seconds=2)  # warm-ups
+    saturate(url, [budgeted], method="POST", body=CREATE_BODY, seconds=2)
+    out: dict[str, Any] = {}
+    runs: dict[str, list[RunStats]] = {"none": [], "budget": []}
+    for _ in range(SAT_SLICES):
+        for name, key in (("none", plain), ("budget", budgeted)):
+            runs[name].append(saturate(url, [key], method="POST", body=CREATE_BODY, seconds=SAT_SECONDS / SAT_SLICES))
+    out["none_saturation"] = merge(runs["none"]).as_dict()
+    out["budget_saturation"] = merge(runs["budget"]).as_dict()
+    rate = out["none_saturation"]["rps"] / 2
+    runs = {"none": [], "budget": []}
+    for _ in range(HALF_SLICES):
+        for name, key in (("none", plain), ("budget", budgeted)):
+            runs[name].append(fixed_rate(url, [key], rate, method="POST", body=CREATE_BODY,
+                                         seconds=HALF_SECONDS / HALF_SLICES))
+    out["none_half_load"] = merge(runs["none"]).as_dict()
+    out["budget_half_load"] = merge(runs["budget"]).as_dict()
+    for name in ("none", "budget"):
+        out[f"{name}_half_load"]["slices_p99_ms"] = [round(r.p99, 3) for r in runs[name]]
+    # the budget was in play: every admission of the budgeted tenant reserved its 3600 s
+    month = TenantScope(with_budget.id).budget_month(budget_period(int(time.time() * 1000))[0])
+    out["budget_reserved_seconds"] = int(stack.r.hget(month, "reserved") or 0)
     stack.flush_sessions()
     return out
 

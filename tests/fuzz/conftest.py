@@ -55,8 +55,12 @@ class LiveBroker:
     url: str
     tenant_key: str
     tenant_id: str
-    # path template -> path parameters of objects that exist (a fuzzer's random ids only ever reach 404)
+    # path template (or "METHOD template" for one method only) -> path parameters of objects that exist
+    # (a fuzzer's random ids only ever reach 404)
     known_ids: dict[str, list[dict[str, str]]]
+
+    def ids_for(self, method: str, path: str) -> list[dict[str, str]]:
+        return self.known_ids.get(f"{method.upper()} {path}") or self.known_ids.get(path, [])
 
     def headers_for(self, path: str) -> dict[str, str]:
         token = ADMIN_TOKEN if path.startswith("/admin/") else self.tenant_key
@@ -92,11 +96,21 @@ def live_broker(redis_server: EmbeddedRedis, sandbox_server: SandboxServer) -> I
             key_ids = [admin.post(f"/admin/v1/tenants/{target_id}/keys").json()["id"] for _ in range(6)]
         with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as tenant:
             session_ids = [tenant.post("/v1/sessions").json()["id"] for _ in range(3)]
+            # webhook endpoints (a literal public address: no DNS): one for the fuzzed DELETE alone
+            endpoint_id, doomed_id = (
+                tenant.post("/v1/webhook_endpoints", json={"url": "https://93.184.216.34/hook"}).json()["id"]
+                for _ in range(2))
+            event_ids = [e["id"] for e in tenant.get("/v1/events").json()["data"]]
+        endpoint = [{"endpoint_id": endpoint_id}]
         tenant_ids = [{"tenant_id": target_id}]
         known_ids = {
             "/v1/sessions/{session_id}": [{"session_id": sid} for sid in session_ids],
             **{f"/admin/v1/tenants/{{tenant_id}}{suffix}": tenant_ids for suffix in ("", "/disable", "/enable", "/keys")},
             "/admin/v1/tenants/{tenant_id}/keys/{key_id}": [{"tenant_id": target_id, "key_id": key_ids[0]}],
+            **{f"/v1/webhook_endpoints/{{endpoint_id}}{suffix}": endpoint
+               for suffix in ("", "/rotate_secret", "/test", "/attempts")},
+            "DELETE /v1/webhook_endpoints/{endpoint_id}": [{"endpoint_id": doomed_id}],
+            "/v1/events/{event_id}/resend": [{"event_id": eid} for eid in event_ids],
             "/admin/v1/tenants/{tenant_id}/keys/{key_id}/rotate": [
                 {"tenant_id": target_id, "key_id": k} for k in key_ids[1:]
             ],

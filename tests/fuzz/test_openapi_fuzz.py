@@ -112,7 +112,7 @@ def test_fuzz_operation(label: str, mode: GenerationMode, live_broker: LiveBroke
     strategy = st.one_of(
         operation.as_strategy(generation_mode=mode),
         *(operation.as_strategy(generation_mode=mode, path_parameters=ids)
-          for ids in live_broker.known_ids.get(operation.path, [])),
+          for ids in live_broker.ids_for(operation.method, operation.path)),
     )
 
     @seed(fuzz_budget.seed)

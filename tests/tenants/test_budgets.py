@@ -17,7 +17,8 @@ from broker.errors import InvalidInput
 from broker.sessions.models import SessionRecord
 from broker.sessions.repository import SessionRepository
 from tenants.admission import AdmissionRequest, Admitted, admit
-from tenants.budgets import BudgetExhausted, read_budgets, threshold_records
+from broker.sessions.outbox import EventLog
+from tenants.budgets import BudgetExhausted, read_budgets
 from tenants.models import Quotas
 from tenants.quotas import build_quotas
 from tenants.scope import TenantScope
@@ -192,19 +193,62 @@ async def test_end_user_budget_is_separate_per_end_user(redis: aioredis.Redis) -
     assert budgets["session_seconds_per_month"].reserved == 220
 
 
+async def thresholds(redis: aioredis.Redis, tenant: str = "ten_b") -> list[dict[str, Any]]:
+    """The tenant's usage.threshold_reached events as GET /v1/events?type=... lists them."""
+    page = await EventLog(redis).page(tenant, types=frozenset({"usage.threshold_reached"}), limit=100)
+    assert all(e.type == "usage.threshold_reached" for e in page.data)
+    return [e.data for e in page.data]
+
+
 async def test_thresholds_are_recorded_once_per_period(redis: aioredis.Redis) -> None:
-    """Invariant: 50/80/100 % of committed seconds each give one record per period, written by
-    the reservation that crossed it; a new period records them again."""
+    """Invariant: 50/80/100 % of committed seconds each give one event per period, written by
+    the reservation that crossed it (the admission returns how many); a new period records
+    them again."""
     q = quotas(session_seconds_per_month=100)
+    crossed = []
     for i, ttl in enumerate((40, 10, 20, 30)):  # 40, 50 (50 %), 70, 100 (80 %, 100 %)
-        assert isinstance(await admit(redis, req(f"ses_{i}", T0, q, ttl)), Admitted)
+        got = await admit(redis, req(f"ses_{i}", T0, q, ttl))
+        assert isinstance(got, Admitted) and got.budget is not None
+        crossed.append(got.budget.thresholds)
+    assert crossed == [0, 1, 0, 2]
     await end(redis, "ten_b", "ses_0", ready_at=T0, at=T0 + 1000)  # frees 39: back below 80 %
-    assert isinstance(await admit(redis, req("ses_9", T0, q, 39)), Admitted)  # 100 % again: no record
-    records = await threshold_records(redis, "ten_b")
-    assert [r["percent"] for r in records] == [50, 80, 100]
-    assert all(r["type"] == "usage.threshold_reached" and r["period"] == "202611" for r in records)
+    assert isinstance(await admit(redis, req("ses_9", T0, q, 39)), Admitted)  # 100 % again: no event
+    events = await thresholds(redis)
+    assert [e["percent"] for e in events] == [50, 80, 100]
+    assert events[0] == {"budget": "session_seconds_per_month", "percent": 50, "limit": 100, "used": 0,
+                         "reserved": 50, "committed": 50, "period": "2026-11", "period_end": "2026-12-01T00:00:00Z"}
+    assert (events[2]["used"], events[2]["reserved"], events[2]["committed"]) == (0, 100, 100)
     assert isinstance(await admit(redis, req("ses_dec", DEC1, q, 60)), Admitted)
-    assert [r["percent"] for r in await threshold_records(redis, "ten_b")][3:] == [50]
+    december = (await thresholds(redis))[3:]
+    assert [(e["percent"], e["period"], e["period_end"]) for e in december] == [(50, "2026-12", "2027-01-01T00:00:00Z")]
+    assert not await redis.exists("sb:t:ten_b:outbox:usage")  # the former list is gone
+
+
+async def test_end_user_thresholds_name_the_end_user(redis: aioredis.Redis) -> None:
+    q = quotas(session_seconds_per_end_user_per_month=100)
+    assert isinstance(await admit(redis, req("ses_a", T0, q, 80, end_user="u1")), Admitted)
+    events = await thresholds(redis)
+    assert [(e["budget"], e["percent"], e["end_user"]) for e in events] == [
+        ("session_seconds_per_end_user_per_month", 50, "u1"), ("session_seconds_per_end_user_per_month", 80, "u1")]
+
+
+async def test_a_settle_that_bills_past_the_reservation_crosses_and_says_so(redis: aioredis.Redis) -> None:
+    """Invariant: a session billed beyond its reservation (it ended late: expiry lateness,
+    rounding up, a DELETE retried upstream) can cross a threshold in the settle; that step
+    records the event and the transition returns how many it recorded."""
+    q = quotas(session_seconds_per_month=1000)
+    got = await admit(redis, req("ses_a", T0, q, 499))
+    assert isinstance(got, Admitted) and got.budget is not None and got.budget.thresholds == 0  # 49.9 %
+    repo = SessionRepository(redis)
+    rec = await repo.get("ten_b", "ses_a")
+    assert rec is not None
+    await repo.transition(rec, allowed="queued", status="ready", fields={"ready_at": T0, "expires_at": T0 + 499_000})
+    res = await repo.transition(rec, allowed="*", status="terminated", lease="del", due_expiry="del",
+                                fields={"terminated_at": T0 + 499_200, "termination_reason": "expired"})
+    assert res.applied and res.thresholds == 1  # billed 500 s (rounded up) of 1000: 50 %
+    assert [(e["percent"], e["used"], e["reserved"]) for e in await thresholds(redis)] == [(50, 500, 0)]
+    again = await repo.transition(rec, allowed="terminated", status="terminated")
+    assert again.applied and again.thresholds == 0
 
 
 async def test_usage_history_sums_equal_the_sessions_billable_seconds(redis: aioredis.Redis) -> None:

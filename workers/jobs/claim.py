@@ -28,7 +28,8 @@ import redis.asyncio as aioredis
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.lua import script
 from broker.sessions.repository import RETENTION_SECONDS
-from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member, split_due_member
+from tenants.scope import (DUE_EXPIRING, DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member,
+                           split_due_member)
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -229,7 +230,7 @@ class FinishBatch:
 
     async def _write(self, batch: list[tuple[SessionRecord, str, asyncio.Future[bool]]]) -> list[bool]:
         now = now_ms()
-        keys: list[str] = [DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE]
+        keys: list[str] = [DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, DUE_EXPIRING]
         args: list[Any] = [now, RETENTION_SECONDS]
         for rec, reason, _ in batch:
             scope = TenantScope(rec.tenant_id)
@@ -238,9 +239,11 @@ class FinishBatch:
         recorded = await self._finish(keys=keys, args=args)
         out = []
         for (rec, _, _), value in zip(batch, recorded, strict=True):
-            if value:
-                reason = value.decode() if isinstance(value, bytes) else str(value)
+            if value:  # [reason, thresholds recorded by the settle] (finish.lua)
+                reason = value[0].decode() if isinstance(value[0], bytes) else str(value[0])
                 self.metrics.terminations.labels(reason).inc()
+                if int(value[1]):
+                    self.metrics.usage_thresholds.inc(int(value[1]))
                 self.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
                 if rec.expires_at and reason == "expired":
                     self.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))

@@ -65,6 +65,8 @@ async def finish_terminated(ctx: WorkerContext, rec: SessionRecord, reason: str)
     )
     if res.applied:
         ctx.metrics.terminations.labels(rec.termination_reason or reason).inc()
+        if res.thresholds:  # crossed by the settle (tenants/budget.lua)
+            ctx.metrics.usage_thresholds.inc(res.thresholds)
         ctx.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
         if rec.expires_at and (rec.termination_reason or reason) == "expired":
             ctx.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
@@ -90,6 +92,8 @@ async def fail_session(ctx: WorkerContext, rec: SessionRecord, code: str, messag
     )
     if res.applied:
         ctx.metrics.provisions.labels("failed", code).inc()
+        if res.thresholds:  # rare: a failed session bills 0 s (its settle only frees), unless the budget changed meanwhile
+            ctx.metrics.usage_thresholds.inc(res.thresholds)
     return res
 
 

@@ -1,0 +1,67 @@
+"""The endpoint repository (``broker/webhooks/endpoints.py``) on real Redis: its scripts act only
+on endpoints that exist (a hash left by a late write of the delivery is not one), the limit holds
+under parallel creates, and without ``BROKER_SECRET_KEY`` nothing is stored in clear."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.errors import Conflict, InvalidInput, NotFound
+from broker.webhooks.endpoints import MAX_ENDPOINTS, EndpointCreate, EndpointPatch, WebhookEndpoints
+from tenants.crypto import CredentialCipher, generate_secret_key
+from tenants.scope import WEBHOOK_TENANTS, TenantScope
+
+URL = "https://93.184.216.34/hook"
+
+
+@pytest.fixture
+def repo(redis) -> WebhookEndpoints:
+    return WebhookEndpoints(redis, CredentialCipher([generate_secret_key()]), allow_private=False)
+
+
+@pytest.mark.asyncio
+async def test_parallel_creates_stop_at_the_limit(repo: WebhookEndpoints, redis) -> None:
+    """Invariant: 30 concurrent creates for one tenant create exactly MAX_ENDPOINTS."""
+    results = await asyncio.gather(*(repo.create("t_a", EndpointCreate(url=URL)) for _ in range(30)),
+                                   return_exceptions=True)
+    created = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, Conflict)]
+    assert len(created) == MAX_ENDPOINTS and len(refused) == 30 - MAX_ENDPOINTS
+    assert {r.code for r in refused} == {"webhook_endpoint_limit"}
+    assert await redis.scard(TenantScope("t_a").webhook_endpoints()) == MAX_ENDPOINTS
+    assert len(await repo.list("t_a")) == MAX_ENDPOINTS
+    # another tenant has its own ten
+    await repo.create("t_b", EndpointCreate(url=URL))
+    assert await redis.smembers(WEBHOOK_TENANTS) == {b"t_a", b"t_b"}
+
+
+@pytest.mark.asyncio
+async def test_a_deleted_endpoint_is_not_brought_back(repo: WebhookEndpoints, redis) -> None:
+    """A field written by the delivery after the delete (failing_since) leaves a hash without url:
+    it is not an endpoint for any route, and no update, rotation or ping revives it."""
+    weid = (await repo.create("t_a", EndpointCreate(url=URL))).id
+    await repo.delete("t_a", weid)
+    key = TenantScope("t_a").webhook_endpoint(weid)
+    await redis.hset(key, "failing_since", "1700000000000")
+    for call in (repo.get("t_a", weid), repo.update("t_a", weid, EndpointPatch(description="x")),
+                 repo.update("t_a", weid, EndpointPatch(disabled=False)), repo.rotate_secret("t_a", weid),
+                 repo.ping("t_a", weid), repo.attempts("t_a", weid, limit=10, cursor=None)):
+        with pytest.raises(NotFound):
+            await call
+    assert await redis.hgetall(key) == {b"failing_since": b"1700000000000"}
+    assert await repo.list("t_a") == []
+    assert await redis.xlen(TenantScope("t_a").events()) == 0  # no ping was recorded
+    with pytest.raises(NotFound):  # deleting it again is a 404, and removes the leftover
+        await repo.delete("t_a", weid)
+    assert not await redis.exists(key)
+
+
+@pytest.mark.asyncio
+async def test_without_a_secret_key_nothing_is_created(redis) -> None:
+    repo = WebhookEndpoints(redis, None, allow_private=False)
+    with pytest.raises(InvalidInput) as caught:
+        await repo.create("t_a", EndpointCreate(url=URL))
+    assert caught.value.code == "secret_key_missing"
+    assert await redis.keys("*") == []
