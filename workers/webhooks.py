@@ -409,7 +409,5 @@ class WebhookDelivery:
 
 def from_context(ctx: Any) -> WebhookDelivery:
     """The worker's delivery, on its clients (``WorkerContext``)."""
-    from .webhook_sender import allow_private_from_env
-
-    return WebhookDelivery(ctx.redis, ctx.cipher, ctx.metrics, allow_private=allow_private_from_env(ctx.settings),
+    return WebhookDelivery(ctx.redis, ctx.cipher, ctx.metrics, allow_private=ctx.settings.webhook_allow_private,
                            execute=ctx.mux.execute if ctx.mux is not None else None)
