@@ -1,6 +1,6 @@
-"""Running one worker process: the provisioning, expiry and webhook delivery loops, arq (stop jobs, the sweeper's
-cron, its health record) through its documented API, plus the metrics/health HTTP endpoint on
-``--metrics-port``."""
+"""Running one worker process: the provisioning, expiry and webhook delivery loops, arq (stop
+jobs, the sweeper's cron, its health record) through its documented API, plus the
+metrics/health HTTP endpoint on ``--metrics-port``."""
 
 from __future__ import annotations
 
@@ -69,9 +69,10 @@ class Health:
 
 class BrokerWorker:
     """One worker process's work: the provisioning loop (``workers/provisioning.py``), the
-    expiry loop (``workers/expiry.py``) and the webhook delivery (``workers/webhooks.py``), which are ours, and an arq ``Worker``, used through its
-    documented API for what it does as shipped: the stop jobs (``terminate_session``, enqueued
-    with ``ArqRedis.enqueue_job``), the sweeper's cron and its health record.
+    expiry loop (``workers/expiry.py``) and the webhook delivery (``workers/webhooks.py``),
+    which are ours, and an arq ``Worker``, used through its documented API for what it does as
+    shipped: the stop jobs (``terminate_session``, enqueued with ``ArqRedis.enqueue_job``), the
+    sweeper's cron and its health record.
 
     Redis going away never ends the process: our loops pause and resume by themselves, and
     when arq's ``async_run()`` gives up on Redis (its commands retry for ~20 s first) it is

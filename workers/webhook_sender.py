@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import ipaddress
-import os
 import re
 import socket
 import ssl
@@ -46,15 +45,6 @@ RESPONSE_LIMIT = 4096           # bytes of the answer's body kept (the attempt l
 RETRY_AFTER_CAP_S = 86400       # a Retry-After further than this is taken as this
 MAX_CONNECTIONS = 256
 USER_AGENT = "session-broker-webhooks/1"
-
-
-def allow_private_from_env(settings: object | None = None) -> bool:
-    """The one accessor of ``BROKER_WEBHOOK_ALLOW_PRIVATE``: the setting once ``broker/settings.py``
-    has it (``webhook_allow_private``), the environment variable until then."""
-    value = getattr(settings, "webhook_allow_private", None)
-    if value is not None:
-        return bool(value)
-    return os.environ.get("BROKER_WEBHOOK_ALLOW_PRIVATE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class AddressNotPublic(OSError):

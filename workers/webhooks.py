@@ -7,9 +7,12 @@ provisioning loop (``workers/main.py``). The queues and their Lua: ``broker/webh
    reads the outbox entries after the tenant's cursor and queues each for the endpoints that
    want it, then moves the cursor (``fanout.lua``: atomic, nothing fanned out twice or lost). It
    runs for a tenant when the outbox PUBLISHes an event id on the tenant's stream name (one
-   ``PSUBSCRIBE OUTBOX_PATTERN`` per worker process, on its own connection) and for every tenant
-   every :data:`SWEEP_S` (a wake-up lost while the subscription was down, a new tenant). The
-   admission path gains no Redis command: the PUBLISH is the outbox's own.
+   ``PSUBSCRIBE OUTBOX_PATTERN`` per worker process, on its own connection), for a tenant new in
+   ``WEBHOOK_TENANTS`` (re-read every :data:`SWEEP_S`), and for every tenant after the
+   subscription was (re)made and every :data:`FULL_SWEEP_S` (a safety net: a healthy
+   subscription loses no message, and a sweep of every tenant every second by every worker
+   would cost one Lua call per tenant per worker per second). The admission path gains no
+   Redis command: the PUBLISH is the outbox's own.
 2. **Delivery** (one loop): claims due queue heads (``claim.lua``: round robin over endpoints,
    at most ``per_endpoint`` in flight per endpoint in this worker, so a slow receiver holds
    at most that many of the worker's ``max_in_flight`` slots; each claim leased for 3 s and
@@ -57,7 +60,8 @@ log = logging.getLogger("workers.webhooks")
 
 MAX_IN_FLIGHT = 256         # POSTs in flight per worker (async I/O: cheap; the sender's pool is 256)
 PER_ENDPOINT = 32           # ... of which to one endpoint at most (8 measured too few: below)
-SWEEP_S = 1.0               # every tenant's outbox looked at this often (lost wake-ups)
+SWEEP_S = 1.0               # the tenants with endpoints re-read this often (a new one is fanned out at once)
+FULL_SWEEP_S = 10.0         # every such tenant's outbox looked at this often (and after a lost subscription)
 MAX_SLEEP_S = 1.0           # longest sleep of the delivery loop without a wake-up
 MIN_TICK_S = 0.005
 FANOUT_CONCURRENCY = 32     # tenants fanned out at once
@@ -82,6 +86,7 @@ class WebhookDelivery:
                  allow_private: bool, execute: Execute | None = None, sender: WebhookSender | None = None,
                  max_in_flight: int = MAX_IN_FLIGHT, per_endpoint: int = PER_ENDPOINT,
                  lease_ms: int = HELD_LEASE_MS, renew_s: float = RENEW_S, sweep_s: float = SWEEP_S,
+                 full_sweep_s: float = FULL_SWEEP_S,
                  max_sleep: float = MAX_SLEEP_S, clock: Callable[[], int] = now_ms,
                  rand: Callable[[], float] = random.random) -> None:
         self.redis = redis
@@ -96,6 +101,7 @@ class WebhookDelivery:
         self.per_endpoint = per_endpoint
         self.lease_ms = lease_ms
         self.sweep_s = sweep_s
+        self.full_sweep_s = full_sweep_s
         self.max_sleep = max_sleep
         self.clock = clock
         self.rand = rand
@@ -108,6 +114,7 @@ class WebhookDelivery:
         self._fan_pending: set[str] = set()
         self._tenants: set[str] = set()  # tenants with endpoints, as of the last sweep
         self._subscribed = asyncio.Event()
+        self._missed = True  # wake-ups may have been missed (not subscribed yet, or lost): sweep all
         self._draining = False
         self._closed = False
         self._redis_lost = False
@@ -212,12 +219,12 @@ class WebhookDelivery:
     def _spawn(self, d: Delivery) -> None:
         key = (d.tenant_id, d.endpoint_id, d.session)
         running = self._running.get(key)
-        if running is not None:
+        if running is not None and running.entry_id == d.entry_id:
             # its lease lapsed while this worker still delivers it (a stalled loop, a Redis
             # blip): this claim only renewed it; the POST in flight completes with its token
-            if running.entry_id == d.entry_id:
-                running.token = d.token
+            running.token = d.token
             return
+        # (a running one with another entry has completed: its task is only ending)
         self._running[key] = d
         task = asyncio.create_task(self._deliver(d))
         self._in_flight.add(task)
@@ -291,22 +298,31 @@ class WebhookDelivery:
     # ---- fan-out ----------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        next_sweep = 0.0
+        next_sweep = next_full = 0.0
         while True:
             await self._sleep(self._fan_wake, max(0.0, next_sweep - time.monotonic()))
             self._fan_wake.clear()
             tenants, self._fan_pending = self._fan_pending, set()
             try:
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self.sweep_s
-                    self._tenants = set(await self.queue.tenants())
-                    tenants |= self._tenants
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + self.sweep_s
+                    known = set(await self.queue.tenants())
+                    tenants |= known - self._tenants  # new: their wake-ups were ignored until now
+                    self._tenants = known
+                    if now >= next_full or self._missed:
+                        # every tenant: after the subscription was down (wake-ups lost), and as
+                        # a safety net every FULL_SWEEP_S
+                        self._missed = False
+                        next_full = now + self.full_sweep_s
+                        tenants |= known
                 await self.fan_out(tenants)
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as exc:
                 self._redis_error(exc)
                 self._fan_pending |= tenants
+                self._missed = True
                 await asyncio.sleep(REDIS_DOWN_PAUSE_S)
             except Exception:
                 log.exception("webhook fan-out failed; going on")
@@ -345,7 +361,8 @@ class WebhookDelivery:
                 await pubsub.subscribe(WEBHOOK_WAKE)
                 self._subscribed.set()
                 warned = False
-                self.poke()  # what was appended while we were away
+                self._missed = True  # what was appended while we were away: the next sweep looks at all
+                self.poke()
                 while True:
                     # a bounded read (not listen(): that one fails after the client's socket_timeout when idle)
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -392,7 +409,5 @@ class WebhookDelivery:
 
 def from_context(ctx: Any) -> WebhookDelivery:
     """The worker's delivery, on its clients (``WorkerContext``)."""
-    from .webhook_sender import allow_private_from_env
-
-    return WebhookDelivery(ctx.redis, ctx.cipher, ctx.metrics, allow_private=allow_private_from_env(ctx.settings),
+    return WebhookDelivery(ctx.redis, ctx.cipher, ctx.metrics, allow_private=ctx.settings.webhook_allow_private,
                            execute=ctx.mux.execute if ctx.mux is not None else None)

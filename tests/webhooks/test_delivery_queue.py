@@ -111,3 +111,21 @@ async def test_claim_serves_one_head_per_queue_caps_endpoints_and_completes(
                             latency_ms=3, response="") == "stale"
     log = await redis.xrevrange(TenantScope(TID).webhook_attempts(fast), count=1)
     assert log[0][1][b"event_type"] == b"session.ready" and log[0][1][b"status"] == b"200"
+
+
+async def test_a_deleted_endpoints_queues_are_dropped_by_the_claim(redis: aioredis.Redis, cipher: CredentialCipher) -> None:
+    from broker.webhooks.queue import DeliveryQueue
+    q = DeliveryQueue(redis)
+    weid, _ = await create_endpoint(redis, cipher, TID, "https://example.com/hook")
+    for i in range(3):
+        await session_event(redis, TID, f"sess_{i}", "session.created")
+    assert await q.fanout(TID, 1000) == (3, 3)
+    scope = TenantScope(TID)
+    await redis.delete(scope.webhook_endpoint(weid))
+    await redis.srem(scope.webhook_endpoints(), weid)
+    nxt, got = await q.claim(2000, 5000, room=10, cap=8, busy={}, token="t")
+    assert got == [] and nxt is None
+    assert await q.pending() == 0
+    assert await redis.zcard(WEBHOOK_RING) == 0
+    assert await redis.exists(scope.webhook_due(weid), scope.webhook_heads(weid), scope.webhook_attempts(weid),
+                              *(scope.webhook_queue(weid, f"sess_{i}") for i in range(3))) == 0
