@@ -71,6 +71,9 @@ PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
+# what precedes "{tid}:" in every tenant key: for Lua that builds a session key from a
+# "{tid}:{sid}" member (TenantScope(tid).session(sid) = TENANT_KEYS + tid + ":s:" + sid)
+TENANT_KEYS = PREFIX + "t:"
 OUTBOX_PATTERN = PREFIX + "t:*:events"  # tenants/outbox.lua publishes each event's id on its stream's name
 WEBHOOK_TENANTS = PREFIX + "wh:tenants"  # set: tenants with at least one webhook endpoint
 WEBHOOK_RING = PREFIX + "wh:ring"        # zset: "{tid}:{weid}" -> earliest due delivery (broker/webhooks/queue.py)

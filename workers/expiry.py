@@ -45,7 +45,7 @@ import time
 from broker.logs import log_context
 from broker.sessions.lua import script
 from broker.sessions.models import SessionRecord, now_ms
-from tenants.scope import DUE_EXPIRING, PREFIX
+from tenants.scope import DUE_EXPIRING, TENANT_KEYS
 
 from .context import WorkerContext
 from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper, FinishBatch, TerminationClaims
@@ -69,7 +69,6 @@ REDIS_DOWN_PAUSE_S = 0.5
 ERROR_PAUSE_S = 1.0
 EXPIRING_BATCH = 500       # session.expiring events recorded per script call at most
 _EXPIRING = script("expiring.lua", "workers.jobs")
-_SESSION_KEY_PREFIX = PREFIX + "t:"  # + "{tid}:s:{sid}": TenantScope(tid).session(sid)
 
 
 class ExpiryLoop:
@@ -227,7 +226,7 @@ class ExpiringLoop:
         """Record the events now due (one script call); returns how long to sleep."""
         now = now_ms()
         recorded, taken, next_score = await self._script(
-            keys=[DUE_EXPIRING], args=[now + self.lead_ms, self.batch, _SESSION_KEY_PREFIX, now])
+            keys=[DUE_EXPIRING], args=[now + self.lead_ms, self.batch, TENANT_KEYS, now])
         self.recorded += int(recorded)
         if int(taken) >= self.batch:
             return MIN_TICK_S  # more may be due

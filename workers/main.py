@@ -1,6 +1,6 @@
-"""Running one worker process: the provisioning and expiry loops, arq (stop jobs, the sweeper's
-cron, its health record) through its documented API, plus the metrics/health HTTP endpoint on
-``--metrics-port``."""
+"""Running one worker process: the provisioning, expiry and webhook delivery loops, arq (stop
+jobs, the sweeper's cron, its health record) through its documented API, plus the
+metrics/health HTTP endpoint on ``--metrics-port``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
 from .provisioning import ProvisioningLoop
 from .redis_io import use_direct_sends
+from .webhooks import WebhookDelivery
+from .webhooks import from_context as webhook_delivery
 from .startup import wait_for_redis
 
 log = logging.getLogger("workers")
@@ -66,10 +68,11 @@ class Health:
 
 
 class BrokerWorker:
-    """One worker process's work: the provisioning loop (``workers/provisioning.py``) and the
-    expiry loop (``workers/expiry.py``), which are ours, and an arq ``Worker``, used through its
-    documented API for what it does as shipped: the stop jobs (``terminate_session``, enqueued
-    with ``ArqRedis.enqueue_job``), the sweeper's cron and its health record.
+    """One worker process's work: the provisioning loop (``workers/provisioning.py``), the
+    expiry loop (``workers/expiry.py``) and the webhook delivery (``workers/webhooks.py``),
+    which are ours, and an arq ``Worker``, used through its documented API for what it does as
+    shipped: the stop jobs (``terminate_session``, enqueued with ``ArqRedis.enqueue_job``), the
+    sweeper's cron and its health record.
 
     Redis going away never ends the process: our loops pause and resume by themselves, and
     when arq's ``async_run()`` gives up on Redis (its commands retry for ~20 s first) it is
@@ -93,6 +96,7 @@ class BrokerWorker:
         self.provisioning: ProvisioningLoop | None = None
         self.expiry: ExpiryLoop | None = None
         self.expiring: ExpiringLoop | None = None
+        self.webhooks: WebhookDelivery | None = None
         self._started = False
         self._signalled = False
         self._last_warning = 0.0
@@ -140,6 +144,7 @@ class BrokerWorker:
         ctx["keeper"] = self.expiry.keeper            # and their claims are renewed with the loop's
         self.expiring = ctx["expiring"] = ExpiringLoop(wc).start()  # session.expiring events (workers/expiry.py)
         self.provisioning = ctx["provisioning"] = ProvisioningLoop(wc).start()  # workers/provisioning.py
+        self.webhooks = ctx["webhooks"] = webhook_delivery(wc).start()  # fan-out and delivery: workers/webhooks.py
         if self.gc_thresholds is not None:
             tune_gc(self.gc_thresholds)  # everything alive now (modules, SDK, clients) out of the collector's way
 
@@ -147,6 +152,8 @@ class BrokerWorker:
         ctx = self.ctx if ctx is None else ctx
         if ctx.get("provisioning"):
             await ctx["provisioning"].stop()  # what is cut off is taken again after its lease
+        if ctx.get("webhooks"):
+            await ctx["webhooks"].stop()  # likewise: a POST cut off is delivered again after its lease
         if ctx.get("expiry"):
             await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
         if ctx.get("expiring"):
@@ -181,6 +188,8 @@ class BrokerWorker:
                 # arq ended its main task after the signal: our own work in flight ends now
                 if self.provisioning is not None:
                     await self.provisioning.wait_idle(JOB_COMPLETION_WAIT_S)
+                if self.webhooks is not None:
+                    await self.webhooks.wait_idle(JOB_COMPLETION_WAIT_S)  # a POST ends within 15 s
                 log.info("worker stopped by a signal")
                 return
             except REDIS_ERRORS as exc:
@@ -195,6 +204,8 @@ class BrokerWorker:
         log.info("received %s: taking no new work; running work ends by itself", signal.Signals(signum).name)
         if self.provisioning is not None:
             self.provisioning.drain()
+        if self.webhooks is not None:
+            self.webhooks.drain()
         if self.expiry is not None:
             self.expiry.drain()
         self.arq.handle_sig_wait_for_completion(signum)
@@ -203,6 +214,8 @@ class BrokerWorker:
         """Stop everything and close every client (also after a cancelled run or a Redis outage)."""
         if self.provisioning is not None:
             await self.provisioning.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         try:
             await self.arq.close()  # cancels its job tasks and main task, deletes its health key
         except asyncio.CancelledError:

@@ -55,3 +55,77 @@ async def test_nothing_is_queued_for_a_missing_endpoint_or_entry(redis: aioredis
     assert not await enqueue(redis, TID, weid, "1-0", "sess_a")
     assert await redis.get(WEBHOOK_PENDING) is None
     assert await redis.zcard(WEBHOOK_RING) == 0
+
+
+async def test_fanout_filters_and_moves_the_cursor_once(redis: aioredis.Redis, cipher: CredentialCipher) -> None:
+    from broker.webhooks.queue import DeliveryQueue
+    q = DeliveryQueue(redis)
+    old = await session_event(redis, TID, "sess_a", "session.created")  # before both endpoints
+    all_, _ = await create_endpoint(redis, cipher, TID, "https://a.example/h", since=old)
+    ready, _ = await create_endpoint(redis, cipher, TID, "https://b.example/h", events="session.ready", since=old)
+    off, _ = await create_endpoint(redis, cipher, TID, "https://c.example/h", since=old, disabled="1")
+    a2 = await session_event(redis, TID, "sess_a", "session.ready", status="ready")
+    ping = await tenant_event(redis, TID, "test.ping", {}, ready)  # targeted: ignores the filter
+    scope = TenantScope(TID)
+    assert await q.fanout(TID, 1000) == (2, 3)
+    assert await q.fanout(TID, 1000) == (0, 0)  # nothing twice
+    assert await redis.lrange(scope.webhook_queue(all_, "sess_a"), 0, -1) == [a2.encode()]
+    assert await redis.lrange(scope.webhook_queue(ready, "sess_a"), 0, -1) == [a2.encode()]
+    assert await redis.lrange(scope.webhook_queue(ready, "-"), 0, -1) == [ping.encode()]
+    assert await redis.exists(scope.webhook_queue(all_, "-"), scope.webhook_queue(off, "sess_a")) == 0
+    assert await redis.get(scope.webhook_cursor()) == ping.encode()
+
+
+async def test_claim_serves_one_head_per_queue_caps_endpoints_and_completes(
+        redis: aioredis.Redis, cipher: CredentialCipher) -> None:
+    from broker.webhooks.queue import DeliveryQueue
+    q = DeliveryQueue(redis)
+    slow, _ = await create_endpoint(redis, cipher, TID, "https://slow.example/h")
+    fast, _ = await create_endpoint(redis, cipher, TID, "https://fast.example/h")
+    for i in range(4):
+        await session_event(redis, TID, f"sess_{i}", "session.created")
+        await session_event(redis, TID, f"sess_{i}", "session.ready", status="ready")
+    assert await q.fanout(TID, 1000) == (8, 16)
+    # slow already has 2 in flight in this worker, cap 3: it gets 1 more, fast gets the rest
+    nxt, got = await q.claim(1000, 4000, room=10, cap=3, busy={f"{TID}:{slow}": 2}, token="t1")
+    by_ep: dict[str, list] = {}
+    for d in got:
+        by_ep.setdefault(d.endpoint_id, []).append(d)
+    assert len(by_ep[slow]) == 1 and len(by_ep[fast]) == 3  # fast is capped at 3 too
+    assert all(d.attempt == 1 and d.fields[b"type"] == b"session.created" for d in got)
+    assert nxt is None  # both endpoints at their cap: nothing for this worker until a completion
+    # the heads are leased: a second claim gets nothing of those queues (only the 4th fast session)
+    _, again = await q.claim(1001, 4001, room=10, cap=8, busy={}, token="t2")
+    assert {(d.endpoint_id, d.session) for d in again}.isdisjoint({(d.endpoint_id, d.session) for d in got})
+    d = by_ep[fast][0]
+    assert await q.complete(d, "ok", now=1100, retry_at=0, give_up=False, status=200, error="",
+                            latency_ms=3, response="ok") == "delivered"
+    # the next head of that session is due at once, with the same ordering
+    _, nxt_heads = await q.claim(1200, 4200, room=10, cap=8, busy={}, token="t3")
+    mine = [x for x in nxt_heads if (x.endpoint_id, x.session) == (fast, d.session)]
+    assert len(mine) == 1 and mine[0].fields[b"type"] == b"session.ready"
+    # a stale token changes nothing
+    assert await q.complete(mine[0], "ok", now=1300, retry_at=0, give_up=False, status=200, error="",
+                            latency_ms=3, response="") == "delivered"
+    assert await q.complete(mine[0], "ok", now=1300, retry_at=0, give_up=False, status=200, error="",
+                            latency_ms=3, response="") == "stale"
+    log = await redis.xrevrange(TenantScope(TID).webhook_attempts(fast), count=1)
+    assert log[0][1][b"event_type"] == b"session.ready" and log[0][1][b"status"] == b"200"
+
+
+async def test_a_deleted_endpoints_queues_are_dropped_by_the_claim(redis: aioredis.Redis, cipher: CredentialCipher) -> None:
+    from broker.webhooks.queue import DeliveryQueue
+    q = DeliveryQueue(redis)
+    weid, _ = await create_endpoint(redis, cipher, TID, "https://example.com/hook")
+    for i in range(3):
+        await session_event(redis, TID, f"sess_{i}", "session.created")
+    assert await q.fanout(TID, 1000) == (3, 3)
+    scope = TenantScope(TID)
+    await redis.delete(scope.webhook_endpoint(weid))
+    await redis.srem(scope.webhook_endpoints(), weid)
+    nxt, got = await q.claim(2000, 5000, room=10, cap=8, busy={}, token="t")
+    assert got == [] and nxt is None
+    assert await q.pending() == 0
+    assert await redis.zcard(WEBHOOK_RING) == 0
+    assert await redis.exists(scope.webhook_due(weid), scope.webhook_heads(weid), scope.webhook_attempts(weid),
+                              *(scope.webhook_queue(weid, f"sess_{i}") for i in range(3))) == 0
