@@ -32,9 +32,9 @@ import httpx
 
 from .dev_state import DevLock, kept_secret, remove_env, write_env
 from .embedded_redis import EmbeddedRedis
-from .logs import configure_logging
-from .redis_check import masked_url, unreachable_line
-from .settings import Settings
+from .core.logs import configure_logging
+from .core.redis_check import masked_url, unreachable_line
+from .core.settings import Settings
 
 DEMO_TENANT = "demo"
 STOP_BUDGET_S = 4.0        # Ctrl-C to the last child gone (Redis's own shutdown comes on top: ~0.1 s)

@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from .settings import Settings
+from .core.settings import Settings
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -57,7 +57,7 @@ def serve_api(settings: Settings, host: str, port: int, *, admin_port: int | Non
     ``admin_port``); /metrics is served on ``metrics_port`` only (with /healthz), never on the
     tenant port. The apps of the ports share one set of metrics."""
     from .api.app import ADMIN_SURFACES, METRICS_SURFACES, PUBLIC_SURFACES, asgi_app
-    from .metrics import ApiMetrics
+    from .api.metrics import ApiMetrics
 
     metrics = ApiMetrics(settings.metrics_top_tenants)
     main_surfaces = PUBLIC_SURFACES if admin_port else (*PUBLIC_SURFACES, "admin")

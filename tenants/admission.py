@@ -75,7 +75,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from broker.redis_mux import Execute, evalsha
+from broker.core.redis_mux import Execute, evalsha
 
 from tenants.mint_rate import lua_library, schedule
 from tenants.budgets import BudgetExhausted, BudgetGrant, admission_spec, iso_ms, with_budget
@@ -200,7 +200,7 @@ def _mint(limit: int, backlog: int, remaining: int, next_slot_ms: int, latest_ms
 
 async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute | None = None) -> Outcome:
     """Check and take every quota of one new session in one atomic step (one EVALSHA), sent
-    with ``execute`` if given (the API's :class:`broker.redis_mux.RedisMux`)."""
+    with ``execute`` if given (the API's :class:`broker.core.redis_mux.RedisMux`)."""
     if req.lease_until_ms <= req.now_ms:
         raise ValueError("lease_until_ms must be after now_ms")
     if req.mint_window_ms < 0:

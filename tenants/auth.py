@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import Forbidden, Unauthorized
+from broker.core.errors import Forbidden, Unauthorized
 from tenants.apikeys import KEY_LEN, hash_key, looks_valid
 from tenants.invalidation import InvalidationSubscription
 from tenants.models import Tenant

@@ -16,7 +16,7 @@ from typing import Literal
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from tenants.scope import TENANTS_INDEX, TenantScope
 
 Granularity = Literal["day", "hour"]

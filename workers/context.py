@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from broker.redis_client import create_redis
-from broker.redis_mux import RedisMux
+from broker.core.redis_client import create_redis
+from broker.core.redis_mux import RedisMux
 from broker.sessions.repository import SessionRepository
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
@@ -45,7 +45,7 @@ class WorkerContext:
         redis = use_direct_sends(create_redis(settings, max_connections=max(64, settings.worker_max_jobs + 32)))
         cipher = CredentialCipher(settings.secret_keys)
         logging.getLogger("workers").info("worker starting: %d job slots", settings.worker_max_jobs)
-        mux = RedisMux(redis)  # the jobs' scripts share one pipelined connection (broker/redis_mux.py)
+        mux = RedisMux(redis)  # the jobs' scripts share one pipelined connection (broker/core/redis_mux.py)
         return cls(
             settings=settings,
             redis=redis,

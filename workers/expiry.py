@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 
-from broker.logs import log_context
+from broker.core.logs import log_context
 from broker.sessions.models import SessionRecord, now_ms
 
 from .context import WorkerContext

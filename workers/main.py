@@ -14,11 +14,11 @@ from aiohttp import web
 from arq import Retry, Worker, cron, func
 from prometheus_client.exposition import choose_encoder
 
-from broker.logs import bind_log_context, log_context
-from broker.redis_client import create_worker_pool
+from broker.core.logs import bind_log_context, log_context
+from broker.core.redis_client import create_worker_pool
 from broker.serve import tune_gc
 from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
-from broker.settings import Settings
+from broker.core.settings import Settings
 
 from .context import WorkerContext
 from .expiry import ExpiryLoop
@@ -85,7 +85,7 @@ class BrokerWorker:
         self.handle_signals = handle_signals
         self.gc_thresholds = gc_thresholds
         self.shutdown_grace_s = JOB_COMPLETION_WAIT_S + JOB_TIMEOUT  # what a SIGTERMed worker may need at most
-        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
+        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/core/redis_client.py
         self.pool = use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
                                                         job_deserializer=job_deserializer,
                                                         default_queue_name=QUEUE_NAME))  # workers/redis_io.py

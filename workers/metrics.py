@@ -14,8 +14,8 @@ from typing import Any
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics)
 
-from broker import tracing
-from broker.metrics import TenantLabels
+from broker.core import tracing
+from broker.api.metrics import TenantLabels
 
 from .gauges import SharedStateCollector
 

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 
-from broker.logs import log_context
+from broker.core.logs import log_context
 from broker.sessions.models import now_ms
 from broker.sessions.schedule import Claimed, ProvisionSchedule, entry_of
 from tenants.scope import PROVISION_WAKE

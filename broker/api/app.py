@@ -12,16 +12,16 @@ from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from broker import tracing
-from broker.metrics import ApiMetrics
-from broker.redis_check import ping, unreachable_line
-from broker.redis_client import create_redis
-from broker.redis_mux import RedisMux
+from broker.core import tracing
+from broker.api.metrics import ApiMetrics
+from broker.core.redis_check import ping, unreachable_line
+from broker.core.redis_client import create_redis
+from broker.core.redis_mux import RedisMux
 from broker.sessions.events import SessionEvents
 from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.repository import SessionRepository
 from broker.sessions.service import SessionService
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.auth import KeyAuthenticator
 from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
@@ -127,7 +127,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
         request_max_body_size=MAX_BODY,
         openapi_config=openapi_config(),
         debug=False,
-        logging_config=None,  # Litestar's default would replace our JSON root handler (broker/logs.py)
+        logging_config=None,  # Litestar's default would replace our JSON root handler (broker/core/logs.py)
         plugins=tracing.litestar_plugins(),  # tracing on: Litestar's OpenTelemetry plugin (else none)
         before_send=tracing.before_send_hooks(),  # names the request span after its route
     )

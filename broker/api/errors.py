@@ -19,8 +19,8 @@ from litestar.exceptions import HTTPException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker import tracing
-from broker.errors import BrokerError, ServiceUnavailable
+from broker.core import tracing
+from broker.core.errors import BrokerError, ServiceUnavailable
 
 log = logging.getLogger("broker.api")
 

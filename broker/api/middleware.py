@@ -19,9 +19,9 @@ from typing import Any
 from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker import tracing
-from broker.logs import bind_log_context, reset_log_context
-from broker.metrics import ApiMetrics
+from broker.core import tracing
+from broker.core.logs import bind_log_context, reset_log_context
+from broker.api.metrics import ApiMetrics
 
 access_log = logging.getLogger("broker.access")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.redis_mux import Execute, RedisMux, evalsha
+from broker.core.redis_mux import Execute, RedisMux, evalsha
 from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
 
 from .lua import script

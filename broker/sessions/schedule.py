@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from broker.redis_mux import Execute, evalsha
+from broker.core.redis_mux import Execute, evalsha
 from tenants.scope import PROVISION_TENANTS, PROVISION_WAKE, STATS_LIVE, TenantScope
 
 from .lua import script

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from broker import tracing
+from broker.core import tracing
 from broker.api.ratelimit import refusal_headers
-from broker.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
-from broker.settings import mint_window
+from broker.core.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from broker.core.settings import mint_window
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.budgets import BudgetExhausted as BudgetRefusal
 from tenants.models import Tenant
@@ -43,7 +43,7 @@ class SessionService:
                  mint_window_s: float | None = None, cipher: CredentialCipher | None = None) -> None:
         """``mint_window_s``: a session is admitted only if its mint slot is at most this far
         ahead (``Settings.mint_window_seconds()``; default: the deadline minus the default
-        margin, ``broker.settings.mint_window``)."""
+        margin, ``broker.core.settings.mint_window``)."""
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)

@@ -1,4 +1,4 @@
-"""Client CPU per Redis command, redis-py's pool against :class:`broker.redis_mux.RedisMux`.
+"""Client CPU per Redis command, redis-py's pool against :class:`broker.core.redis_mux.RedisMux`.
 
 ``python -m tests.bench.redis_mux [--n 20000] [--concurrency 300]`` starts its own
 redis-server and runs N EVALSHA calls (a script shaped like a session transition: one HSET,
@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.redis_mux import RedisMux
+from broker.core.redis_mux import RedisMux
 from broker.serve import run_async
 from workers.redis_io import use_direct_sends
 

@@ -16,7 +16,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.embedded_redis import free_port
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.fixtures.stack import (
     ADMIN_TOKEN,
     PLATFORM_AVATURN_KEY,

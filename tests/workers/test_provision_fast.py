@@ -23,9 +23,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.errors import NotFound
-from broker.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
-from broker.settings import Settings, SettingsError
+from broker.core.errors import NotFound
+from broker.core.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
+from broker.core.settings import Settings, SettingsError
 from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.models import OpenAIInput, TenantCreate, TenantPatch
 from tenants.scope import tenant_record

@@ -15,7 +15,7 @@ import msgspec
 import redis as sync_redis
 
 from broker.sessions.terminal import TERMINAL_DROP
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.scope import DUE_EXPIRY, TenantScope, due_member
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, tenant_client, wait_status
 

@@ -20,8 +20,8 @@ import logging
 
 import msgspec
 
-from broker import tracing
-from broker.errors import NotFound
+from broker.core import tracing
+from broker.core.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
 from broker.sessions.schedule import Claimed

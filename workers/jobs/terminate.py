@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker import tracing
+from broker.core import tracing
 from broker.sessions.models import SessionRecord, now_ms
 
 from ..context import WorkerContext
