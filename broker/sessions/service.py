@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from broker.core import tracing
-from broker.api.ratelimit import refusal_headers
 from broker.core.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
 from broker.core.settings import mint_window
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
@@ -37,6 +36,16 @@ LIST_SCAN_LIMIT = 200           # index entries one listing call examines at mos
 LIST_BATCH = 100                # index entries read per round trip with a status filter
 STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
 
+
+
+class AdmissionRefused(QuotaExceeded):
+    """A 429 of the admission script, carrying its numbers (``refused``: usage, mint pacing,
+    ``retry_after_s``); the HTTP layer renders the RateLimit and Retry-After headers from them
+    (:func:`broker.api.ratelimit.refusal_headers`), so the domain knows no header."""
+
+    def __init__(self, message: str, refused: Refused, extra: dict[str, int]) -> None:
+        super().__init__(message, code=refused.code, extra=extra)
+        self.refused = refused
 
 class SessionService:
     def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float,
@@ -146,8 +155,7 @@ class SessionService:
                                      "retry_after": outcome.retry_after_s}
             if outcome.code == "provisioning_backlog":
                 extra["backlog"] = outcome.current
-            raise QuotaExceeded(_refusal_message(outcome), code=outcome.code, headers=refusal_headers(outcome),
-                                extra=extra)
+            raise AdmissionRefused(_refusal_message(outcome), outcome, extra)
         if isinstance(outcome, BudgetRefusal):
             raise BudgetExhausted(
                 f"{outcome.budget} of {outcome.limit} s is used up for this period (used {outcome.used} s, "
