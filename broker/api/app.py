@@ -32,7 +32,6 @@ from .docs_viewer import assets_router, render_plugins
 from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
 from .openapi import document_openapi
-from .redis_packing import use_hiredis_packing
 from .ops_routes import healthz, metrics_handlers, ops_handlers
 from .tenant_routes import tenant_router
 from .event_routes import event_router
@@ -72,7 +71,6 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = create_redis(settings)
-        use_hiredis_packing(redis)  # before any connection is opened
         mux = RedisMux(redis)  # the admission and transition scripts share one pipelined connection
         arq = new_arq_redis(redis.connection_pool)
         cipher = CredentialCipher(settings.secret_keys) if settings.secret_keys else None
