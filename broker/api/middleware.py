@@ -133,7 +133,8 @@ def _access_record(level: int, method: str, route: str, status: int, elapsed: fl
     now = time.time()
     d["created"] = now
     d["msecs"] = int((now - int(now)) * 1000) + 0.0
-    d["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    # ms since logging was loaded, as LogRecord computes it (the template holds its created/relativeCreated)
+    d["relativeCreated"] = (now - _template["created"]) * 1000 + _template["relativeCreated"]
     d["levelno"] = level
     d["levelname"] = logging.getLevelName(level)
     d["args"] = (method, route, status)
