@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .core.processes import free_port
+from .core.processes import free_port, stop_process
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -102,16 +102,9 @@ class EmbeddedRedis:
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def restart(self, kill: bool = False) -> None:
