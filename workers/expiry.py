@@ -36,7 +36,7 @@ from broker.sessions.models import SessionRecord, now_ms
 
 from .context import WorkerContext
 from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper, FinishBatch, TerminationClaims
-from .jobs.common import REDIS_ERRORS, TERMINATION_GRACE_MS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS, TERMINATION_GRACE_MS
 from .jobs.terminate import end_claimed
 
 log = logging.getLogger("workers.expiry")
@@ -52,7 +52,6 @@ MIN_TICK_S = 0.02          # between two batches while sessions are due
 # the first attempt at one only when it is this late (the job was lost or its worker died),
 # so the two do not race for it; retries (delete_attempts > 0) are the loop's, on time.
 STOP_GRACE_MS = 1_000
-REDIS_DOWN_PAUSE_S = 0.5
 ERROR_PAUSE_S = 1.0
 
 

@@ -22,7 +22,7 @@ from broker.core.settings import Settings
 
 from .context import WorkerContext
 from .expiry import ExpiryLoop
-from .jobs.common import REDIS_ERRORS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
@@ -51,9 +51,8 @@ SWEEP_EVERY_S = 2
 # triggers are counts of young ones (in the drain the middle ones still ran about once a second).
 GC_THRESHOLDS = (700, 100, 100)
 HEALTH_STALE_S = 15
-# Redis unreachable (restart, failover): arq's run is started again after this pause; a stop
-# job that hit it is retried after REDIS_RETRY_DEFER_S.
-REDIS_DOWN_PAUSE_S = 0.5
+# Redis unreachable (restart, failover): arq's run is started again after REDIS_DOWN_PAUSE_S; a
+# stop job that hit it is retried after REDIS_RETRY_DEFER_S.
 REDIS_RETRY_DEFER_S = 1.0
 
 

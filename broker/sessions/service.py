@@ -22,6 +22,7 @@ from tenants.session_secrets import seal
 from .jobs import JobQueue
 from .models import CreateSessionRequest, SessionList, SessionRecord, SessionView, new_session_id, now_ms
 from .repository import SessionRepository
+from .terminal import TERMINATION_GRACE_MS
 
 if TYPE_CHECKING:
     from tenants.crypto import CredentialCipher
@@ -30,7 +31,6 @@ MIN_TTL = 10
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
-TERMINATION_GRACE_MS = 120_000   # a terminating session keeps its slot at most this long per attempt
 MAX_CACHED_CONFIGS = 20_000     # distinct tenant default configs kept validated (a few hundred bytes each)
 LIST_SCAN_LIMIT = 200           # index entries one listing call examines at most (then a cursor)
 LIST_BATCH = 100                # index entries read per round trip with a status filter

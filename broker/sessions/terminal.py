@@ -17,6 +17,10 @@ from __future__ import annotations
 from tenants.budgets import lua_functions as budget_lua
 from tenants.outbox import lua_functions as outbox_lua
 
+# A terminating session keeps its slot at most this long per attempt (the concurrency lease a
+# claim or a stop sets; the API's stop and the workers' jobs and expiry loop share it).
+TERMINATION_GRACE_MS = 120_000
+
 TERMINAL_DROP: tuple[str, ...] = ("config", "avaturn_token", "secret_enc", "secret_expires_at", "avaturn_key_enc")
 
 _LUA = "local TERMINAL_DROP = {" + ", ".join(f"'{name}'" for name in TERMINAL_DROP) + "}\n"

@@ -13,13 +13,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
+from broker.sessions.terminal import TERMINATION_GRACE_MS
 
 from ..context import WorkerContext
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
-TERMINATION_GRACE_MS = 120_000
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # Redis unreachable (restart, failover)
+REDIS_DOWN_PAUSE_S = 0.5  # the loops' pause (and arq's restart) while Redis is unreachable
 RECORD_PATIENCE_S = 10.0
 
 T = TypeVar("T")
