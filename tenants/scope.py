@@ -49,6 +49,8 @@ Layout (prefix ``sb:``)::
 
 from __future__ import annotations
 
+from broker.core.text import text
+
 PREFIX = "sb:"
 
 TENANTS_INDEX = PREFIX + "tenants"
@@ -85,8 +87,7 @@ def due_member(tenant_id: str, session_id: str) -> str:
 
 
 def split_due_member(member: str | bytes) -> tuple[str, str]:
-    text = member.decode() if isinstance(member, bytes) else member
-    tenant_id, _, session_id = text.partition(":")
+    tenant_id, _, session_id = text(member).partition(":")
     return tenant_id, session_id
 
 

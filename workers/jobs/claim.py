@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.core.text import text
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.lua import script
 from broker.sessions.repository import RETENTION_SECONDS
@@ -100,7 +101,7 @@ class TerminationClaims:
         rows = await self._claim(keys=keys, args=args)
         out = []
         for (tid, sid), row in zip(sessions, rows, strict=True):
-            outcome = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+            outcome = text(row[0])
             record = None
             if outcome == "claimed":
                 values = {k: v.decode() for k, v in zip(FIELDS, row[1:], strict=True) if v is not None}
@@ -239,7 +240,7 @@ class FinishBatch:
         out = []
         for (rec, _, _), value in zip(batch, recorded, strict=True):
             if value:
-                reason = value.decode() if isinstance(value, bytes) else str(value)
+                reason = text(value)
                 self.metrics.terminations.labels(reason).inc()
                 self.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
                 if rec.expires_at and reason == "expired":
