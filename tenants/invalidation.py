@@ -1,5 +1,5 @@
 """The pub/sub listener behind every in-process tenant/key cache (the API's
-``tenants.auth.KeyAuthenticator`` and the worker's ``workers.tenant_cache.TenantCache``).
+``tenants.auth.KeyAuthenticator`` and the worker's ``tenants.tenant_cache.TenantCache``).
 
 A cache may only serve entries while this listener is subscribed: ``on_subscribed`` runs once
 every channel is confirmed (from then on no invalidation is missed), ``on_lost`` whenever the

@@ -1,7 +1,7 @@
 """What every job needs, built once per worker process in ``on_startup`` by the same
 functions the API uses (no module globals), and closed in ``on_shutdown``.
 
-``tenants`` is the worker's tenant cache (:mod:`workers.tenant_cache`): the same ``get`` and
+``tenants`` is the worker's tenant cache (:mod:`tenants.tenant_cache`): the same ``get`` and
 ``credentials`` as :class:`tenants.service.TenantService`, without a Redis read and two
 decryptions per job."""
 
@@ -21,7 +21,7 @@ from tenants.service import TenantService
 
 from .metrics import WorkerMetrics
 from .redis_io import use_direct_sends
-from .tenant_cache import TenantCache
+from tenants.tenant_cache import TenantCache
 from .upstreams.avaturn import AvaturnClient
 from .upstreams.openai import OpenAIMinter
 

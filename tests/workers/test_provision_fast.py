@@ -31,7 +31,7 @@ from tenants.models import OpenAIInput, TenantCreate, TenantPatch
 from tenants.scope import tenant_record
 from tenants.service import TenantService
 from workers.redis_io import use_direct_sends
-from workers.tenant_cache import TenantCache
+from tenants.tenant_cache import TenantCache
 
 @pytest.fixture
 async def tenants(redis: aioredis.Redis) -> tuple[TenantService, TenantCache]:

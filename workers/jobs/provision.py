@@ -76,7 +76,7 @@ async def _provision(ctx: WorkerContext, claimed: Claimed) -> str:
         await _fail(ctx, rec, "provision_deadline_exceeded", deadline_message(rec), reason="reaped")
         return "deadline"
     try:
-        tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (workers/tenant_cache.py)
+        tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (tenants/tenant_cache.py)
     except NotFound:
         tenant = None
     if tenant is None:
