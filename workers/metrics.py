@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics)
@@ -18,6 +18,9 @@ from broker.core import tracing
 from broker.core.tenant_labels import TenantLabels
 
 from .gauges import SharedStateCollector
+
+if TYPE_CHECKING:
+    from broker.sessions.models import SessionRecord
 
 TOP_TENANTS = 20  # named tenants in tenant-labelled worker series by default (BROKER_METRICS_TOP_TENANTS)
 
@@ -106,6 +109,16 @@ class WorkerMetrics:
         """The session's billable seconds, as the settle computed them (tenants/budget.lua)."""
         if ready_at_ms:
             self.billable_seconds.labels(self.tenant_label(tenant_id)).inc(max(0, -(-(end_ms - ready_at_ms) // 1000)))
+
+    def count_termination(self, rec: SessionRecord, reason: str, end_ms: int) -> None:
+        """A session this worker recorded ``terminated`` at ``end_ms`` (both ways of recording
+        it count here: one transition, or the expiry loop's batched finish): the termination by
+        reason, its billable seconds as the settle computed them (tenants/budget.lua), and, for
+        an expiry, how late it came."""
+        self.terminations.labels(reason).inc()
+        self.count_billable(rec.tenant_id, rec.ready_at, end_ms)
+        if rec.expires_at and reason == "expired":
+            self.termination_lateness.observe(max(0.0, (end_ms - rec.expires_at) / 1000))
 
     def _forget_tenant(self, tenant_id: str) -> None:
         try:

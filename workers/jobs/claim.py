@@ -240,10 +240,6 @@ class FinishBatch:
         out = []
         for (rec, _, _), value in zip(batch, recorded, strict=True):
             if value:
-                reason = text(value)
-                self.metrics.terminations.labels(reason).inc()
-                self.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
-                if rec.expires_at and reason == "expired":
-                    self.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
+                self.metrics.count_termination(rec, text(value), now)
             out.append(bool(value))
         return out

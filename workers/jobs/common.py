@@ -65,10 +65,7 @@ async def finish_terminated(ctx: WorkerContext, rec: SessionRecord, reason: str)
         retain=True,
     )
     if res.applied:
-        ctx.metrics.terminations.labels(rec.termination_reason or reason).inc()
-        ctx.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
-        if rec.expires_at and (rec.termination_reason or reason) == "expired":
-            ctx.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
+        ctx.metrics.count_termination(rec, rec.termination_reason or reason, now)
     return res
 
 
