@@ -1,7 +1,7 @@
 -- Session-second budgets and usage counters (tenants/budgets.py explains the rules).
 -- Composed (prepended) into tenants/admission.lua (budget_admit) and into every script that
 -- records a terminal status (budget_settle: broker/sessions/transition.lua,
--- workers/jobs/finish.lua, through broker/sessions/terminal.py). Defines Lua functions only.
+-- broker/sessions/termination_finish.lua, through broker/sessions/terminal.py). Defines Lua functions only.
 --
 -- Keys, all under the tenant's base (TenantScope.base(): the same names as tenants/scope.py's
 -- TenantScope.budget_month / budget_end_users / usage_day / usage_hour / usage_outbox):

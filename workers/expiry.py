@@ -4,14 +4,14 @@
 one at its ``expires_at``, a ``terminating`` one at its retry time (or at once). The loop
 
 1. reads the due sessions and claims up to as many as it has free DELETE slots, in one
-   atomic step for the whole batch (``jobs/claim.lua``: a ``ready`` one moves to
+   atomic step for the whole batch (``broker/sessions/termination_claim.lua``: a ``ready`` one moves to
    ``terminating``, each claimed one's score moves to ``now + lease`` so no other worker takes
    it while this one works on it, the lease renewed every second by the loop's
    :class:`~workers.jobs.claim.ClaimKeeper` until the session is ended; two round trips per batch);
 2. runs their upstream DELETEs concurrently (at most ``max_in_flight``), each then recorded
    ``terminated`` (or its retry time set, ``jobs/terminate.py``), each with the Avaturn key that
    created the session (``jobs/session_key.py``: one decrypt, ~20 us, no Redis read), the
-   ``terminated`` records of every 5 ms written by one script call (``jobs/finish.lua``);
+   ``terminated`` records of every 5 ms written by one script call (``broker/sessions/termination_finish.lua``);
 3. sleeps until the next due score, at most ``MAX_SLEEP_S``, at least ``MIN_TICK_S`` between
    batches while work is due (so a burst is taken in batches, not one by one), and waits for
    a free slot instead of reading when all are busy.

@@ -8,7 +8,7 @@ the whole create body, with its sealed MCP credentials), the frontend token, the
 secret, the Avaturn key of the create (``workers/jobs/session_key.py``).
 
 The list is defined once, here, and composed into every script that records a terminal status
-(:func:`with_terminal_drop`: ``transition.lua`` and ``workers/jobs/finish.lua``), which read it
+(:func:`with_terminal_drop`: ``transition.lua`` and ``broker/sessions/termination_finish.lua``), which read it
 as the Lua table ``TERMINAL_DROP``; no caller has to remember it.
 """
 
