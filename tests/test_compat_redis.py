@@ -37,3 +37,25 @@ async def test_the_private_names_on_a_real_connection(redis_url: str) -> None:
     compat_redis.forget_socket(conn)
     await conn.disconnect()  # redis-py's own close of a connection whose socket it no longer has
     await client.aclose()
+
+
+async def test_the_direct_sends_names_on_a_real_connection(redis_url: str) -> None:
+    """The names DirectSendMixin.can_read_destructive reads (else it falls back to redis-py's own
+    check: correct, but the measured gain is gone), and the answers it gives."""
+    from redis._parsers.hiredis import _AsyncHiredisParser
+
+    client = compat_redis.use_direct_sends(aioredis.Redis.from_url(redis_url, socket_timeout=5))
+    conn = client.connection_pool.make_connection()
+    try:
+        await conn.connect()
+        assert isinstance(conn, compat_redis.DirectSendMixin)
+        parser = conn._parser
+        assert isinstance(parser, _AsyncHiredisParser) and parser._connected
+        stream = parser._stream
+        assert not parser._reader.has_data() and not stream._buffer and not stream._eof
+        assert await conn.can_read_destructive() is False
+        await conn.send_command("PING")
+        assert await conn.read_response() == b"PONG"
+    finally:
+        await conn.disconnect()
+        await client.aclose()

@@ -20,7 +20,7 @@ from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
 from .metrics import WorkerMetrics
-from .redis_io import use_direct_sends
+from broker.core.compat_redis import use_direct_sends
 from tenants.tenant_cache import TenantCache
 from .upstreams.avaturn import AvaturnClient
 from .upstreams.openai import OpenAIMinter

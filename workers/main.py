@@ -27,7 +27,7 @@ from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
 from .provisioning import ProvisioningLoop
-from .redis_io import use_direct_sends
+from broker.core.compat_redis import use_direct_sends
 from .startup import wait_for_redis
 
 log = logging.getLogger("workers")
@@ -87,7 +87,7 @@ class BrokerWorker:
         # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/core/redis_client.py
         self.pool = use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
                                                         job_deserializer=job_deserializer,
-                                                        default_queue_name=QUEUE_NAME))  # workers/redis_io.py
+                                                        default_queue_name=QUEUE_NAME))  # broker/core/compat_redis.py
         self.ctx: dict[str, Any] = {"broker_worker": self}  # arq's ctx, passed to the jobs
         self.provisioning: ProvisioningLoop | None = None
         self.expiry: ExpiryLoop | None = None

@@ -37,7 +37,6 @@ LIST_BATCH = 100                # index entries read per round trip with a statu
 STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
 
 
-
 class AdmissionRefused(QuotaExceeded):
     """A 429 of the admission script, carrying its numbers (``refused``: usage, mint pacing,
     ``retry_after_s``); the HTTP layer renders the RateLimit and Retry-After headers from them
@@ -46,6 +45,7 @@ class AdmissionRefused(QuotaExceeded):
     def __init__(self, message: str, refused: Refused, extra: dict[str, int]) -> None:
         super().__init__(message, code=refused.code, extra=extra)
         self.refused = refused
+
 
 class SessionService:
     def __init__(self, repo: SessionRepository, queue: JobQueue, *, provision_deadline_s: float,

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from broker.embedded_redis import EmbeddedRedis
 from broker.core.redis_mux import RedisMux
 from broker.serve import run_async
-from workers.redis_io import use_direct_sends
+from broker.core.compat_redis import use_direct_sends
 
 SCRIPT = "redis.call('HSET', KEYS[1], 'a', ARGV[1]); return redis.call('HGETALL', KEYS[1])"
 
@@ -39,7 +39,7 @@ async def _cpu_per_call(call: Callable[[int], Awaitable[Any]], n: int, concurren
 
 async def run(n: int, concurrency: int) -> dict[str, float]:
     with EmbeddedRedis() as server:
-        # The worker's client: redis-py pool with direct sends (workers/redis_io.py).
+        # The worker's client: redis-py pool with direct sends (broker/core/compat_redis.py).
         client = use_direct_sends(aioredis.Redis.from_url(server.url, socket_timeout=5,
                                                           max_connections=concurrency + 32))
         mux = RedisMux(client)

@@ -30,7 +30,7 @@ from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.models import OpenAIInput, TenantCreate, TenantPatch
 from tenants.scope import tenant_record
 from tenants.service import TenantService
-from workers.redis_io import use_direct_sends
+from broker.core.compat_redis import use_direct_sends
 from tenants.tenant_cache import TenantCache
 
 @pytest.fixture
