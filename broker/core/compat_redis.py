@@ -22,11 +22,13 @@ What each piece buys, and what it was measured against:
   ``asyncio.timeout``, no task) only when the write has to wait for the buffer to drain, and
   answers the pool's "anything unread?" check from the hiredis parser's state (``_parser``,
   ``_connected``, ``_stream``, ``_reader``, the stream's ``_buffer`` and ``_eof``) instead of a
-  zero-timeout read. Errors are handled as redis-py does. Still pays on the terminations rows
-  (``python -m tests.bench --only terminations``, with and without back to back, twice and a
-  third time, on the shared 2-core machine): lateness p99 with two workers 0.29 and 0.11 s with
-  it, 1.22 and 1.23 s without (target <= 1 s); with one worker 0.40 and 0.39 s with, 4.6 and
-  0.15 s without; the worker rows (``--only worker``) showed no CPU difference within the noise.
+  zero-timeout read. Errors are handled as redis-py does. Kept on the terminations rows
+  (``python -m tests.bench --only terminations``, with and without back to back, three pairs, on
+  the shared 2-core machine): expiry lateness p99 with two workers 0.29, 0.11, 0.29 s with it,
+  1.22, 1.23, 0.25 s without (target <= 1 s: missed twice of three without it, never with it);
+  with one worker 0.40, 0.39, 0.06 s with, 4.6, 0.15, 0.08 s without. The worker rows
+  (``--only worker``, two pairs) showed no CPU difference within the noise: measure it again on
+  a quiet machine before relying on it.
 """
 
 from __future__ import annotations
