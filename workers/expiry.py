@@ -33,10 +33,11 @@ import time
 
 from broker.core.logs import log_context
 from broker.sessions.models import SessionRecord, now_ms
+from broker.sessions.terminal import TERMINATION_GRACE_MS
 
 from .context import WorkerContext
 from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper, FinishBatch, TerminationClaims
-from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS, TERMINATION_GRACE_MS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS
 from .jobs.terminate import end_claimed
 
 log = logging.getLogger("workers.expiry")

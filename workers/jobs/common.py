@@ -13,7 +13,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
-from broker.sessions.terminal import TERMINATION_GRACE_MS
 
 from ..context import WorkerContext
 

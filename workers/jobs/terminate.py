@@ -23,11 +23,12 @@ from typing import Any
 
 from broker.core import tracing
 from broker.sessions.models import SessionRecord, now_ms
+from broker.sessions.terminal import TERMINATION_GRACE_MS
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError
 from .claim import HELD_LEASE_MS, ClaimKeeper, TerminationClaims
-from .common import TERMINATION_GRACE_MS, backoff, finish_terminated, timed
+from .common import backoff, finish_terminated, timed
 from .session_key import MissingCredentials, SessionKeyUndecryptable, delete_key
 
 log = logging.getLogger("workers.terminate")
