@@ -33,9 +33,9 @@ import httpx
 
 from .dev_state import DevLock, keep_secret, kept_json, kept_secret, remove_env, write_env
 from .embedded_redis import EmbeddedRedis
-from .logs import configure_logging
-from .redis_check import masked_url, unreachable_line
-from .settings import Settings
+from .core.logs import configure_logging
+from .core.redis_check import masked_url, unreachable_line
+from .core.settings import Settings
 
 DEMO_TENANT = "demo"
 DEMO_KEY_FILE = "demo_key"

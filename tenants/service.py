@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.core.errors import Conflict, InvalidInput, NotFound
 from tenants.apikeys import ApiKeyService
 from tenants.crypto import CredentialCipher, CredentialError
 from tenants.models import (

@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.core.text import text
 from broker.sessions.jobs import QUEUE_NAME
 from tenants import scope
 
@@ -67,7 +68,7 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
         # now): the oldest due entry of each due tenant is one nobody has started.
         async with redis.pipeline(transaction=False) as pipe:
             for tid in due_tenants:
-                pipe.zrange(scope.TenantScope(_text(tid)).provision_schedule(), 0, 0, withscores=True)
+                pipe.zrange(scope.TenantScope(text(tid)).provision_schedule(), 0, 0, withscores=True)
             firsts = await pipe.execute()
         scores = [float(first[0][1]) for first in firsts if first and float(first[0][1]) <= now_ms]
         if scores:
@@ -75,9 +76,9 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
     term_age = max(0.0, now - float(oldest_term[0][1]) / 1000) if oldest_term else 0.0
     live: dict[str, int] = {}
     for key, value in (live_raw or {}).items():
-        state = _text(key)
+        state = text(key)
         try:
-            count = int(_text(value))
+            count = int(text(value))
         except ValueError:
             continue
         if _STATE.match(state):
@@ -162,6 +163,3 @@ class SharedStateCollector(Collector):
             age.add_metric([], max(0.0, time.time() - snap.taken_at))
         return (queue, oldest, due, due_age, backlog, live, wh_pending, age)
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

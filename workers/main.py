@@ -14,20 +14,20 @@ from aiohttp import web
 from arq import Retry, Worker, cron, func
 from prometheus_client.exposition import choose_encoder
 
-from broker.logs import bind_log_context, log_context
-from broker.redis_client import create_worker_pool
-from broker.serve import tune_gc
+from broker.core.logs import bind_log_context, log_context
+from broker.core.redis_client import create_worker_pool
+from broker.core.compat_redis import use_direct_sends
+from broker.core.gc_tuning import tune_gc
 from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
-from broker.settings import Settings
+from broker.core.settings import Settings
 
 from .context import WorkerContext
 from .expiry import ExpiringLoop, ExpiryLoop
-from .jobs.common import REDIS_ERRORS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
 from .provisioning import ProvisioningLoop
-from .redis_io import use_direct_sends
 from .webhooks import WebhookDelivery
 from .webhooks import from_context as webhook_delivery
 from .startup import wait_for_redis
@@ -53,9 +53,8 @@ SWEEP_EVERY_S = 2
 # triggers are counts of young ones (in the drain the middle ones still ran about once a second).
 GC_THRESHOLDS = (700, 100, 100)
 HEALTH_STALE_S = 15
-# Redis unreachable (restart, failover): arq's run is started again after this pause; a stop
-# job that hit it is retried after REDIS_RETRY_DEFER_S.
-REDIS_DOWN_PAUSE_S = 0.5
+# Redis unreachable (restart, failover): arq's run is started again after REDIS_DOWN_PAUSE_S; a
+# stop job that hit it is retried after REDIS_RETRY_DEFER_S.
 REDIS_RETRY_DEFER_S = 1.0
 
 
@@ -88,10 +87,10 @@ class BrokerWorker:
         self.handle_signals = handle_signals
         self.gc_thresholds = gc_thresholds
         self.shutdown_grace_s = JOB_COMPLETION_WAIT_S + JOB_TIMEOUT  # what a SIGTERMed worker may need at most
-        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
+        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/core/redis_client.py
         self.pool = use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
                                                         job_deserializer=job_deserializer,
-                                                        default_queue_name=QUEUE_NAME))  # workers/redis_io.py
+                                                        default_queue_name=QUEUE_NAME))  # broker/core/compat_redis.py
         self.ctx: dict[str, Any] = {"broker_worker": self}  # arq's ctx, passed to the jobs
         self.provisioning: ProvisioningLoop | None = None
         self.expiry: ExpiryLoop | None = None
@@ -240,7 +239,7 @@ def build_worker(
     gc_thresholds: tuple[int, int, int] | None = None,
 ) -> BrokerWorker:
     """The worker of the broker; ``gc_thresholds``: tune the process's collector once started
-    (``broker.serve.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
+    (``broker.core.gc_tuning.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
     run inside another program, such as the tests, leaves that program's collector alone)."""
     return BrokerWorker(settings, metrics, health, burst=burst, handle_signals=handle_signals,
                         gc_thresholds=gc_thresholds)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics)
 
-from broker import tracing
-from broker.metrics import TenantLabels
+from broker.core import tracing
+from broker.core.tenant_labels import TenantLabels
 
 from .gauges import SharedStateCollector
+
+if TYPE_CHECKING:
+    from broker.sessions.models import SessionRecord
 
 TOP_TENANTS = 20  # named tenants in tenant-labelled worker series by default (BROKER_METRICS_TOP_TENANTS)
 
@@ -123,6 +126,18 @@ class WorkerMetrics:
         """The session's billable seconds, as the settle computed them (tenants/budget.lua)."""
         if ready_at_ms:
             self.billable_seconds.labels(self.tenant_label(tenant_id)).inc(max(0, -(-(end_ms - ready_at_ms) // 1000)))
+
+    def count_termination(self, rec: SessionRecord, reason: str, end_ms: int, thresholds: int = 0) -> None:
+        """A session this worker recorded ``terminated`` at ``end_ms`` (both ways of recording
+        it count here: one transition, or the expiry loop's batched finish): the termination by
+        reason, the usage thresholds its settle crossed (tenants/budget.lua), its billable
+        seconds as the settle computed them, and, for an expiry, how late it came."""
+        self.terminations.labels(reason).inc()
+        if thresholds:
+            self.usage_thresholds.inc(thresholds)
+        self.count_billable(rec.tenant_id, rec.ready_at, end_ms)
+        if rec.expires_at and reason == "expired":
+            self.termination_lateness.observe(max(0.0, (end_ms - rec.expires_at) / 1000))
 
     def _forget_tenant(self, tenant_id: str) -> None:
         try:

@@ -34,7 +34,7 @@ import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from httpx_aiohttp import AiohttpTransport
 
-from broker import tracing
+from broker.core import tracing
 from broker.webhooks.addresses import is_public
 from broker.webhooks.signing import headers as signed_headers
 

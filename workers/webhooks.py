@@ -43,8 +43,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.logs import log_context
-from broker.redis_mux import Execute
+from broker.core.logs import log_context
+from broker.core.redis_mux import Execute
 from broker.sessions.models import now_ms
 from broker.sessions.outbox import render
 from broker.webhooks.queue import RETRY_SCHEDULE_S, Delivery, DeliveryQueue, due_entry

@@ -22,7 +22,7 @@ from typing import Any
 from litestar import Request, Response, Router, delete, get, post
 from litestar.params import FromPath
 
-from broker.errors import NotFound, Unauthorized
+from broker.core.errors import NotFound, Unauthorized
 from broker.sessions.models import iso
 from tenants.models import Tenant
 

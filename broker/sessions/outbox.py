@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.core.text import text
 from tenants.scope import TenantScope
 
 from .models import SessionRecord, SessionView, iso
@@ -42,7 +43,7 @@ class EventPage(msgspec.Struct):
 
 
 def event_id(entry_id: bytes | str) -> str:
-    return "evt_" + (entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    return "evt_" + text(entry_id)
 
 
 def entry_id(evt_id: str) -> str | None:
@@ -53,7 +54,7 @@ def entry_id(evt_id: str) -> str | None:
 
 def render(tenant_id: str, eid: bytes | str, raw: dict[bytes, bytes]) -> Event:
     """The event of one stream entry."""
-    eid_text = eid.decode() if isinstance(eid, bytes) else eid
+    eid_text = text(eid)
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     at_ms = int(eid_text.split("-", 1)[0])
     etype = fields.pop("type", "")

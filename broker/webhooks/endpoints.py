@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.core.errors import Conflict, InvalidInput, NotFound
 from broker.sessions.models import iso
 from broker.sessions.outbox import EVENT_TYPES, Event, entry_id, event_id
 from tenants.crypto import CredentialCipher

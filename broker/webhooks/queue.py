@@ -29,7 +29,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.redis_mux import Execute, evalsha
+from broker.core.redis_mux import Execute, evalsha
 from broker.sessions.models import now_ms
 from tenants.outbox import lua_functions as outbox_lua
 from tenants.scope import WEBHOOK_PENDING, WEBHOOK_RING, WEBHOOK_TENANTS, WEBHOOK_WAKE, TenantScope

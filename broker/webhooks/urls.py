@@ -16,7 +16,7 @@ import re
 import socket
 from urllib.parse import urlsplit
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 
 from .addresses import is_public
 

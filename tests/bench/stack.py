@@ -19,7 +19,8 @@ import httpx
 import psutil
 import redis
 
-from broker.embedded_redis import EmbeddedRedis, free_port
+from broker.core.processes import free_port, stop_process
+from broker.embedded_redis import EmbeddedRedis
 from tenants.crypto import generate_secret_key
 from workers.sandbox import SandboxProcess
 
@@ -56,13 +57,8 @@ class Proc:
 
     def stop(self) -> None:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGCONT)
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+            self.popen.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+        stop_process(self.popen, 25)
 
 
 class Stack:

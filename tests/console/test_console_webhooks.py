@@ -21,7 +21,7 @@ import redis
 from playwright.sync_api import Page, expect
 
 from broker.embedded_redis import EmbeddedRedis, free_port
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.fixtures.stack import Admin, ApiServer, make_settings, tenant_client
 
 from .conftest import screenshot

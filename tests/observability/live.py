@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import yaml
 
-from broker.embedded_redis import free_port
+from broker.core.processes import free_port, stop_process
 from tests.fixtures.stack import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,13 +49,7 @@ class Proc:
         raise RuntimeError(f"{url} did not answer 200 within {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 25, 10)
 
 
 def broker(command: list[str], env: dict[str, str], log: Path) -> Proc:

@@ -19,7 +19,7 @@ import pytest
 
 from broker.api import deps
 from broker.embedded_redis import free_port
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.fixtures.stack import ADMIN_TOKEN, Admin, ApiServer
 
 from .support import RawResponse, assert_error, full_app, is_public, raw_request, route_table, unknown_key

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.core.errors import Conflict, InvalidInput, NotFound
 from broker.webhooks.endpoints import MAX_ENDPOINTS, EndpointCreate, EndpointPatch, WebhookEndpoints
 from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.scope import WEBHOOK_TENANTS, TenantScope

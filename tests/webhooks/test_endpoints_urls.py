@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from broker.errors import InvalidInput
-from broker.settings import Settings, SettingsError
+from broker.core.errors import InvalidInput
+from broker.core.settings import Settings, SettingsError
 from broker.webhooks import urls
 from broker.webhooks.urls import MAX_URL_LENGTH, validate_url
 

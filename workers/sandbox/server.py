@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from broker.embedded_redis import free_port
+from broker.core.processes import free_port, stop_process
 from workers.sandbox.app import SandboxApp
 
 LOOPBACK = "127.0.0.1"
@@ -190,13 +190,7 @@ class SandboxProcess(SandboxControl):
         self._close_control()
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def __enter__(self) -> SandboxProcess:

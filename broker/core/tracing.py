@@ -4,7 +4,7 @@ a trace of its own linked to it (CONTRACT.md section 13).
 
 Off unless OpenTelemetry's standard variables ask for it (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER``, read by
-:mod:`broker.settings`); the other ``OTEL_*`` variables (sampler, batch sizes, headers,
+:mod:`broker.core.settings`); the other ``OTEL_*`` variables (sampler, batch sizes, headers,
 resource attributes) are read by the SDK itself. When off, nothing of OpenTelemetry is
 imported and every helper here returns at once: no span, no context object, no exporter.
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
-    from broker.settings import Settings
+    from broker.core.settings import Settings
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ def configure(settings: Settings, service_name: str, *, exporter: SpanExporter |
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from broker import logs
+    from broker.core import logs
 
     if exporter is None:
         exporter = _exporter(settings.otel_traces_exporter)
@@ -97,7 +97,7 @@ def shutdown() -> None:
     global _state
     state, _state = _state, None
     if state is not None:
-        from broker import logs
+        from broker.core import logs
 
         logs.set_trace_id_source(None)
         state.provider.shutdown()
