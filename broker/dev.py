@@ -118,7 +118,7 @@ class DevRunner:
             self._shutdown()
 
     def _start(self, lock: DevLock) -> None:
-        args, settings = self.args, self.settings
+        args = self.args
         ports = {"--port": args.port, "--sandbox-port": args.sandbox_port, "--metrics-port": args.metrics_port,
                  "--api-metrics-port": args.api_metrics_port}
         busy = [f"{port} ({flag})" for flag, port in ports.items() if not _port_free(port)]

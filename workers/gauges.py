@@ -87,7 +87,7 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
         taken_at=now, queue_due=int(due), queue_deferred=int(deferred), queue_oldest_due_age=oldest_age,
         due_terminations=int(due_terms), due_terminations_oldest_age=term_age,
         provisioning_backlog=live.get("queued", 0) + live.get("provisioning", 0), live=live,
-        webhook_pending=max(0, int(_text(wh_pending))) if wh_pending else 0,
+        webhook_pending=max(0, int(text(wh_pending))) if wh_pending else 0,
     )
 
 
