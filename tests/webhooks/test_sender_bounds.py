@@ -1,0 +1,121 @@
+"""The sender against hostile receivers (raw HTTP servers on loopback, ``allow_private``):
+what a receiver answers never raises out of the sender, never costs more than a bounded amount
+of memory (compressed answers included), and never puts the endpoint's secret, whole or in
+part, in the attempt log."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from broker.webhooks.signing import new_secret
+from workers.webhook_sender import RESPONSE_LIMIT, WebhookSender, retry_after_seconds
+
+Answer = Callable[[bytes], bytes]
+
+
+async def _serve(answer: Answer) -> tuple[asyncio.Server, list[bytes]]:
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            seen.append(head)
+            writer.write(answer(head))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, seen
+
+
+@pytest.fixture
+async def sender() -> AsyncIterator[WebhookSender]:
+    s = WebhookSender(allow_private=True, timeout_s=10.0)
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+def _response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"content-length: {len(body)}", "connection: close", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def _post(sender: WebhookSender, answer: Answer, secrets: list[str]):  # type: ignore[no-untyped-def]
+    server, seen = await _serve(answer)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await sender.post(f"http://127.0.0.1:{port}/hook", secrets, "evt_1-0", b"{}"), seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_retry_after_with_non_ascii_digits_is_unreadable_not_an_exception() -> None:
+    """'²'.isdigit() is True but int('²') raises: a receiver's Retry-After must never raise
+    (an exception left the attempt unrecorded and retried after every lease, forever)."""
+    for value in ("²", "¹²", "５", "1²", " ³ "):
+        assert retry_after_seconds(value) is None
+    assert retry_after_seconds("٣") is None  # other scripts' digits: not HTTP's delta-seconds either
+    assert retry_after_seconds("7") == 7.0
+
+
+async def test_a_retry_after_header_in_latin_1_is_an_attempt_not_an_exception(sender: WebhookSender) -> None:
+    attempt, _ = await _post(sender, lambda _: _response(b"busy", "retry-after: \xb2", status="503 Busy"),
+                             [new_secret()])
+    assert (attempt.status, attempt.retry_after_s) == (503, None)
+
+
+async def test_a_compressed_answer_costs_no_memory_beyond_the_limit(sender: WebhookSender) -> None:
+    """A 'gzip bomb' (64 MiB of zeros in ~64 KiB) must not be inflated: the sender asks for no
+    content coding and reads the raw body's first 4 KiB (inflated at most to 4 KiB)."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zero = bytes(1 << 20)
+    bomb = b"".join(comp.compress(zero) for _ in range(64)) + comp.flush()
+    tracemalloc.start()
+    try:
+        attempt, seen = await _post(sender, lambda _: _response(bomb, "content-encoding: gzip"), [new_secret()])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert attempt.status == 200
+    assert b"accept-encoding: identity" in seen[0].lower()
+    assert len(attempt.response) <= RESPONSE_LIMIT
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes for a {len(bomb)}-byte answer"
+
+
+async def test_a_secret_echoed_across_the_4_kib_cut_is_not_kept_in_part(sender: WebhookSender) -> None:
+    secret = new_secret()
+    key = secret.removeprefix("whsec_")
+    for pad in (RESPONSE_LIMIT - 20, RESPONSE_LIMIT - 8, RESPONSE_LIMIT - 30):
+        attempt, _ = await _post(sender, lambda _: _response(b"x" * pad + key.encode() + b" tail"), [secret])
+        kept = attempt.response.removeprefix("x" * min(pad, len(attempt.response)))
+        assert kept[:8] not in key, f"{kept!r} is a piece of the key"
+        assert len(attempt.response) <= RESPONSE_LIMIT
+
+
+async def test_a_secret_echoed_escaped_is_redacted(sender: WebhookSender) -> None:
+    """A receiver echoing the secret JSON-escaped (PHP writes / as \\/) or percent-encoded."""
+    while "/" not in (secret := new_secret()) or "+" not in secret:
+        pass
+    key = secret.removeprefix("whsec_")
+    escaped = key.replace("/", "\\/")
+    from urllib.parse import quote
+    encoded = quote(key, safe="")
+    body = f'{{"secret":"whsec_{escaped}","k":"{escaped}","q":"{encoded}","s":"{quote(secret, safe="")}"}}'
+    attempt, _ = await _post(sender, lambda _: _response(body.encode()), [secret])
+    for piece in (escaped, encoded, key):
+        for i in range(0, len(piece) - 12):
+            assert piece[i:i + 12] not in attempt.response, attempt.response
