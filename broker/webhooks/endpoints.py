@@ -54,11 +54,19 @@ return {1, n + 1}
 """
 
 # KEYS: the endpoint's hash; ARGV: '' | 'enable' | 'disable', then field/value pairs to set.
-# Answers 0 when the endpoint does not exist.
+# Answers 0 when the endpoint does not exist. Enabling a disabled endpoint moves its `since` to
+# now: the events recorded while it was disabled are not delivered to it (as the fan-out skips a
+# disabled endpoint; a resend delivers one on demand), whether or not the tenant has another
+# enabled endpoint (with none, the fan-out's cursor stays behind).
 _UPDATE = """
 if redis.call('HEXISTS', KEYS[1], 'url') == 0 then return 0 end
 if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
 if ARGV[1] == 'enable' then
+  if redis.call('HGET', KEYS[1], 'disabled') == '1' then
+    local t = redis.call('TIME')
+    local ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    redis.call('HSET', KEYS[1], 'since', ms .. '-0')
+  end
   redis.call('HSET', KEYS[1], 'disabled', '0', 'disabled_reason', '', 'disabled_at', '', 'failing_since', '')
 elseif ARGV[1] == 'disable' and redis.call('HGET', KEYS[1], 'disabled') ~= '1' then
   local t = redis.call('TIME')
@@ -80,13 +88,18 @@ redis.call('HSET', KEYS[1], 'prev_secret_enc', old, 'prev_secret_until', string.
 return 1
 """
 
-# KEYS: the endpoints set, the endpoint's hash, its attempts stream, WEBHOOK_TENANTS;
-# ARGV: the endpoint id, the tenant id. Answers 0 when the endpoint did not exist (what a late
-# write of the delivery may have left under its keys is removed all the same).
+# KEYS: the endpoints set, the endpoint's hash, its attempts stream, WEBHOOK_TENANTS, the
+# tenant's fan-out cursor; ARGV: the endpoint id, the tenant id. Answers 0 when the endpoint did
+# not exist (what a late write of the delivery may have left under its keys is removed all the
+# same). With the last endpoint go the tenant's mark and its cursor (a new endpoint starts at its
+# own `since`); the queues of the deleted endpoint are dropped by the delivery's claim.
 _DELETE = """
 local member = redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3])
-if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[2]) end
+if redis.call('SCARD', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[4], ARGV[2])
+  redis.call('DEL', KEYS[5])
+end
 return member
 """
 
@@ -363,7 +376,7 @@ class WebhookEndpoints:
         scope = TenantScope(tenant_id)
         done = await self._delete(
             keys=[scope.webhook_endpoints(), scope.webhook_endpoint(endpoint_id), scope.webhook_attempts(endpoint_id),
-                  WEBHOOK_TENANTS],
+                  WEBHOOK_TENANTS, scope.webhook_cursor()],
             args=[endpoint_id, tenant_id],
         )
         if not done:

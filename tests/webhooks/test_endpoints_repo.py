@@ -65,3 +65,56 @@ async def test_without_a_secret_key_nothing_is_created(redis) -> None:
         await repo.create("t_a", EndpointCreate(url=URL))
     assert caught.value.code == "secret_key_missing"
     assert await redis.keys("*") == []
+
+
+@pytest.mark.asyncio
+async def test_events_recorded_while_disabled_are_not_delivered_after_enabling(repo: WebhookEndpoints, redis) -> None:
+    """Invariant: an endpoint gets no event recorded while it was disabled, whether or not the
+    tenant has another enabled endpoint (with none, the fan-out left its cursor behind and the
+    re-enabled endpoint got up to 7 days of backlog; with one, it got nothing): the same rule
+    both ways. A resend still delivers such an event on demand."""
+    from broker.webhooks.queue import DeliveryQueue, enqueue
+
+    from .helpers import tenant_event
+
+    q = DeliveryQueue(redis)
+    for other in (False, True):
+        tid = f"t_dis_{other}"
+        scope = TenantScope(tid)
+        weid = (await repo.create(tid, EndpointCreate(url=URL))).id
+        if other:
+            await repo.create(tid, EndpointCreate(url=URL, events=["usage.threshold_reached"]))
+        await asyncio.sleep(0.002)  # a later millisecond than the create's `since`
+        before = await tenant_event(redis, tid, "usage.threshold_reached", {"n": 0})
+        await q.fanout(tid, 0)
+        await repo.update(tid, weid, EndpointPatch(disabled=True))
+        missed = await tenant_event(redis, tid, "usage.threshold_reached", {"n": 1})
+        await q.fanout(tid, 0)
+        await repo.update(tid, weid, EndpointPatch(disabled=False))
+        await asyncio.sleep(0.002)
+        after = await tenant_event(redis, tid, "usage.threshold_reached", {"n": 2})
+        await q.fanout(tid, 0)
+        queued = [x.decode() for x in await redis.lrange(scope.webhook_queue(weid, "-"), 0, -1)]
+        assert queued == [before, after], (other, queued, missed)
+        assert await enqueue(redis, tid, weid, missed, None)  # a resend delivers it on demand
+        assert [x.decode() for x in await redis.lrange(scope.webhook_queue(weid, "-"), 0, -1)][-1] == missed
+
+
+@pytest.mark.asyncio
+async def test_the_fanout_cursor_goes_with_the_last_endpoint(repo: WebhookEndpoints, redis) -> None:
+    """Nothing of a tenant's webhooks is left in Redis once its last endpoint is deleted."""
+    from broker.webhooks.queue import DeliveryQueue
+
+    from .helpers import tenant_event
+
+    scope = TenantScope("t_c")
+    first = (await repo.create("t_c", EndpointCreate(url=URL))).id
+    second = (await repo.create("t_c", EndpointCreate(url=URL))).id
+    await asyncio.sleep(0.002)
+    await tenant_event(redis, "t_c", "usage.threshold_reached", {"n": 1})
+    await DeliveryQueue(redis).fanout("t_c", 0)
+    assert await redis.exists(scope.webhook_cursor())
+    await repo.delete("t_c", first)
+    assert await redis.exists(scope.webhook_cursor())  # still needed by the other endpoint
+    await repo.delete("t_c", second)
+    assert not await redis.exists(scope.webhook_cursor())
