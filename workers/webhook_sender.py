@@ -252,6 +252,8 @@ class WebhookSender:
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
             if _caused_by(exc, AddressNotPublic):
                 return Attempt(None, "address_not_public", took(), "")
+            if isinstance(exc, httpx.UnsupportedProtocol):  # a URL aiohttp refuses (a non-canonical IPv4)
+                return Attempt(None, "invalid_url", took(), "")
             # by the cause: httpx_aiohttp maps every aiohttp connection error to ConnectTimeout
             if _caused_by(exc, aiohttp.ClientConnectorError) or _caused_by(exc, ConnectionError):
                 return Attempt(None, "connect_error", took(), "")

@@ -119,3 +119,68 @@ async def test_a_secret_echoed_escaped_is_redacted(sender: WebhookSender) -> Non
     for piece in (escaped, encoded, key):
         for i in range(0, len(piece) - 12):
             assert piece[i:i + 12] not in attempt.response, attempt.response
+
+
+async def _counting_server() -> tuple[asyncio.Server, list[int]]:
+    connections: list[int] = []
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    return await asyncio.start_server(count, "127.0.0.1", 0), connections
+
+
+async def test_no_private_address_is_connected_to_whatever_its_spelling() -> None:
+    """Invariant (allow_private off): the delivery refuses loopback however the URL writes it
+    (decimal, hex, trailing dot, 0.0.0.0, IPv4-mapped, NAT64, a name) before any connection."""
+    server, connections = await _counting_server()
+    port = server.sockets[0].getsockname()[1]
+    s = WebhookSender(allow_private=False, timeout_s=5.0)
+    try:
+        for host in ("127.0.0.1", "2130706433", "0x7f.1", "127.1", "017700000001", "127.0.0.1.", "0.0.0.0",
+                     "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[64:ff9b::7f00:1]", "[::1]", "localhost",
+                     "localhost."):
+            attempt = await s.post(f"https://{host}:{port}/hook", [new_secret()], "evt_1-0", b"{}")
+            assert attempt.status is None and attempt.error in ("address_not_public", "invalid_url", "connect_error"), (host, attempt)
+            if host not in ("localhost.",):  # (this machine may not resolve "localhost." at all)
+                assert attempt.error != "connect_error", (host, attempt)
+        http = await s.post(f"http://93.184.216.34:{port}/", [new_secret()], "evt_1-0", b"{}")
+        assert http.error == "scheme_not_https"
+        assert connections == []
+    finally:
+        await s.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_redirects_are_not_followed(sender: WebhookSender) -> None:
+    target, connections = await _counting_server()
+    port = target.sockets[0].getsockname()[1]
+    try:
+        attempt, _ = await _post(sender, lambda _: _response(b"", f"location: http://127.0.0.1:{port}/x",
+                                                             status="307 Temporary Redirect"), [new_secret()])
+        assert (attempt.status, attempt.error) == (307, "redirect_not_followed")
+        assert connections == []
+    finally:
+        target.close()
+        await target.wait_closed()
+
+
+async def test_proxies_from_the_environment_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy would resolve and connect for the sender (past its address checks)."""
+    proxy, connections = await _counting_server()
+    url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    s = WebhookSender(allow_private=True, timeout_s=5.0)
+    try:
+        attempt, seen = await _post(s, lambda _: _response(b"ok"), [new_secret()])
+        assert attempt.status == 200 and len(seen) == 1
+        assert connections == []
+    finally:
+        await s.aclose()
+        proxy.close()
+        await proxy.wait_closed()
