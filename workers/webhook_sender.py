@@ -207,7 +207,7 @@ class WebhookSender:
             connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S, ssl=context,
                                              resolver=None if allow_private else PublicResolver())
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                         trace_configs=tracing.aiohttp_trace_configs("webhook") or None)
+                                         trace_configs=tracing.aiohttp_trace_configs("webhook", tracing.origin_only) or None)
 
         self._http = httpx.AsyncClient(transport=AiohttpTransport(client=make), timeout=httpx.Timeout(timeout_s),
                                        follow_redirects=False, cookies=no_cookie_jar(), trust_env=False)

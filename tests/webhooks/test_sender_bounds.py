@@ -184,3 +184,33 @@ async def test_proxies_from_the_environment_are_ignored(monkeypatch: pytest.Monk
         await s.aclose()
         proxy.close()
         await proxy.wait_closed()
+
+
+async def test_the_delivery_span_names_the_receivers_host_not_its_path_or_query() -> None:
+    """A receiver URL often carries the tenant's own credential (a token in the path or the
+    query, as Slack-style hook URLs do): the client span keeps scheme, host and port only."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from broker import tracing
+    from broker.settings import Settings
+
+    exporter = InMemorySpanExporter()
+    assert tracing.configure(Settings(), "session-broker-test", exporter=exporter)
+    s = WebhookSender(allow_private=True, timeout_s=5.0)
+    server, seen = await _serve(lambda _: _response(b"ok"))
+    port = server.sockets[0].getsockname()[1]
+    try:
+        attempt = await s.post(f"http://127.0.0.1:{port}/hooks/T0K3N-path?token=S3CR3T-query", [new_secret()],
+                               "evt_1-0", b"{}")
+        assert attempt.status == 200 and len(seen) == 1
+        assert tracing.force_flush()
+        spans = [sp for sp in exporter.get_finished_spans() if sp.name == "POST webhook"]
+        assert spans
+        text = " ".join(f"{k}={v}" for sp in spans for k, v in (sp.attributes or {}).items())
+        assert f"127.0.0.1:{port}" in text
+        assert "T0K3N" not in text and "S3CR3T" not in text, text
+    finally:
+        await s.aclose()
+        tracing.shutdown()
+        server.close()
+        await server.wait_closed()
