@@ -209,6 +209,7 @@ async def test_the_delivery_span_names_the_receivers_host_not_its_path_or_query(
         text = " ".join(f"{k}={v}" for sp in spans for k, v in (sp.attributes or {}).items())
         assert f"127.0.0.1:{port}" in text
         assert "T0K3N" not in text and "S3CR3T" not in text, text
+        assert all(sp.parent is None for sp in spans)
     finally:
         await s.aclose()
         tracing.shutdown()
