@@ -122,8 +122,10 @@ async def validate_url(url: str, allow_private: bool, *, dns_timeout: float = DN
     if not allow_private:
         private = [a for a in addresses if not is_public(a)]
         if private:
+            # the address itself is not named: for a name it would tell the tenant what the
+            # broker's own resolver answers for internal names (a map of the private network)
             raise invalid(
-                f"host {host!r} resolves to an address that is not public ({private[0]}): webhooks are delivered "
+                f"host {host!r} is or resolves to an address that is not public: webhooks are delivered "
                 "to public addresses only"
             )
     return normalised
