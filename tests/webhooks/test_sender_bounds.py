@@ -215,3 +215,20 @@ async def test_the_delivery_span_names_the_receivers_host_not_its_path_or_query(
         tracing.shutdown()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HELLO\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100_000 + b"\r\ncontent-length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-%d: y\r\n" % i for i in range(5000)) + b"content-length: 0\r\n\r\n",
+    b"HTTP/1.1 999999 Whatever\r\ncontent-length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nnope",
+    b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 4\r\n\r\nnope",
+    b"",
+])
+async def test_a_malformed_answer_is_an_attempt_not_an_exception(sender: WebhookSender, answer: bytes) -> None:
+    attempt, _ = await _post(sender, lambda _: answer, [new_secret()])
+    assert attempt.error or attempt.status is not None
+    assert len(attempt.response) <= RESPONSE_LIMIT
