@@ -232,3 +232,17 @@ async def test_a_malformed_answer_is_an_attempt_not_an_exception(sender: Webhook
     attempt, _ = await _post(sender, lambda _: answer, [new_secret()])
     assert attempt.error or attempt.status is not None
     assert len(attempt.response) <= RESPONSE_LIMIT
+
+
+async def test_a_receiver_echoing_the_request_headers_shows_no_signature(sender: WebhookSender) -> None:
+    """A debugging receiver that answers with the request it got: the attempt log keeps the
+    other headers but neither signature of a rotation (nor, of course, a secret)."""
+    old, new = new_secret(), new_secret()
+    attempt, seen = await _post(sender, lambda head: _response(head), [new, old])
+    head = seen[0].decode("latin-1")
+    signatures = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                      if line.lower().startswith("webhook-signature:")).split(" ")
+    assert len(signatures) == 2
+    assert "webhook-id: evt_1-0" in attempt.response
+    for sig in signatures:
+        assert sig.partition(",")[2] not in attempt.response, attempt.response
