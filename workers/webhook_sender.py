@@ -122,7 +122,7 @@ def redact(text: str, secrets: Sequence[str] = (), signatures: Sequence[str] = (
     return _SECRETISH.sub(lambda m: (m.group(1) or "bearer ") + "[redacted]", text)
 
 
-_DELTA_SECONDS = re.compile(r"[0-9]{1,32}")
+_DELTA_SECONDS = re.compile(r"[0-9]+")
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -132,7 +132,8 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         return None
     value = value.strip()
     if _DELTA_SECONDS.fullmatch(value):  # ASCII digits only: '²'.isdigit() is True, int('²') raises
-        return float(min(int(value), RETRY_AFTER_CAP_S))
+        # (int() of more than 4300 digits raises too: a number that long is past the cap anyway)
+        return float(min(int(value), RETRY_AFTER_CAP_S)) if len(value) <= 32 else float(RETRY_AFTER_CAP_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from broker.webhooks.signing import new_secret
-from workers.webhook_sender import RESPONSE_LIMIT, WebhookSender, retry_after_seconds
+from workers.webhook_sender import RESPONSE_LIMIT, RETRY_AFTER_CAP_S, WebhookSender, retry_after_seconds
 
 Answer = Callable[[bytes], bytes]
 
@@ -70,6 +70,8 @@ def test_retry_after_with_non_ascii_digits_is_unreadable_not_an_exception() -> N
         assert retry_after_seconds(value) is None
     assert retry_after_seconds("٣") is None  # other scripts' digits: not HTTP's delta-seconds either
     assert retry_after_seconds("7") == 7.0
+    # int() refuses more than 4300 digits: such a value is far in the future, i.e. the cap
+    assert retry_after_seconds("9" * 5000) == RETRY_AFTER_CAP_S
 
 
 async def test_a_retry_after_header_in_latin_1_is_an_attempt_not_an_exception(sender: WebhookSender) -> None:
