@@ -267,7 +267,13 @@ class WebhookDelivery:
             log.exception("webhook %s: the event or the endpoint's secret is unreadable", d.endpoint_id)
             return Attempt(None, "internal_error", 0, "")
         self.attempts += 1
-        return await self.sender.post(d.url, secrets, event.id, body)
+        try:
+            return await self.sender.post(d.url, secrets, event.id, body)
+        except Exception:
+            # the sender answers every receiver and network outcome; anything else is a bug, but
+            # an unrecorded attempt would be claimed again after every lease, uncounted, forever
+            log.exception("webhook %s: the POST failed unexpectedly; recorded as a failed attempt", d.endpoint_id)
+            return Attempt(None, "internal_error", 0, "")
 
     def _secret(self, token: str) -> str:
         secret = self._secrets.get(token)
