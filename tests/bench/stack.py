@@ -91,6 +91,8 @@ class Stack:
             "BROKER_AVATURN_BASE_URL": self.sandbox.avaturn_base_url,
             "BROKER_OPENAI_API_KEY": PLATFORM_OPENAI_KEY,
             "BROKER_AVATURN_API_KEY": PLATFORM_AVATURN_KEY,
+            # the webhook rows deliver to the sandbox's receiver: http on loopback
+            "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
         }  # everything else (log level and format, max jobs...) is the project's default
         self.r.set(FLOOR_KEY, "floor")
         return self

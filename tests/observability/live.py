@@ -22,7 +22,8 @@ API_JOB, WORKER_JOB = "session-broker-api", "session-broker-worker"
 
 
 def broker_env(redis_url: str, sandbox: Any) -> dict[str, str]:
-    return child_env(redis_url, sandbox, BROKER_LOG_FORMAT="json")
+    # the webhook deliveries go to the sandbox's receiver: http on loopback
+    return child_env(redis_url, sandbox, BROKER_LOG_FORMAT="json", BROKER_WEBHOOK_ALLOW_PRIVATE="true")
 
 
 class Proc:

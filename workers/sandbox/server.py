@@ -2,7 +2,7 @@
 
 All three serve both upstream fakes on one loopback port under uvicorn (uvloop + httptools,
 no access log). ``SandboxServer`` and ``SandboxProcess`` share the sync control helpers
-(``audit()``, ``configure()``, ``reset()``, ``advance_clock()``) which are plain HTTP calls
+(``audit()``, ``configure()``, ``reset()``, ``advance_clock()``, the webhook receivers') which are plain HTTP calls
 to ``/_sandbox/...``.
 """
 
@@ -96,6 +96,25 @@ class SandboxControl:
         """Move the sandbox clock forward; returns its new ``now`` (unix seconds)."""
         result: dict[str, Any] = self._call("POST", "clock", {"advance": seconds})
         return float(result["now"])
+
+    def webhook_url(self, name: str) -> str:
+        """The URL of the webhook receiver ``name`` (see ``workers.sandbox.webhooks``)."""
+        return f"{self.base_url}/_sandbox/webhooks/{name}"
+
+    def configure_webhooks(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Register or replace the receiver's secrets and behaviour (the whole config)."""
+        result: dict[str, Any] = self._call("PUT", f"webhooks/{name}/config", config)
+        return result
+
+    def webhook_deliveries(self, name: str, after: int = 0) -> list[dict[str, Any]]:
+        """Every delivery the receiver recorded after ``seq`` ``after``, oldest first."""
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self._call("GET", f"webhooks/{name}?after={after}&limit=10000")
+            out.extend(page["deliveries"])
+            after = page["next_after"]
+            if not page["has_more"]:
+                return out
 
     def healthy(self) -> bool:
         try:
