@@ -14,8 +14,9 @@ provisioning loop (``workers/main.py``). The queues and their Lua: ``broker/webh
    would cost one Lua call per tenant per worker per second). The admission path gains no
    Redis command: the PUBLISH is the outbox's own.
 2. **Delivery** (one loop): claims due queue heads (``claim.lua``: round robin over endpoints,
-   at most ``per_endpoint`` in flight per endpoint in this worker, so a slow receiver holds
-   at most that many of the worker's ``max_in_flight`` slots; each claim leased for 3 s and
+   at most ``per_endpoint`` in flight per endpoint and ``per_tenant`` per tenant in this
+   worker, so a slow receiver holds at most that many of the worker's ``max_in_flight`` slots
+   and a tenant's 10 slow receivers at most ``per_tenant``; each claim leased for 3 s and
    renewed every second by a :class:`~workers.jobs.claim.ClaimKeeper` while its POST is in
    flight), POSTs each in a task of its own (``workers/webhook_sender.py``) and records the
    attempt (``complete.lua``: popped when delivered, given up or the endpoint disabled, else
@@ -60,6 +61,7 @@ log = logging.getLogger("workers.webhooks")
 
 MAX_IN_FLIGHT = 256         # POSTs in flight per worker (async I/O: cheap; the sender's pool is 256)
 PER_ENDPOINT = 32           # ... of which to one endpoint at most (8 measured too few: below)
+PER_TENANT = 96             # ... and to one tenant's endpoints together (10 x 32 would be every slot)
 SWEEP_S = 1.0               # the tenants with endpoints re-read this often (a new one is fanned out at once)
 FULL_SWEEP_S = 10.0         # every such tenant's outbox looked at this often (and after a lost subscription)
 MAX_SLEEP_S = 1.0           # longest sleep of the delivery loop without a wake-up
@@ -85,6 +87,7 @@ class WebhookDelivery:
     def __init__(self, redis: aioredis.Redis, cipher: CredentialCipher, metrics: WorkerMetrics, *,
                  allow_private: bool, execute: Execute | None = None, sender: WebhookSender | None = None,
                  max_in_flight: int = MAX_IN_FLIGHT, per_endpoint: int = PER_ENDPOINT,
+                 per_tenant: int = PER_TENANT,
                  lease_ms: int = HELD_LEASE_MS, renew_s: float = RENEW_S, sweep_s: float = SWEEP_S,
                  full_sweep_s: float = FULL_SWEEP_S,
                  max_sleep: float = MAX_SLEEP_S, clock: Callable[[], int] = now_ms,
@@ -99,6 +102,7 @@ class WebhookDelivery:
                                   source="webhooks")
         self.max_in_flight = max_in_flight
         self.per_endpoint = per_endpoint
+        self.per_tenant = per_tenant
         self.lease_ms = lease_ms
         self.sweep_s = sweep_s
         self.full_sweep_s = full_sweep_s
@@ -207,7 +211,7 @@ class WebhookDelivery:
         self._wake.clear()
         busy = collections.Counter(d.member for d in self._running.values())
         nxt, claimed = await self.queue.claim(now, now + self.lease_ms, free, self.per_endpoint, dict(busy),
-                                              _secrets.token_hex(8))
+                                              _secrets.token_hex(8), tenant_cap=self.per_tenant)
         for d in claimed:
             self._spawn(d)
         if nxt is None:
@@ -263,7 +267,13 @@ class WebhookDelivery:
             log.exception("webhook %s: the event or the endpoint's secret is unreadable", d.endpoint_id)
             return Attempt(None, "internal_error", 0, "")
         self.attempts += 1
-        return await self.sender.post(d.url, secrets, event.id, body)
+        try:
+            return await self.sender.post(d.url, secrets, event.id, body)
+        except Exception:
+            # the sender answers every receiver and network outcome; anything else is a bug, but
+            # an unrecorded attempt would be claimed again after every lease, uncounted, forever
+            log.exception("webhook %s: the POST failed unexpectedly; recorded as a failed attempt", d.endpoint_id)
+            return Attempt(None, "internal_error", 0, "")
 
     def _secret(self, token: str) -> str:
         secret = self._secrets.get(token)

@@ -288,10 +288,17 @@ def exemplar() -> dict[str, str] | None:
 # ---- instrumentations ---------------------------------------------------------------------------
 
 
-def aiohttp_trace_configs(upstream: str) -> list[Any]:
+def origin_only(url: Any) -> str:
+    """A ``url_filter`` for :func:`aiohttp_trace_configs`: scheme, host and port of a yarl URL,
+    without path, query or credentials (a tenant's webhook URL may carry its own token)."""
+    return str(url.origin())
+
+
+def aiohttp_trace_configs(upstream: str, url_filter: Callable[[Any], str] | None = None) -> list[Any]:
     """``trace_configs`` for an upstream client's ``aiohttp.ClientSession``: the contrib aiohttp
     instrumentation's client span per request (named ``<METHOD> <upstream>``, ``peer.service``),
-    capturing no header. Empty when tracing is off."""
+    capturing no header; ``url_filter`` (a yarl URL -> the ``http.url`` recorded; e.g.
+    :func:`origin_only`). Empty when tracing is off."""
     if _state is None:
         return []
     from opentelemetry.instrumentation.aiohttp_client import create_trace_config
@@ -301,7 +308,7 @@ def aiohttp_trace_configs(upstream: str) -> list[Any]:
             span.update_name(f"{params.method} {upstream}")
             span.set_attribute("peer.service", upstream)
 
-    return [create_trace_config(request_hook=name_span, tracer_provider=_state.provider)]
+    return [create_trace_config(request_hook=name_span, tracer_provider=_state.provider, url_filter=url_filter)]
 
 
 def litestar_plugins() -> list[Any]:

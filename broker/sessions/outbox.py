@@ -47,9 +47,12 @@ def event_id(entry_id: bytes | str) -> str:
 
 
 def entry_id(evt_id: str) -> str | None:
-    """The stream entry id of ``evt_id``, or None when it is not an event id."""
+    """The stream entry id of ``evt_id``, or None when it is not an event id (both parts of a
+    stream id are 64-bit: Redis refuses a larger one, which must be a 4xx, not a 500)."""
     m = _ID.fullmatch(evt_id)
-    return f"{int(m[1])}-{int(m[2])}" if m else None
+    if m is None or int(m[1]) >= 2**64 or int(m[2]) >= 2**64:
+        return None
+    return f"{int(m[1])}-{int(m[2])}"
 
 
 def render(tenant_id: str, eid: bytes | str, raw: dict[bytes, bytes]) -> Event:

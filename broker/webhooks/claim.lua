@@ -6,8 +6,10 @@
 -- due in the ring, in ring order, get one delivery each per round until `room` are claimed; an
 -- endpoint that has `cap` deliveries in flight in this worker (`busy`, given by the worker, plus
 -- what this call took) is skipped, so a slow receiver holds at most `cap` of the worker's slots
--- and never the others' work. A served endpoint goes back in the ring at `now` (behind the ones
--- already waiting) while it has more due, else at its earliest score.
+-- and never the others' work; likewise a tenant with `tenant_cap` deliveries in flight in this
+-- worker (its endpoints together) is skipped, so one tenant's 10 slow endpoints cannot hold
+-- every slot. A served endpoint goes back in the ring at `now` (behind the ones already
+-- waiting) while it has more due, else at its earliest score.
 --
 -- Claiming a queue: its score moves to `lease_until` (the claimer renews it while the POST is
 -- in flight; a dead claimer's delivery is claimed again when the lease runs out) and its claim
@@ -20,16 +22,23 @@
 -- than 7 days) is dropped from its queue.
 --
 -- ARGV (after the templates): now, lease until, room, cap, token, drop_batch, n busy,
---       then n pairs (ring member "{tid}:{weid}", deliveries in flight in this worker)
+--       then n pairs (ring member "{tid}:{weid}", deliveries in flight in this worker),
+--       then tenant_cap (optional: none when absent)
 -- Reply: {the earliest ring score of an endpoint not at its cap, or '', then per claim:
 --         tenant id, endpoint id, session ('-'), entry id, attempt, entry fields (flat),
 --         endpoint {url, secret_enc, prev_secret_enc, prev_secret_until}}
 local now, lease_until = tonumber(ARGV[NT + 1]), ARGV[NT + 2]
 local room, cap, token = tonumber(ARGV[NT + 3]), tonumber(ARGV[NT + 4]), ARGV[NT + 5]
 local drop_batch, nbusy = tonumber(ARGV[NT + 6]), tonumber(ARGV[NT + 7])
+local tenant_cap = tonumber(ARGV[NT + 8 + 2 * nbusy] or '') or math.huge
 local inflight = {}
+local tinflight = {}
+local function tenant_of(m) return string.match(m, '^([^:]+):') end
 for i = 1, nbusy do
-  inflight[ARGV[NT + 6 + 2 * i]] = tonumber(ARGV[NT + 7 + 2 * i])
+  local m, n = ARGV[NT + 6 + 2 * i], tonumber(ARGV[NT + 7 + 2 * i])
+  inflight[m] = n
+  local t = tenant_of(m)
+  tinflight[t] = (tinflight[t] or 0) + n
 end
 local out = {''}
 
@@ -71,15 +80,23 @@ end
 
 local capped = {}
 local ncapped = 0
+local tcapped = {}
+local ntcapped = 0
 local function at_cap(m)
-  return (inflight[m] or 0) >= cap
+  return (inflight[m] or 0) >= cap or (tinflight[tenant_of(m)] or 0) >= tenant_cap
 end
 for m, n in pairs(inflight) do
   if n >= cap then capped[m] = true; ncapped = ncapped + 1 end
 end
+for t, n in pairs(tinflight) do
+  if n >= tenant_cap then tcapped[t] = true; ntcapped = ntcapped + 1 end
+end
+-- ring entries that may be skipped as capped: the capped endpoints, and up to 10 (the most a
+-- tenant has) per capped tenant
+local function skippable() return ncapped + 10 * ntcapped end
 
 if room > 0 then
-  local members = redis.call('ZRANGEBYSCORE', RING, '-inf', fmt(now), 'LIMIT', 0, room + 32 + ncapped)
+  local members = redis.call('ZRANGEBYSCORE', RING, '-inf', fmt(now), 'LIMIT', 0, room + 32 + skippable())
   local looked, served, info = {}, {}, {}
   local active = members
   while room > 0 and #active > 0 do
@@ -128,6 +145,8 @@ if room > 0 then
                 served[m] = true
                 inflight[m] = (inflight[m] or 0) + 1
                 if inflight[m] >= cap and not capped[m] then capped[m] = true; ncapped = ncapped + 1 end
+                tinflight[tid] = (tinflight[tid] or 0) + 1
+                if tinflight[tid] >= tenant_cap and not tcapped[tid] then tcapped[tid] = true; ntcapped = ntcapped + 1 end
               end
             end
             still[#still + 1] = m
@@ -155,9 +174,9 @@ if room > 0 then
   end
 end
 -- the next time this worker has something to claim: capped endpoints wait for its completions
-local head = redis.call('ZRANGE', RING, 0, ncapped, 'WITHSCORES')
+local head = redis.call('ZRANGE', RING, 0, skippable(), 'WITHSCORES')
 for i = 1, #head, 2 do
-  if not capped[head[i]] then
+  if not capped[head[i]] and not tcapped[tenant_of(head[i])] then
     out[1] = head[i + 1]
     break
   end

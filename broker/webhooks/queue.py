@@ -137,14 +137,17 @@ class DeliveryQueue:
         return int(read), int(queued)
 
     async def claim(self, now: int, lease_until: int, room: int, cap: int, busy: dict[str, int],
-                    token: str, drop_batch: int = DROP_BATCH) -> tuple[int | None, list[Delivery]]:
-        """Claim up to ``room`` due deliveries, at most ``cap`` in flight per endpoint counting
-        ``busy`` (ring member -> deliveries this worker has in flight), round robin over the
-        endpoints; returns the earliest ring score of an endpoint not at its cap (None: none)
-        and the deliveries."""
+                    token: str, drop_batch: int = DROP_BATCH,
+                    tenant_cap: int | None = None) -> tuple[int | None, list[Delivery]]:
+        """Claim up to ``room`` due deliveries, at most ``cap`` in flight per endpoint and
+        ``tenant_cap`` per tenant (None: no tenant cap) counting ``busy`` (ring member ->
+        deliveries this worker has in flight), round robin over the endpoints; returns the
+        earliest ring score of an endpoint not at a cap (None: none) and the deliveries."""
         pairs: list[Any] = []
         for member, n in busy.items():
             pairs += [member, n]
+        if tenant_cap is not None:
+            pairs.append(tenant_cap)
         raw = await self._run(self._claim, [now, lease_until, room, cap, token, drop_batch, len(busy), *pairs])
         out = []
         for i in range(1, len(raw), 7):

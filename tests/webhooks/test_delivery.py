@@ -339,3 +339,33 @@ async def test_the_body_is_the_event_as_the_api_renders_it(
     import msgspec
     assert receiver.of("b")[0].body == msgspec.json.encode(page.data[0])
     assert receiver.of("b")[0].webhook_id == page.data[0].id
+
+
+async def test_an_unexpected_sender_error_is_a_counted_attempt_not_a_retry_every_lease(
+        redis: aioredis.Redis, cipher: CredentialCipher, start: Any) -> None:
+    """Invariant: whatever goes wrong in a POST, the attempt is recorded and the retry schedule
+    applies. An exception escaping the sender (a library error nobody foresaw, like the
+    Retry-After ValueError) used to leave the attempt unrecorded: the delivery was claimed again
+    after every 3 s lease, forever, never counted, never given up."""
+    from workers.webhook_sender import WebhookSender
+
+    class Broken(WebhookSender):
+        calls = 0
+
+        async def post(self, url: str, secrets: Any, msg_id: str, body: bytes) -> Any:
+            Broken.calls += 1
+            raise ValueError("a receiver's answer no one foresaw")
+
+    sender = Broken(allow_private=True)
+    try:
+        weid, _ = await create_endpoint(redis, cipher, TID, "http://127.0.0.1:9/hook")
+        await start(sender=sender, lease_ms=300, renew_s=0.1)
+        await session_event(redis, TID, "sess_1", "session.created")
+        await until(lambda: _logged(redis, weid, 1), what="the attempt recorded")
+        log = await attempts(redis, weid)
+        assert log[0]["error"] == "internal_error" and log[0]["attempt"] == "1"
+        due = await redis.zscore(TenantScope(TID).webhook_due(weid), "sess_1")
+        assert due is not None and due >= now_ms() + 3000  # the 5 s retry, not the 0.3 s lease
+        assert Broken.calls == 1
+    finally:
+        await sender.aclose()

@@ -129,3 +129,39 @@ async def test_a_deleted_endpoints_queues_are_dropped_by_the_claim(redis: aiored
     assert await redis.zcard(WEBHOOK_RING) == 0
     assert await redis.exists(scope.webhook_due(weid), scope.webhook_heads(weid), scope.webhook_attempts(weid),
                               *(scope.webhook_queue(weid, f"sess_{i}") for i in range(3))) == 0
+
+
+async def test_one_tenants_ten_slow_endpoints_cannot_take_every_slot_of_a_worker(
+        redis: aioredis.Redis, cipher: CredentialCipher) -> None:
+    """Invariant: the per-endpoint cap bounds one receiver, the per-tenant cap one tenant: a
+    tenant with 10 endpoints (10 x 32 = 320 >= the worker's 256 slots) answering after 15 s
+    would otherwise hold every slot of every worker and starve the other tenants' deliveries."""
+    from broker.webhooks.queue import DeliveryQueue
+    from workers.webhooks import MAX_IN_FLIGHT, PER_ENDPOINT, PER_TENANT
+
+    assert PER_TENANT < MAX_IN_FLIGHT // 2 and PER_ENDPOINT <= PER_TENANT
+    q = DeliveryQueue(redis)
+    hog = "ten_hog"
+    eps = [(await create_endpoint(redis, cipher, hog, f"https://tarpit{i}.example/h"))[0] for i in range(10)]
+    for s in range(40):
+        await session_event(redis, hog, f"sess_{s}", "session.created")
+    other, _ = await create_endpoint(redis, cipher, TID, "https://fast.example/h")
+    for s in range(5):
+        await session_event(redis, TID, f"sess_o{s}", "session.created")
+    assert (await q.fanout(hog, 1000))[1] == 400 and (await q.fanout(TID, 1000))[1] == 5
+    _, got = await q.claim(1000, 4000, room=MAX_IN_FLIGHT, cap=PER_ENDPOINT, busy={}, token="t1",
+                           tenant_cap=PER_TENANT)
+    hogs = [d for d in got if d.tenant_id == hog]
+    assert len(hogs) == PER_TENANT
+    assert len([d for d in got if d.tenant_id == TID]) == 5
+    # with the hog's deliveries still in flight, a later claim gives it nothing more
+    busy: dict[str, int] = {}
+    for d in hogs:
+        busy[d.member] = busy.get(d.member, 0) + 1
+    assert sum(busy.values()) == PER_TENANT and set(busy) <= {f"{hog}:{e}" for e in eps}
+    await session_event(redis, TID, "sess_late", "session.created")
+    await q.fanout(TID, 1100)
+    nxt, later = await q.claim(1100, 4100, room=MAX_IN_FLIGHT - len(got), cap=PER_ENDPOINT, busy=busy,
+                               token="t2", tenant_cap=PER_TENANT)
+    assert [d.tenant_id for d in later] == [TID]
+    assert nxt == 4000  # the other tenant's first lease end; not the hog's heads, due now but capped
