@@ -193,8 +193,8 @@ async def test_the_delivery_span_names_the_receivers_host_not_its_path_or_query(
     query, as Slack-style hook URLs do): the client span keeps scheme, host and port only."""
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from broker import tracing
-    from broker.settings import Settings
+    from broker.core import tracing
+    from broker.core.settings import Settings
 
     exporter = InMemorySpanExporter()
     assert tracing.configure(Settings(), "session-broker-test", exporter=exporter)
