@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
-from .settings import Settings, SettingsError
+from .core.settings import Settings, SettingsError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -117,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"session-broker: {exc}", file=sys.stderr)
         return 2
-    from .logs import configure_logging
+    from .core.logs import configure_logging
 
     configure_logging(args.log_format or settings.log_format, settings.log_level, settings.library_log_level)
     try:
@@ -133,7 +132,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     cmd = args.command
     if cmd == "api":
         settings.require_secret_key()
-        from . import tracing
+        from .core import tracing
         from .serve import serve_api
 
         tracing.configure(settings, "session-broker-api")
@@ -145,7 +144,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         settings.require_secret_key()
         from workers.main import run_worker
 
-        from . import tracing
+        from .core import tracing
         from .serve import run_async
 
         tracing.configure(settings, "session-broker-worker")

@@ -15,9 +15,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import BrokerError
-from .redis_client import create_redis
-from .settings import Settings
+from .core.errors import BrokerError
+from .core.redis_client import create_redis
+from .core.settings import Settings
 
 
 def add_tenant_commands(sub: Any) -> None:
@@ -186,7 +186,7 @@ async def _apply(tenants: Any, sessions: Any, path: Path) -> list[dict[str, Any]
 
 
 def run_tenant_command(args: argparse.Namespace, settings: Settings) -> int:
-    from .redis_check import UNREACHABLE_ERRORS, unreachable_line
+    from .core.redis_check import UNREACHABLE_ERRORS, unreachable_line
 
     try:
         asyncio.run(_run(args, settings))

@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import BrokerError
-from .redis_client import create_redis
-from .settings import Settings
+from .core.errors import BrokerError
+from .core.redis_client import create_redis
+from .core.settings import Settings
 
 COLUMNS = ("tenant_id", "start", "sessions", "billable_seconds")
 

@@ -15,6 +15,7 @@ as after any crash); a second Ctrl-C kills at once. Redis is stopped gracefully 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -30,13 +31,16 @@ from pathlib import Path
 
 import httpx
 
-from .dev_state import DevLock, kept_secret, remove_env, write_env
+from .dev_state import DevLock, keep_secret, kept_json, kept_secret, remove_env, write_env
 from .embedded_redis import EmbeddedRedis
-from .logs import configure_logging
-from .redis_check import masked_url, unreachable_line
-from .settings import Settings
+from .core.logs import configure_logging
+from .core.redis_check import masked_url, unreachable_line
+from .core.settings import Settings
 
 DEMO_TENANT = "demo"
+DEMO_KEY_FILE = "demo_key"
+DEMO_WEBHOOK_FILE = "demo_webhook"
+DEMO_RECEIVER = "demo"       # the sandbox's webhook receiver /_sandbox/webhooks/demo
 STOP_BUDGET_S = 4.0        # Ctrl-C to the last child gone (Redis's own shutdown comes on top: ~0.1 s)
 START_TIMEOUT_S = 60.0
 log = logging.getLogger("broker.dev")
@@ -114,7 +118,7 @@ class DevRunner:
             self._shutdown()
 
     def _start(self, lock: DevLock) -> None:
-        args, settings = self.args, self.settings
+        args = self.args
         ports = {"--port": args.port, "--sandbox-port": args.sandbox_port, "--metrics-port": args.metrics_port,
                  "--api-metrics-port": args.api_metrics_port}
         busy = [f"{port} ({flag})" for flag, port in ports.items() if not _port_free(port)]
@@ -133,10 +137,17 @@ class DevRunner:
         self._spawn("worker", env, "worker", "--metrics-port", str(args.metrics_port), "--metrics-host", "127.0.0.1")
         self._wait_http("worker", f"http://127.0.0.1:{args.metrics_port}/healthz")
         tenant_id, key, prefix = _demo_key(api, env["BROKER_ADMIN_TOKEN"])
+        if key is not None:  # kept (0600, like the admin token) so that a restart can reach the tenant API
+            keep_secret(self.data / DEMO_KEY_FILE, key)
+        try:
+            receiver = _demo_webhook(api, sandbox, self.data)
+        except httpx.HTTPError as exc:  # the rest runs without it; the banner says why
+            receiver = f"webhooks     not registered: {str(exc).splitlines()[0]}"
         write_env(self.env_path, env, api, os.getpid())
         log.info("dev_ready", extra={"fields": {"api": api, "sandbox": sandbox, "redis": masked_url(redis_url),
                                                 "env_file": str(self.env_path), "demo_tenant": tenant_id}})
-        _banner(api, sandbox, args.metrics_port, args.api_metrics_port, masked_url(redis_url), self._env_hint(), tenant_id, key, prefix)
+        _banner(api, sandbox, args.metrics_port, args.api_metrics_port, masked_url(redis_url), self._env_hint(), tenant_id, key, prefix,
+                receiver)
 
     def _start_redis(self) -> str:
         if self.settings.redis_configured:
@@ -170,6 +181,8 @@ class DevRunner:
             BROKER_OPENAI_API_KEY=settings.openai_api_key or "sk-sandbox-platform-key",
             BROKER_AVATURN_API_KEY=settings.avaturn_api_key or "avaturn-sandbox-platform-key",
             BROKER_LOG_FORMAT=self.log_format,
+            # the sandbox's webhook receiver is plain http on loopback (make dev registers it)
+            BROKER_WEBHOOK_ALLOW_PRIVATE="true",
         )
         return env
 
@@ -294,8 +307,49 @@ def _demo_key(api: str, admin_token: str) -> tuple[str, str | None, str | None]:
         return tenant_id, str(created.json()["key"]), None
 
 
+def _demo_webhook(api: str, sandbox: str, data: Path) -> str:
+    """Registers the sandbox's receiver as the demo tenant's webhook endpoint, through the tenant
+    API, once: the endpoint's id and secret are kept in ``.dev/demo_webhook`` (0600), and a restart
+    finds the endpoint again (re-enabled, its URL updated to this sandbox port) instead of making
+    another. The secret is given to the receiver at every start (the sandbox keeps nothing).
+    Returns the banner's line about it."""
+    url = f"{sandbox}/_sandbox/webhooks/{DEMO_RECEIVER}"
+    key_path = data / DEMO_KEY_FILE
+    key = key_path.read_text().strip() if key_path.exists() else None
+    if not key:
+        return ("webhooks     not registered: the demo key was made before this data dir kept it "
+                f"(make a key and POST {api}/v1/webhook_endpoints with {url})")
+    kept = kept_json(data / DEMO_WEBHOOK_FILE)
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=10) as client:
+        listed = client.get("/v1/webhook_endpoints")
+        if listed.status_code == 401:
+            return "webhooks     not registered: the kept demo key was revoked (delete .dev/demo_key and restart)"
+        listed.raise_for_status()
+        endpoints = {e["id"]: e for e in listed.json()["data"]}
+        endpoint = endpoints.get(str(kept.get("id"))) if kept.get("secret") else None
+        if endpoint is not None:
+            secret = str(kept["secret"])
+            change: dict[str, object] = {}
+            if endpoint["url"] != url:
+                change["url"] = url
+            if endpoint["disabled"]:
+                change["disabled"] = False
+            if change:
+                client.patch(f"/v1/webhook_endpoints/{endpoint['id']}", json=change).raise_for_status()
+        else:
+            if len(endpoints) >= 10:
+                return "webhooks     not registered: the demo tenant has 10 endpoints already"
+            made = client.post("/v1/webhook_endpoints", json={"url": url, "description": "make dev: the sandbox receiver"})
+            made.raise_for_status()
+            endpoint, secret = made.json(), str(made.json()["secret"])
+            keep_secret(data / DEMO_WEBHOOK_FILE, json.dumps({"id": endpoint["id"], "secret": secret}), replace=True)
+    httpx.put(f"{sandbox}/_sandbox/webhooks/{DEMO_RECEIVER}/config", json={"secrets": [secret]},
+              timeout=10).raise_for_status()
+    return f"webhooks     endpoint {endpoint['id']} -> the sandbox receiver; deliveries: GET {url}"
+
+
 def _banner(api: str, sandbox: str, metrics_port: int, api_metrics_port: int, redis_url: str, env_hint: str, tenant_id: str,
-            key: str | None, prefix: str | None) -> None:
+            key: str | None, prefix: str | None, receiver: str) -> None:
     cli = _cli_name()
     if key is not None:
         key_text = f"Demo tenant {tenant_id}, its API key (shown this once):\n  {key}"
@@ -313,6 +367,7 @@ Session Broker is running.
   console      {api}/console   (sign in with the demo key below)
   worker       metrics http://127.0.0.1:{metrics_port}/metrics
   sandbox      {sandbox}   (audit: {sandbox}/_sandbox/audit)
+  {receiver}
   redis        {redis_url}
   CLI          {env_hint}    (then: {cli} tenants list)
 

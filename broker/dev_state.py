@@ -3,6 +3,10 @@
 - ``lock``: held (``flock``) while an instance runs; it names that instance (pid, API URL), so
   a second ``dev`` on the same directory stops at once with one line saying which one runs;
 - ``secret_key``, ``admin_token``: generated once, kept across starts (mode 0600);
+- ``demo_key``: the demo tenant's API key, kept when it is made (0600), so that a restart can
+  still call the tenant API for it (the key itself is shown once, in the first banner);
+- ``demo_webhook``: the id and signing secret of the demo tenant's webhook endpoint (the
+  sandbox's receiver), registered once and given to the receiver at every start (0600);
 - ``env``: the ``BROKER_*`` settings of the running instance, for a shell
   (``set -a; . .dev/env; set +a``), written once it is ready and removed when it stops.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shlex
 from collections.abc import Callable, Mapping
@@ -70,6 +75,26 @@ def kept_secret(path: Path, make: Callable[[], str]) -> str:
     with os.fdopen(fd, "w") as out:
         out.write(value)
     return value
+
+
+def keep_secret(path: Path, value: str, *, replace: bool = True) -> None:
+    """Store ``value`` at ``path`` (0600), written whole then renamed into place."""
+    if path.exists() and not replace:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value)
+    os.replace(tmp, path)
+
+
+def kept_json(path: Path) -> dict[str, object]:
+    """The JSON object stored at ``path``; ``{}`` when there is none or it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_env(path: Path, env: Mapping[str, str], api: str, pid: int) -> None:

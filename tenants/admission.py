@@ -75,7 +75,8 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from broker.redis_mux import Execute, evalsha
+from broker.core.text import text
+from broker.core.redis_mux import Execute, evalsha
 
 from tenants.mint_rate import lua_library, schedule
 from tenants.budgets import BudgetExhausted, BudgetGrant, admission_spec, iso_ms, with_budget
@@ -158,9 +159,6 @@ def _script(redis: aioredis.Redis) -> AsyncScript:
     return script
 
 
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 _DAY_MS = 86_400_000
 _days: dict[int, str] = {}
@@ -201,7 +199,7 @@ def _mint(limit: int, backlog: int, remaining: int, next_slot_ms: int, latest_ms
 
 async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute | None = None) -> Outcome:
     """Check and take every quota of one new session in one atomic step (one EVALSHA), sent
-    with ``execute`` if given (the API's :class:`broker.redis_mux.RedisMux`)."""
+    with ``execute`` if given (the API's :class:`broker.core.redis_mux.RedisMux`)."""
     if req.lease_until_ms <= req.now_ms:
         raise ValueError("lease_until_ms must be after now_ms")
     if req.mint_window_ms < 0:
@@ -256,16 +254,16 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         raw = await _script(redis)(keys=keys, args=args)
     else:
         raw = await evalsha(execute, _script(redis), keys, args)
-    kind = _text(raw[0])
+    kind = text(raw[0])
     if kind == "replayed":
-        return Replayed(session_id=_text(raw[1]))
+        return Replayed(session_id=text(raw[1]))
     if kind == "key_reused":
         return KeyReused()
     latest = req.now_ms + req.mint_window_ms
     if kind == "refused":
         code, limit, current, retry, m_used, m_reset, d_used, live, eu, backlog, remaining, next_slot = raw[1:]
         return Refused(
-            code=_text(code),  # type: ignore[arg-type]
+            code=text(code),  # type: ignore[arg-type]
             limit=int(limit),
             current=int(current),
             retry_after_s=int(retry),
@@ -274,12 +272,12 @@ async def admit(redis: aioredis.Redis, req: AdmissionRequest, execute: Execute |
         )
     if kind == "budget_exhausted":
         budget, limit, used, reserved, end, retry = raw[1:]
-        return BudgetExhausted(budget=_text(budget), limit=int(limit), used=int(used), reserved=int(reserved),
+        return BudgetExhausted(budget=text(budget), limit=int(limit), used=int(used), reserved=int(reserved),
                                period_end=iso_ms(int(end)), retry_after_s=int(retry))
     m_used, m_reset, d_used, live, eu, slot, backlog, remaining, next_slot = (int(v) for v in raw[1:10])
     return Admitted(
         session_id=req.session_id,
-        replaced=[_text(sid) for sid in raw[11:]],
+        replaced=[text(sid) for sid in raw[11:]],
         budget=BudgetGrant.parse(raw[10]),
         usage=_snapshot(q, day_reset_s, (m_used, m_reset), d_used, live, eu),
         mint_at=slot,

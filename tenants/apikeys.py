@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from broker.errors import InvalidInput, NotFound
+from broker.core.errors import InvalidInput, NotFound
 from tenants.models import ApiKeyCreated, ApiKeyMeta
 from tenants.repository import KeyRecord, TenantRepository, parse_rfc3339, rfc3339
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from broker.errors import BrokerError, InvalidInput
+from broker.core.errors import BrokerError, InvalidInput
 from tenants.models import Tenant, TenantCreate, TenantPatch, TenantView
 from tenants.service import TenantService, decode_create, decode_patch
 

@@ -3,7 +3,8 @@
 ``authenticate(key)`` checks the format and checksum first (no Redis: a mistyped key never
 costs a round trip), then looks the key's hash up, then the tenant. Two caches spare Redis on
 the hot path: key hash -> (tenant id, key id, not_after), and tenant id -> record (TTL 60 s
-like the keys: with 10,000 tenants a 5 s one missed on most requests). Both are dropped at
+like the keys: with 10,000 tenants a 5 s one missed on most requests; the worker's record cache,
+:class:`tenants.tenant_cache.TenantRecords`, on this listener). Both are dropped at
 once by a pub/sub listener: ``KEY_REVOCATIONS_CHANNEL`` (revoked or shortened keys) and
 ``TENANT_CHANGED_CHANNEL`` (status, quotas, config). While the listener is
 not subscribed (starting, or reconnecting after an error) the caches are bypassed entirely, so
@@ -22,16 +23,16 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import Forbidden, Unauthorized
+from broker.core.errors import Forbidden, Unauthorized
 from tenants.apikeys import KEY_LEN, hash_key, looks_valid
 from tenants.invalidation import InvalidationSubscription
 from tenants.models import Tenant
 from tenants.repository import parse_rfc3339
 from tenants.scope import KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL
 from tenants.service import TenantService
+from tenants.tenant_cache import TenantRecords
 
 log = logging.getLogger(__name__)
-_decode_tenant = msgspec.json.Decoder(Tenant).decode
 USE_FLUSH_DELAY = 0.5  # seconds a key use waits to be written with the others (last_used_at)
 
 
@@ -67,13 +68,11 @@ class KeyAuthenticator:
     ) -> None:
         self._redis = redis
         self._service = service
-        self._tenant_ttl = tenant_ttl
         self._key_ttl = key_ttl
         self._touch_interval = touch_interval
         self._use_flush_delay = use_flush_delay
         self._max_entries = max_entries
         self._keys: dict[str, _CachedKey] = {}
-        self._tenants: dict[str, tuple[bytes, float]] = {}  # record bytes: nothing for the GC to walk
         self._touched: dict[str, float] = {}
         self._uses: dict[tuple[str, str], str] = {}  # (tenant id, key id) -> key hash, to write
         self._flusher: asyncio.Task[None] | None = None
@@ -82,6 +81,7 @@ class KeyAuthenticator:
             redis, (KEY_REVOCATIONS_CHANNEL, TENANT_CHANGED_CHANNEL), on_message=self._on_message,
             on_reset=self._clear, name="tenant-key-invalidation", log=log,
         )
+        self._tenants = TenantRecords(service, self._sub, ttl=tenant_ttl, max_entries=max_entries)
 
     @property
     def listening(self) -> bool:
@@ -139,7 +139,7 @@ class KeyAuthenticator:
     async def _admit(self, key_hash: str, entry: _CachedKey) -> Tenant:
         if entry.not_after is not None and entry.not_after <= time.time():
             raise _invalid_key()
-        tenant = await self._tenant(entry.tenant_id)
+        tenant = await self._tenants.get(entry.tenant_id)
         if tenant is None:
             raise _invalid_key()
         if not tenant.active:
@@ -160,23 +160,6 @@ class KeyAuthenticator:
         if len(cache) >= self._max_entries:
             cache.clear()
         return True
-
-    async def _tenant(self, tenant_id: str) -> Tenant | None:
-        """The tenant, decoded on each call from the cached record's bytes: a cached ``Tenant``
-        is ~5 objects the cyclic GC tracks, so 10,000 cached tenants made every full collection
-        walk 50,000 more objects (measured in the bench: 2 ms -> 26 ms pauses, stalling every
-        request in flight); bytes and tuples of atoms are not tracked, and a decode costs ~2 us."""
-        cached = self._tenants.get(tenant_id) if self._sub.listening else None
-        if cached is not None and cached[1] > time.monotonic():
-            return _decode_tenant(cached[0])
-        generation = self._sub.generation
-        raw = await self._service.repo.get_raw(tenant_id)
-        if raw is None:
-            return None
-        tenant = _decode_tenant(raw)
-        if self._cacheable(generation, self._tenants):
-            self._tenants[tenant_id] = (raw, time.monotonic() + self._tenant_ttl)
-        return tenant
 
     def _touch(self, key_hash: str, entry: _CachedKey) -> None:
         """Record ``last_used_at`` at most once per ``touch_interval`` per key and process, off
@@ -226,8 +209,7 @@ class KeyAuthenticator:
         self._keys.pop(key_hash, None)
 
     def invalidate_tenant(self, tenant_id: str) -> None:
-        self._sub.bump()
-        self._tenants.pop(tenant_id, None)
+        self._tenants.invalidate(tenant_id)
 
     def _clear(self) -> None:
         self._keys.clear()

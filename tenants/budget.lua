@@ -1,7 +1,7 @@
 -- Session-second budgets and usage counters (tenants/budgets.py explains the rules).
 -- Composed (prepended) into tenants/admission.lua (budget_admit) and into every script that
 -- records a terminal status (budget_settle: broker/sessions/transition.lua,
--- workers/jobs/finish.lua, through broker/sessions/terminal.py). Defines Lua functions only,
+-- broker/sessions/termination_finish.lua, through broker/sessions/terminal.py). Defines Lua functions only,
 -- and calls append_tenant_event (tenants/outbox.lua): the outbox must be prepended BEFORE this
 -- file (a Lua local function is visible only after its definition).
 --

@@ -43,6 +43,7 @@ from importlib import resources
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.core.text import text
 from tenants.models import Quotas
 from tenants.scope import TenantScope
 
@@ -126,8 +127,7 @@ class BudgetGrant(msgspec.Struct, kw_only=True):
 
     @classmethod
     def parse(cls, raw: bytes | str) -> BudgetGrant:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        ttl, limited, crossed = text.split("|")
+        ttl, limited, crossed = text(raw).split("|")
         return cls(ttl_seconds=int(ttl), limited=limited == "1", thresholds=int(crossed))
 
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from broker.errors import BrokerError
-from broker.settings import Settings, SettingsError
+from broker.core.errors import BrokerError
+from broker.core.settings import Settings, SettingsError
 
 
 class CredentialError(BrokerError):

@@ -1,5 +1,5 @@
 """The pub/sub listener behind every in-process tenant/key cache (the API's
-``tenants.auth.KeyAuthenticator`` and the worker's ``workers.tenant_cache.TenantCache``).
+``tenants.auth.KeyAuthenticator`` and the worker's ``tenants.tenant_cache.TenantCache``).
 
 A cache may only serve entries while this listener is subscribed: ``on_subscribed`` runs once
 every channel is confirmed (from then on no invalidation is missed), ``on_lost`` whenever the
@@ -14,15 +14,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker.core.text import text
+
 IDLE_PING_S = 5.0
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 async def listen_invalidations(
@@ -54,7 +51,7 @@ async def listen_invalidations(
                         on_subscribed()
                         backoff = 0.05
                 elif message["type"] == "message":
-                    on_message(_text(message["channel"]), _text(message["data"]))
+                    on_message(text(message["channel"], "replace"), text(message["data"], "replace"))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reconnect; meanwhile the cache is bypassed

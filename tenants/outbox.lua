@@ -1,7 +1,7 @@
 -- The event outbox (contract section 11, issue 20): append_event(hkey, type) records the event
 -- of a session state change in the SAME script (so the same atomic step) as the change.
 -- Prepended to every script that makes such a change (tenants/admission.lua: session.created;
--- broker/sessions/transition.lua and workers/jobs/finish.lua: session.ready, session.failed,
+-- broker/sessions/transition.lua and broker/sessions/termination_finish.lua: session.ready, session.failed,
 -- session.terminated), by tenants/outbox.py; call it after the record holds the new state.
 --
 -- Storage: the tenant's stream `events` under its key base (TenantScope.events(): the session

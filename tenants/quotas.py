@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from tenants.models import MAX_SESSION_SECONDS_CAP, Quotas
 
 CODE = "invalid_quota"

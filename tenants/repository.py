@@ -21,6 +21,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from broker.core.text import text
 from tenants.models import ApiKeyMeta, Tenant
 from tenants.scope import (
     KEY_REVOCATIONS_CHANNEL,
@@ -75,9 +76,6 @@ class KeyLookup(msgspec.Struct, frozen=True, kw_only=True):
     not_after: str | None
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
@@ -114,7 +112,7 @@ class TenantRepository:
             for _ in range(_MAX_WATCH_RETRIES):
                 try:
                     await pipe.watch(TENANT_NAMES)
-                    owner = _text(await pipe.hget(TENANT_NAMES, tenant.name))
+                    owner = text(await pipe.hget(TENANT_NAMES, tenant.name))
                     if owner is not None:
                         raise TenantNameTaken(tenant.name, owner)
                     pipe.multi()
@@ -133,7 +131,7 @@ class TenantRepository:
     async def find_by_name(self, name: str) -> str | None:
         """The id of the tenant called ``name``, or None."""
         await self._ensure_names()
-        return _text(await self._redis.hget(TENANT_NAMES, name))
+        return text(await self._redis.hget(TENANT_NAMES, name))
 
     async def _ensure_names(self) -> None:
         """Deployments older than the names hash: fill it once from the tenant records, oldest
@@ -186,10 +184,10 @@ class TenantRepository:
                     new = change(old)
                     renamed = new.name != old.name
                     if renamed:
-                        owner = _text(await pipe.hget(TENANT_NAMES, new.name))
+                        owner = text(await pipe.hget(TENANT_NAMES, new.name))
                         if owner is not None and owner != tenant_id:
                             raise TenantNameTaken(new.name, owner)
-                        old_owner = _text(await pipe.hget(TENANT_NAMES, old.name))
+                        old_owner = text(await pipe.hget(TENANT_NAMES, old.name))
                     pipe.multi()
                     pipe.set(key, msgspec.json.encode(new))
                     if renamed:
@@ -215,7 +213,7 @@ class TenantRepository:
                 break
             offset += len(batch)
             for member, score in batch:
-                item = (int(score), _text(member) or "")
+                item = (int(score), text(member) or "")
                 if after is None or item > after:
                     found.append(item)
         page = found[:limit]
@@ -224,7 +222,7 @@ class TenantRepository:
 
     async def iter_ids(self) -> AsyncIterator[str]:
         async for member, _score in self._redis.zscan_iter(TENANTS_INDEX):
-            yield _text(member) or ""
+            yield text(member) or ""
 
     async def publish_tenant_changed(self, tenant_id: str) -> None:
         await self._redis.publish(TENANT_CHANGED_CHANNEL, tenant_id)
@@ -259,7 +257,7 @@ class TenantRepository:
             pipe.hgetall(scope.keys_meta())
             pipe.hgetall(scope.keys_last_used())
             raw_meta, raw_used = await pipe.execute()
-        used = {_text(k): _text(v) for k, v in raw_used.items()}
+        used = {text(k): text(v) for k, v in raw_used.items()}
         records = [msgspec.json.decode(v, type=KeyRecord) for v in raw_meta.values()]
         records.sort(key=lambda r: (r.created_at, r.id))
         return [r.meta(used.get(r.id)) for r in records]
@@ -289,7 +287,7 @@ class TenantRepository:
 
     async def lookup(self, key_hash: str) -> KeyLookup | None:
         raw = await self._redis.hgetall(api_key_lookup(key_hash))
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         tenant_id, key_id = fields.get("tenant_id"), fields.get("key_id")
         if not tenant_id or not key_id:
             return None

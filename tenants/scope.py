@@ -15,7 +15,7 @@ Layout (prefix ``sb:``)::
     sb:t:{tid}:sessions             zset  sid -> created_at (ms)        (listing, newest first)
     sb:t:{tid}:live                 zset  sid -> lease deadline (ms)    (concurrency leases)
     sb:t:{tid}:eu:{end_user}        zset  sid -> created_at (ms)        (live sessions of one end user)
-    sb:t:{tid}:rate                 hash  token bucket {tokens, ts}
+    sb:t:{tid}:rate                 zset  sid -> admission ms           (the sliding 60 s window log)
     sb:t:{tid}:day:{yyyymmdd}       string counter, expires after 48 h
     sb:t:{tid}:idem:{sha256(key)}   hash  {body, sid, state}            (24 h)
     sb:t:{tid}:mint                 hash  OpenAI mint schedule (GCRA {tat, last}), reserved at admission
@@ -59,6 +59,8 @@ Layout (prefix ``sb:``)::
 
 from __future__ import annotations
 
+from broker.core.text import text
+
 PREFIX = "sb:"
 
 TENANTS_INDEX = PREFIX + "tenants"
@@ -71,6 +73,9 @@ PROVISION_WAKE_CAP = 64                             # tokens kept at most (LTRIM
 STATS_LIVE = PREFIX + "stats:live"   # hash: live status -> number of sessions in it (all tenants)
 SWEEP_INDEX_CURSOR = PREFIX + "sweep:index_cursor"  # string: the sweeper's place in its pass over the tenants
 EVENTS_PATTERN = PREFIX + "events:*"
+# what precedes "{tid}:" in every tenant key: for Lua that builds a session key from a
+# "{tid}:{sid}" member (TenantScope(tid).session(sid) = TENANT_KEYS + tid + ":s:" + sid)
+TENANT_KEYS = PREFIX + "t:"
 OUTBOX_PATTERN = PREFIX + "t:*:events"  # tenants/outbox.lua publishes each event's id on its stream's name
 WEBHOOK_TENANTS = PREFIX + "wh:tenants"  # set: tenants with at least one webhook endpoint
 WEBHOOK_RING = PREFIX + "wh:ring"        # zset: "{tid}:{weid}" -> earliest due delivery (broker/webhooks/queue.py)
@@ -99,8 +104,7 @@ def due_member(tenant_id: str, session_id: str) -> str:
 
 
 def split_due_member(member: str | bytes) -> tuple[str, str]:
-    text = member.decode() if isinstance(member, bytes) else member
-    tenant_id, _, session_id = text.partition(":")
+    tenant_id, _, session_id = text(member).partition(":")
     return tenant_id, session_id
 
 
@@ -128,6 +132,7 @@ class TenantScope:
         return f"{self._base}eu:{end_user}"
 
     def rate_bucket(self) -> str:
+        """The sliding 60 s window log of admissions (a zset; the name predates the window)."""
         return self._base + "rate"
 
     def day_counter(self, yyyymmdd: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.core.errors import Conflict, InvalidInput, NotFound
 from tenants.apikeys import ApiKeyService
 from tenants.crypto import CredentialCipher, CredentialError
 from tenants.models import (
@@ -31,6 +31,7 @@ from tenants.models import (
 )
 from tenants.quotas import build_quotas
 from tenants.repository import TenantNameTaken, TenantRepository, parse_rfc3339, rfc3339, utc_now
+from tenants.scope import TenantScope
 from tenants.session_config import GA_FIELDS, MAX_SESSION_BYTES, validate_session
 from tenants.session_secrets import SEALED_PREFIX, is_sealed, keep_stored, reseal, seal, slots, unseal
 
@@ -133,6 +134,7 @@ class TenantService:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.repo = TenantRepository(redis)
+        self._redis = redis
         self.keys = ApiKeyService(self.repo, clock)
         self._cipher = cipher
         self._clock = clock
@@ -311,8 +313,8 @@ class TenantService:
         return sum(1 for line in report.lines if line.outcome == "rotated")
 
     async def rotate_all(self) -> RotationReport:
-        """Re-encrypt every tenant's credentials (upstream keys and the MCP credentials of its
-        session defaults) with the first BROKER_SECRET_KEY; afterwards the older keys can be
+        """Re-encrypt every tenant's credentials (upstream keys, the MCP credentials of its
+        session defaults, its webhook endpoints' signing secrets) with the first BROKER_SECRET_KEY; afterwards the older keys can be
         dropped from BROKER_SECRET_KEY. Session hashes are not rewritten: a session's config is
         opened only while it is provisioned (at most ``BROKER_PROVISION_DEADLINE_SECONDS``), so
         the old key must stay until those have settled.
@@ -325,10 +327,18 @@ class TenantService:
         if cipher is None:
             raise CredentialError("BROKER_SECRET_KEY is not set: nothing can be re-encrypted")
         lines: list[RotationLine] = []
+        webhook_stale: dict[str, list[tuple[str, str, str, str]]] = {}
+        tenant_stale: set[str] = set()
         async for tenant_id in self.repo.iter_ids():
             tenant = await self.repo.get(tenant_id)
             if tenant is not None:
-                lines.append(_rotation_check(tenant, cipher))
+                line = _rotation_check(tenant, cipher)
+                if line.outcome == "rotated":
+                    tenant_stale.add(tenant_id)
+                hooks = await self._webhook_tokens(tenant_id)
+                bad, stale = _webhook_check(hooks, cipher)
+                webhook_stale[tenant_id] = stale
+                lines.append(_merge_webhooks(line, [b[0] for b in bad], [t[0] for t in stale]))
         refused = [line for line in lines if line.outcome == "cannot-decrypt"]
         if refused:
             lines = [RotationLine(line.tenant_id, "rotatable", line.records) if line.outcome == "rotated" else line
@@ -337,13 +347,30 @@ class TenantService:
         written: list[RotationLine] = []
         for line in lines:
             if line.outcome == "rotated":
-                try:
-                    if await self.repo.modify(line.tenant_id, lambda t: _rotated(t, cipher)) is None:
-                        line = RotationLine(line.tenant_id, "unchanged", ("deleted meanwhile",))
-                except CredentialError:  # changed meanwhile to a credential no key opens
-                    line = _rotation_check(await self.repo.get(line.tenant_id) or _gone(line.tenant_id), cipher)
+                for _, key, field, token in webhook_stale.get(line.tenant_id, []):
+                    # only if unchanged meanwhile (a secret rotated by the tenant since is under the first key)
+                    await self._redis.eval(_SWAP_FIELD, 1, key, field, token, cipher.rotate(token))
+                if line.tenant_id in tenant_stale:
+                    try:
+                        if await self.repo.modify(line.tenant_id, lambda t: _rotated(t, cipher)) is None:
+                            line = RotationLine(line.tenant_id, "unchanged", ("deleted meanwhile",))
+                    except CredentialError:  # changed meanwhile to a credential no key opens
+                        line = _rotation_check(await self.repo.get(line.tenant_id) or _gone(line.tenant_id), cipher)
             written.append(line)
         return RotationReport(written, [line for line in written if line.outcome == "cannot-decrypt"])
+
+    async def _webhook_tokens(self, tenant_id: str) -> list[tuple[str, str, str, str]]:
+        """(record name, hash key, field, stored value) of the tenant's webhook signing secrets
+        (``broker/webhooks/__init__.py``: ``secret_enc``, ``prev_secret_enc``)."""
+        redis = self._redis
+        scope = TenantScope(tenant_id)
+        out: list[tuple[str, str, str, str]] = []
+        for weid in sorted(m.decode() for m in await redis.smembers(scope.webhook_endpoints())):
+            key = scope.webhook_endpoint(weid)
+            for field, value in zip(_WEBHOOK_FIELDS, await redis.hmget(key, *_WEBHOOK_FIELDS), strict=True):
+                if value:
+                    out.append((f"webhook.{weid}.{field.removesuffix('_enc')}", key, field, value.decode()))
+        return out
 
     # ---- API keys --------------------------------------------------------------------
 
@@ -411,6 +438,42 @@ def _rotation_check(tenant: Tenant, cipher: CredentialCipher) -> RotationLine:
     if stale:
         return RotationLine(tenant.id, "rotated", tuple(stale))
     return RotationLine(tenant.id, "unchanged", ("no stored credential",) if not _tokens(tenant) else ())
+
+
+_WEBHOOK_FIELDS = ("secret_enc", "prev_secret_enc")
+# KEYS: a hash; ARGV: field, expected value, new value. Sets the field only if it still holds
+# the expected value.
+_SWAP_FIELD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end
+return 0
+"""
+
+
+def _webhook_check(hooks: list[tuple[str, str, str, str]], cipher: CredentialCipher
+                   ) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str, str, str]]]:
+    """(the webhook secrets no key decrypts, those not under the first key)."""
+    bad, stale = [], []
+    for hook in hooks:
+        token = hook[3]
+        if cipher.is_current(token):
+            continue
+        try:
+            cipher.decrypt(token)
+            stale.append(hook)
+        except CredentialError:
+            bad.append(hook)
+    return bad, stale
+
+
+def _merge_webhooks(line: RotationLine, bad: list[str], stale: list[str]) -> RotationLine:
+    """A tenant's line with its webhook secrets: cannot-decrypt wins, then rotated."""
+    if line.outcome == "cannot-decrypt" or bad:
+        own = line.records if line.outcome == "cannot-decrypt" else ()
+        return RotationLine(line.tenant_id, "cannot-decrypt", (*own, *bad))
+    if line.outcome == "rotated" or stale:
+        own = line.records if line.outcome == "rotated" else ()
+        return RotationLine(line.tenant_id, "rotated", (*own, *stale))
+    return line
 
 
 def _rotated(tenant: Tenant, cipher: CredentialCipher) -> Tenant:

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from tenants.session_secrets import MAX_SEALED_CHARS, SEALED_PREFIX, refuse_reserved
 
 CODE = "invalid_session_config"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 
 if TYPE_CHECKING:
     from tenants.crypto import CredentialCipher

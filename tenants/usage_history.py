@@ -16,7 +16,8 @@ from typing import Literal
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput
+from broker.core.text import text
+from broker.core.errors import InvalidInput
 from tenants.scope import TENANTS_INDEX, TenantScope
 
 Granularity = Literal["day", "hour"]
@@ -101,7 +102,7 @@ async def history(redis: aioredis.Redis, tenant_id: str, rng: Range, end_user: s
 
 
 async def tenant_ids(redis: aioredis.Redis) -> list[str]:
-    return [t.decode() if isinstance(t, bytes) else t for t in await redis.zrange(TENANTS_INDEX, 0, -1)]
+    return [text(t) for t in await redis.zrange(TENANTS_INDEX, 0, -1)]
 
 
 async def all_tenants_history(redis: aioredis.Redis, rng: Range, tenant_id: str | None = None) -> list[TenantWindow]:

@@ -204,3 +204,42 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path) -> None:
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert str(runner.ports["sandbox_port"]) in lines[0] and "--sandbox-port" in lines[0]
     assert not (tmp_path / "d" / "redis").exists()  # checked before anything was started
+
+
+def test_the_sandbox_receiver_is_registered_once_and_keeps_verifying_after_a_restart(dev: Dev) -> None:
+    """Invariants: make dev registers the sandbox's webhook receiver for the demo tenant through the
+    tenant API; the receiver verifies the deliveries of a session's events; a restart registers no
+    second endpoint and gives the receiver the kept secret again (deliveries still verify)."""
+    dev.start().wait_ready()
+    out = dev.output()
+    key = re.search(r"\b(sbk_[A-Za-z0-9]+)\b", out)
+    assert key, out
+    receiver = f"{dev.sandbox}/_sandbox/webhooks/demo"
+    assert f"deliveries: GET {receiver}" in out, out
+    auth = {"Authorization": f"Bearer {key[1]}"}
+
+    def endpoints() -> list[dict[str, object]]:
+        listed = httpx.get(f"{dev.api}/v1/webhook_endpoints", headers=auth)
+        assert listed.status_code == 200, listed.text
+        return list(listed.json()["data"])
+
+    def delivered(session_id: str) -> list[dict[str, object]]:
+        return wait_until(lambda: [d for d in httpx.get(receiver).json()["deliveries"]
+                                   if json.loads(str(d["body"]))["data"].get("session", {}).get("id") == session_id],
+                          30, f"a delivery about {session_id} received", interval=0.1,
+                          state=lambda: httpx.get(receiver).json())
+
+    [endpoint] = endpoints()
+    assert endpoint["url"] == receiver and "secret" not in endpoint
+    assert oct((dev.data / "demo_webhook").stat().st_mode & 0o777) == "0o600"
+    first = httpx.post(f"{dev.api}/v1/sessions", headers=auth, json={"ttl_seconds": 60}).json()["id"]
+    assert all(d["verified"] for d in delivered(first))
+    took, code = dev.ctrl_c()
+    assert code == 0, dev.output()[-3000:]
+
+    dev.start().wait_ready()
+    assert [e["id"] for e in endpoints()] == [endpoint["id"]]
+    second = httpx.post(f"{dev.api}/v1/sessions", headers=auth, json={"ttl_seconds": 60}).json()["id"]
+    assert all(d["verified"] for d in delivered(second))
+    took, code = dev.ctrl_c()
+    assert code == 0 and "Traceback" not in dev.output()

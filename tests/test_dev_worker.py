@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from broker.embedded_redis import EmbeddedRedis, free_port
-from broker.logs import configure_logging
+from broker.core.logs import configure_logging
 from tenants.crypto import generate_secret_key
 from tests.fixtures.wait import wait_until
 

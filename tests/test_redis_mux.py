@@ -1,4 +1,4 @@
-"""broker/redis_mux.py: many commands in flight over one pipelined connection, against a real
+"""broker/core/redis_mux.py: many commands in flight over one pipelined connection, against a real
 redis-server. Every reply reaches the caller that sent its command, whatever else happens to
 the connection (errors, cancelled callers, a Redis restart, a Redis that stops answering)."""
 
@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.redis_mux import RedisMux
+from broker.core.redis_mux import RedisMux
 from tests.fixtures.redis_compat import command_calls
 from tests.fixtures.wait import wait_until_async
 
@@ -158,7 +158,7 @@ async def test_a_script_unknown_to_redis_is_loaded_once_for_all_the_callers_that
     """Invariant: 300 concurrent calls of a script Redis does not know (fresh process, restarted or
     flushed Redis) all get their own result, with one SCRIPT LOAD between them and no extra
     pool connection; a flush later is handled again the same way."""
-    from broker.redis_mux import evalsha
+    from broker.core.redis_mux import evalsha
 
     script = redis.register_script("return {KEYS[1], tonumber(ARGV[1]) * 2}")
     await mux.execute("PING")  # the mux's own connection is made on first use

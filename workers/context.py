@@ -1,7 +1,7 @@
 """What every job needs, built once per worker process in ``on_startup`` by the same
 functions the API uses (no module globals), and closed in ``on_shutdown``.
 
-``tenants`` is the worker's tenant cache (:mod:`workers.tenant_cache`): the same ``get`` and
+``tenants`` is the worker's tenant cache (:mod:`tenants.tenant_cache`): the same ``get`` and
 ``credentials`` as :class:`tenants.service.TenantService`, without a Redis read and two
 decryptions per job."""
 
@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from broker.redis_client import create_redis
-from broker.redis_mux import RedisMux
+from broker.core.redis_client import create_redis
+from broker.core.redis_mux import RedisMux
 from broker.sessions.repository import SessionRepository
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import CredentialCipher
 from tenants.service import TenantService
 
 from .metrics import WorkerMetrics
-from .redis_io import use_direct_sends
-from .tenant_cache import TenantCache
+from broker.core.compat_redis import use_direct_sends
+from tenants.tenant_cache import TenantCache
 from .upstreams.avaturn import AvaturnClient
 from .upstreams.openai import OpenAIMinter
 
@@ -45,7 +45,7 @@ class WorkerContext:
         redis = use_direct_sends(create_redis(settings, max_connections=max(64, settings.worker_max_jobs + 32)))
         cipher = CredentialCipher(settings.secret_keys)
         logging.getLogger("workers").info("worker starting: %d job slots", settings.worker_max_jobs)
-        mux = RedisMux(redis)  # the jobs' scripts share one pipelined connection (broker/redis_mux.py)
+        mux = RedisMux(redis)  # the jobs' scripts share one pipelined connection (broker/core/redis_mux.py)
         return cls(
             settings=settings,
             redis=redis,

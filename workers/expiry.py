@@ -4,14 +4,14 @@
 one at its ``expires_at``, a ``terminating`` one at its retry time (or at once). The loop
 
 1. reads the due sessions and claims up to as many as it has free DELETE slots, in one
-   atomic step for the whole batch (``jobs/claim.lua``: a ``ready`` one moves to
+   atomic step for the whole batch (``broker/sessions/termination_claim.lua``: a ``ready`` one moves to
    ``terminating``, each claimed one's score moves to ``now + lease`` so no other worker takes
    it while this one works on it, the lease renewed every second by the loop's
    :class:`~workers.jobs.claim.ClaimKeeper` until the session is ended; two round trips per batch);
 2. runs their upstream DELETEs concurrently (at most ``max_in_flight``), each then recorded
    ``terminated`` (or its retry time set, ``jobs/terminate.py``), each with the Avaturn key that
    created the session (``jobs/session_key.py``: one decrypt, ~20 us, no Redis read), the
-   ``terminated`` records of every 5 ms written by one script call (``jobs/finish.lua``);
+   ``terminated`` records of every 5 ms written by one script call (``broker/sessions/termination_finish.lua``);
 3. sleeps until the next due score, at most ``MAX_SLEEP_S``, at least ``MIN_TICK_S`` between
    batches while work is due (so a burst is taken in batches, not one by one), and waits for
    a free slot instead of reading when all are busy.
@@ -28,7 +28,7 @@ Next to it, :class:`ExpiringLoop` records ``session.expiring`` (contract section
 before ``expires_at``, or at ready for a shorter session). The step that makes a session ready
 (``transition.lua``) puts it in ``sb:due:expiring`` at its ``expires_at``; the loop takes the
 entries due within the lead time and records each one's event in one atomic step per batch
-(``jobs/expiring.lua``): only while the session is still ``ready``, once (the entry is removed
+(``broker/sessions/expiring.lua``): only while the session is still ``ready``, once (the entry is removed
 and a flag set in the session hash in that step: two workers racing record it once). Leaving
 ``ready`` removes the entry. A session ready with less than the lead left is due at once. The
 loop sleeps until the next entry is due, at most ``MAX_SLEEP_S``: an event is late by at most
@@ -42,14 +42,15 @@ import asyncio
 import logging
 import time
 
-from broker.logs import log_context
+from broker.core.logs import log_context
 from broker.sessions.lua import script
 from broker.sessions.models import SessionRecord, now_ms
-from tenants.scope import DUE_EXPIRING, PREFIX
+from broker.sessions.terminal import TERMINATION_GRACE_MS
+from tenants.scope import DUE_EXPIRING, TENANT_KEYS
 
 from .context import WorkerContext
 from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper, FinishBatch, TerminationClaims
-from .jobs.common import REDIS_ERRORS, TERMINATION_GRACE_MS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS
 from .jobs.terminate import end_claimed
 
 log = logging.getLogger("workers.expiry")
@@ -65,11 +66,9 @@ MIN_TICK_S = 0.02          # between two batches while sessions are due
 # the first attempt at one only when it is this late (the job was lost or its worker died),
 # so the two do not race for it; retries (delete_attempts > 0) are the loop's, on time.
 STOP_GRACE_MS = 1_000
-REDIS_DOWN_PAUSE_S = 0.5
 ERROR_PAUSE_S = 1.0
 EXPIRING_BATCH = 500       # session.expiring events recorded per script call at most
-_EXPIRING = script("expiring.lua", "workers.jobs")
-_SESSION_KEY_PREFIX = PREFIX + "t:"  # + "{tid}:s:{sid}": TenantScope(tid).session(sid)
+_EXPIRING = script("expiring.lua")
 
 
 class ExpiryLoop:
@@ -227,7 +226,7 @@ class ExpiringLoop:
         """Record the events now due (one script call); returns how long to sleep."""
         now = now_ms()
         recorded, taken, next_score = await self._script(
-            keys=[DUE_EXPIRING], args=[now + self.lead_ms, self.batch, _SESSION_KEY_PREFIX, now])
+            keys=[DUE_EXPIRING], args=[now + self.lead_ms, self.batch, TENANT_KEYS, now])
         self.recorded += int(recorded)
         if int(taken) >= self.batch:
             return MIN_TICK_S  # more may be due

@@ -1,6 +1,6 @@
 """Gauges that describe shared state in Redis (not this process): arq's queue depth (stop jobs),
-the oldest due provisioning no worker has started, due terminations, the provisioning backlog
-and live sessions by state.
+the oldest due provisioning no worker has started, due terminations, the provisioning backlog,
+live sessions by state and the webhook deliveries queued.
 
 A background task (started in the worker's ``on_startup``) refreshes a snapshot every
 ``interval`` seconds with a few cheap reads; a scrape only formats the snapshot, so a slow
@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.core.text import text
 from broker.sessions.jobs import QUEUE_NAME
 from tenants import scope
 
@@ -46,6 +47,7 @@ class Snapshot:
     due_terminations_oldest_age: float   # seconds since the oldest of them was due
     provisioning_backlog: int            # sessions queued or provisioning
     live: dict[str, int] = field(default_factory=dict)
+    webhook_pending: int = 0             # webhook deliveries queued (all tenants)
 
 
 async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
@@ -58,14 +60,15 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
         pipe.zcount(scope.DUE_EXPIRY, "-inf", now_ms)
         pipe.zrangebyscore(scope.DUE_EXPIRY, "-inf", now_ms, start=0, num=1, withscores=True)
         pipe.hgetall(LIVE_STATS_KEY)
-        due, deferred, due_tenants, due_terms, oldest_term, live_raw = await pipe.execute()
+        pipe.get(scope.WEBHOOK_PENDING)
+        due, deferred, due_tenants, due_terms, oldest_term, live_raw, wh_pending = await pipe.execute()
     oldest_age = 0.0
     if due_tenants:
         # The ring's score is a lower bound, a claimed session's entry is its lease (later than
         # now): the oldest due entry of each due tenant is one nobody has started.
         async with redis.pipeline(transaction=False) as pipe:
             for tid in due_tenants:
-                pipe.zrange(scope.TenantScope(_text(tid)).provision_schedule(), 0, 0, withscores=True)
+                pipe.zrange(scope.TenantScope(text(tid)).provision_schedule(), 0, 0, withscores=True)
             firsts = await pipe.execute()
         scores = [float(first[0][1]) for first in firsts if first and float(first[0][1]) <= now_ms]
         if scores:
@@ -73,9 +76,9 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
     term_age = max(0.0, now - float(oldest_term[0][1]) / 1000) if oldest_term else 0.0
     live: dict[str, int] = {}
     for key, value in (live_raw or {}).items():
-        state = _text(key)
+        state = text(key)
         try:
-            count = int(_text(value))
+            count = int(text(value))
         except ValueError:
             continue
         if _STATE.match(state):
@@ -84,6 +87,7 @@ async def read_snapshot(redis: Any, now: float | None = None) -> Snapshot:
         taken_at=now, queue_due=int(due), queue_deferred=int(deferred), queue_oldest_due_age=oldest_age,
         due_terminations=int(due_terms), due_terminations_oldest_age=term_age,
         provisioning_backlog=live.get("queued", 0) + live.get("provisioning", 0), live=live,
+        webhook_pending=max(0, int(text(wh_pending))) if wh_pending else 0,
     )
 
 
@@ -141,6 +145,9 @@ class SharedStateCollector(Collector):
                                     "Sessions queued or provisioning. Shared state: max().")
         live = GaugeMetricFamily("broker_live_sessions", "Sessions by state (from sb:stats:live). Shared state: max().",
                                  labels=["state"])
+        wh_pending = GaugeMetricFamily("broker_webhook_pending_deliveries",
+                                       "Webhook deliveries queued, all tenants (in flight and waiting for a retry "
+                                       "included). Shared state: max().")
         age = GaugeMetricFamily("broker_shared_state_age_seconds",
                                 "Age of the shared-state snapshot this worker exports.")
         if snap is not None:
@@ -152,9 +159,7 @@ class SharedStateCollector(Collector):
             backlog.add_metric([], snap.provisioning_backlog)
             for state, count in sorted(snap.live.items()):
                 live.add_metric([state], count)
+            wh_pending.add_metric([], snap.webhook_pending)
             age.add_metric([], max(0.0, time.time() - snap.taken_at))
-        return (queue, oldest, due, due_age, backlog, live, age)
+        return (queue, oldest, due, due_age, backlog, live, wh_pending, age)
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

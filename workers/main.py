@@ -1,6 +1,6 @@
-"""Running one worker process: the provisioning and expiry loops, arq (stop jobs, the sweeper's
-cron, its health record) through its documented API, plus the metrics/health HTTP endpoint on
-``--metrics-port``."""
+"""Running one worker process: the provisioning, expiry and webhook delivery loops, arq (stop
+jobs, the sweeper's cron, its health record) through its documented API, plus the
+metrics/health HTTP endpoint on ``--metrics-port``."""
 
 from __future__ import annotations
 
@@ -14,20 +14,22 @@ from aiohttp import web
 from arq import Retry, Worker, cron, func
 from prometheus_client.exposition import choose_encoder
 
-from broker.logs import bind_log_context, log_context
-from broker.redis_client import create_worker_pool
-from broker.serve import tune_gc
+from broker.core.logs import bind_log_context, log_context
+from broker.core.redis_client import create_worker_pool
+from broker.core.compat_redis import use_direct_sends
+from broker.core.gc_tuning import tune_gc
 from broker.sessions.jobs import QUEUE_NAME, TERMINATE, job_deserializer, job_serializer
-from broker.settings import Settings
+from broker.core.settings import Settings
 
 from .context import WorkerContext
 from .expiry import ExpiringLoop, ExpiryLoop
-from .jobs.common import REDIS_ERRORS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS
 from .jobs.sweep import sweep
 from .jobs.terminate import terminate_session
 from .metrics import WorkerMetrics
 from .provisioning import ProvisioningLoop
-from .redis_io import use_direct_sends
+from .webhooks import WebhookDelivery
+from .webhooks import from_context as webhook_delivery
 from .startup import wait_for_redis
 
 log = logging.getLogger("workers")
@@ -51,9 +53,8 @@ SWEEP_EVERY_S = 2
 # triggers are counts of young ones (in the drain the middle ones still ran about once a second).
 GC_THRESHOLDS = (700, 100, 100)
 HEALTH_STALE_S = 15
-# Redis unreachable (restart, failover): arq's run is started again after this pause; a stop
-# job that hit it is retried after REDIS_RETRY_DEFER_S.
-REDIS_DOWN_PAUSE_S = 0.5
+# Redis unreachable (restart, failover): arq's run is started again after REDIS_DOWN_PAUSE_S; a
+# stop job that hit it is retried after REDIS_RETRY_DEFER_S.
 REDIS_RETRY_DEFER_S = 1.0
 
 
@@ -66,10 +67,11 @@ class Health:
 
 
 class BrokerWorker:
-    """One worker process's work: the provisioning loop (``workers/provisioning.py``) and the
-    expiry loop (``workers/expiry.py``), which are ours, and an arq ``Worker``, used through its
-    documented API for what it does as shipped: the stop jobs (``terminate_session``, enqueued
-    with ``ArqRedis.enqueue_job``), the sweeper's cron and its health record.
+    """One worker process's work: the provisioning loop (``workers/provisioning.py``), the
+    expiry loop (``workers/expiry.py``) and the webhook delivery (``workers/webhooks.py``),
+    which are ours, and an arq ``Worker``, used through its documented API for what it does as
+    shipped: the stop jobs (``terminate_session``, enqueued with ``ArqRedis.enqueue_job``), the
+    sweeper's cron and its health record.
 
     Redis going away never ends the process: our loops pause and resume by themselves, and
     when arq's ``async_run()`` gives up on Redis (its commands retry for ~20 s first) it is
@@ -85,14 +87,15 @@ class BrokerWorker:
         self.handle_signals = handle_signals
         self.gc_thresholds = gc_thresholds
         self.shutdown_grace_s = JOB_COMPLETION_WAIT_S + JOB_TIMEOUT  # what a SIGTERMed worker may need at most
-        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/redis_client.py
+        # URL or Sentinel, TLS, generous retries (survives a Redis restart): broker/core/redis_client.py
         self.pool = use_direct_sends(create_worker_pool(settings, job_serializer=job_serializer,
                                                         job_deserializer=job_deserializer,
-                                                        default_queue_name=QUEUE_NAME))  # workers/redis_io.py
+                                                        default_queue_name=QUEUE_NAME))  # broker/core/compat_redis.py
         self.ctx: dict[str, Any] = {"broker_worker": self}  # arq's ctx, passed to the jobs
         self.provisioning: ProvisioningLoop | None = None
         self.expiry: ExpiryLoop | None = None
         self.expiring: ExpiringLoop | None = None
+        self.webhooks: WebhookDelivery | None = None
         self._started = False
         self._signalled = False
         self._last_warning = 0.0
@@ -140,6 +143,7 @@ class BrokerWorker:
         ctx["keeper"] = self.expiry.keeper            # and their claims are renewed with the loop's
         self.expiring = ctx["expiring"] = ExpiringLoop(wc).start()  # session.expiring events (workers/expiry.py)
         self.provisioning = ctx["provisioning"] = ProvisioningLoop(wc).start()  # workers/provisioning.py
+        self.webhooks = ctx["webhooks"] = webhook_delivery(wc).start()  # fan-out and delivery: workers/webhooks.py
         if self.gc_thresholds is not None:
             tune_gc(self.gc_thresholds)  # everything alive now (modules, SDK, clients) out of the collector's way
 
@@ -147,6 +151,8 @@ class BrokerWorker:
         ctx = self.ctx if ctx is None else ctx
         if ctx.get("provisioning"):
             await ctx["provisioning"].stop()  # what is cut off is taken again after its lease
+        if ctx.get("webhooks"):
+            await ctx["webhooks"].stop()  # likewise: a POST cut off is delivered again after its lease
         if ctx.get("expiry"):
             await ctx["expiry"].stop()  # before the clients close: its DELETEs in flight finish
         if ctx.get("expiring"):
@@ -181,6 +187,8 @@ class BrokerWorker:
                 # arq ended its main task after the signal: our own work in flight ends now
                 if self.provisioning is not None:
                     await self.provisioning.wait_idle(JOB_COMPLETION_WAIT_S)
+                if self.webhooks is not None:
+                    await self.webhooks.wait_idle(JOB_COMPLETION_WAIT_S)  # a POST ends within 15 s
                 log.info("worker stopped by a signal")
                 return
             except REDIS_ERRORS as exc:
@@ -195,6 +203,8 @@ class BrokerWorker:
         log.info("received %s: taking no new work; running work ends by itself", signal.Signals(signum).name)
         if self.provisioning is not None:
             self.provisioning.drain()
+        if self.webhooks is not None:
+            self.webhooks.drain()
         if self.expiry is not None:
             self.expiry.drain()
         self.arq.handle_sig_wait_for_completion(signum)
@@ -203,6 +213,8 @@ class BrokerWorker:
         """Stop everything and close every client (also after a cancelled run or a Redis outage)."""
         if self.provisioning is not None:
             await self.provisioning.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         try:
             await self.arq.close()  # cancels its job tasks and main task, deletes its health key
         except asyncio.CancelledError:
@@ -227,7 +239,7 @@ def build_worker(
     gc_thresholds: tuple[int, int, int] | None = None,
 ) -> BrokerWorker:
     """The worker of the broker; ``gc_thresholds``: tune the process's collector once started
-    (``broker.serve.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
+    (``broker.core.gc_tuning.tune_gc``), as the worker process does with :data:`GC_THRESHOLDS` (a worker
     run inside another program, such as the tests, leaves that program's collector alone)."""
     return BrokerWorker(settings, metrics, health, burst=burst, handle_signals=handle_signals,
                         gc_thresholds=gc_thresholds)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, disable_created_metrics)
 
-from broker import tracing
-from broker.metrics import TenantLabels
+from broker.core import tracing
+from broker.core.tenant_labels import TenantLabels
 
 from .gauges import SharedStateCollector
+
+if TYPE_CHECKING:
+    from broker.sessions.models import SessionRecord
 
 TOP_TENANTS = 20  # named tenants in tenant-labelled worker series by default (BROKER_METRICS_TOP_TENANTS)
 
@@ -32,7 +35,11 @@ JOB_OUTCOMES = ("ok", "retry", "error", "cancelled")
 UPSTREAM_OPERATIONS = (("openai", "mint"), ("avaturn", "create"), ("avaturn", "delete"))
 TERMINATION_REASONS = ("requested", "expired", "replaced", "tenant_disabled")
 SWEEPER_ACTIONS = ("requeued", "reaped", "dropped", "trimmed")
-REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry", "provision")
+REDIS_ERROR_SOURCES = ("heartbeat", "poll", "job", "shared_state", "expiry", "provision", "webhooks")
+WEBHOOK_OUTCOMES = ("delivered", "retry", "gave_up", "endpoint_gone", "endpoint_failing")
+# event recorded -> 2xx received: from a few ms (the fan-out and one POST) to a day (retries)
+WEBHOOK_LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800,
+                            3600, 7200, 21600, 43200, 86400)
 
 
 class TracedHistogram(Histogram):
@@ -101,6 +108,15 @@ class WorkerMetrics:
                                         "(a session billed past its reservation).", registry=r)
         self.redis_errors = Counter("broker_redis_errors_total", "Redis errors seen by this process, by where they happened.",
                                     ["source"], registry=r)
+        # webhook delivery (workers/webhooks.py)
+        self.webhook_deliveries = Counter("broker_webhook_deliveries_total",
+                                          "Webhook delivery attempts by outcome: delivered (2xx), retry (failed, "
+                                          "tried again later), gave_up (the last retry failed), endpoint_gone (410: "
+                                          "endpoint disabled), endpoint_failing (failing 5 days: endpoint disabled).",
+                                          ["outcome"], registry=r)
+        self.webhook_lateness = Histogram("broker_webhook_delivery_lateness_seconds",
+                                          "Time from an event's recording to its webhook's 2xx (retries included).",
+                                          buckets=WEBHOOK_LATENESS_BUCKETS, registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.shared = SharedStateCollector(on_error=lambda: self.redis_errors.labels("shared_state").inc())
         r.register(self.shared)
@@ -110,6 +126,18 @@ class WorkerMetrics:
         """The session's billable seconds, as the settle computed them (tenants/budget.lua)."""
         if ready_at_ms:
             self.billable_seconds.labels(self.tenant_label(tenant_id)).inc(max(0, -(-(end_ms - ready_at_ms) // 1000)))
+
+    def count_termination(self, rec: SessionRecord, reason: str, end_ms: int, thresholds: int = 0) -> None:
+        """A session this worker recorded ``terminated`` at ``end_ms`` (both ways of recording
+        it count here: one transition, or the expiry loop's batched finish): the termination by
+        reason, the usage thresholds its settle crossed (tenants/budget.lua), its billable
+        seconds as the settle computed them, and, for an expiry, how late it came."""
+        self.terminations.labels(reason).inc()
+        if thresholds:
+            self.usage_thresholds.inc(thresholds)
+        self.count_billable(rec.tenant_id, rec.ready_at, end_ms)
+        if rec.expires_at and reason == "expired":
+            self.termination_lateness.observe(max(0.0, (end_ms - rec.expires_at) / 1000))
 
     def _forget_tenant(self, tenant_id: str) -> None:
         try:
@@ -135,6 +163,8 @@ class WorkerMetrics:
             self.sweeper_actions.labels(action)
         for source in REDIS_ERROR_SOURCES:
             self.redis_errors.labels(source)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)
 
     # ---- helpers called by the job code ---------------------------------------------------
     # A few metric calls per job: the labelled children are looked up once (``labels()`` takes
@@ -159,6 +189,9 @@ class WorkerMetrics:
                 outcome = "unavailable" if getattr(exc, "retryable", False) else "rejected"
         self._child(self.upstream_calls, upstream, operation, outcome, code).inc()
         self._child(self.upstream_latency, upstream, operation).observe(seconds)
+
+    def webhook_delivery(self, outcome: str) -> None:
+        self._child(self.webhook_deliveries, outcome).inc()
 
     def provision_outcome(self, outcome: str, code: str) -> None:
         self._child(self.provisions, outcome, code).inc()

@@ -29,14 +29,14 @@ import contextlib
 import logging
 import time
 
-from broker.logs import log_context
+from broker.core.logs import log_context
 from broker.sessions.models import now_ms
 from broker.sessions.schedule import Claimed, ProvisionSchedule, entry_of
 from tenants.scope import PROVISION_WAKE
 
 from .context import WorkerContext
 from .jobs.claim import HELD_LEASE_MS, RENEW_S, ClaimKeeper
-from .jobs.common import REDIS_ERRORS
+from .jobs.common import REDIS_DOWN_PAUSE_S, REDIS_ERRORS
 from .jobs.provision import Rescheduled, provision_claimed
 
 log = logging.getLogger("workers.provisioning")
@@ -52,7 +52,6 @@ MIN_TICK_S = 0.005         # between two claims that took nothing while the ring
 # One attempt (mint + create + records) runs at most this long; then it is cut off and the
 # session is taken again after its lease (an attempt normally ends within two upstream timeouts).
 ATTEMPT_TIMEOUT_S = 30.0
-REDIS_DOWN_PAUSE_S = 0.5
 ERROR_PAUSE_S = 1.0
 
 

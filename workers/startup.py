@@ -19,9 +19,9 @@ import logging
 import signal
 import time
 
-from broker.redis_check import ping, unreachable_line, where
-from broker.redis_client import create_redis
-from broker.settings import Settings
+from broker.core.redis_check import ping, unreachable_line, where
+from broker.core.redis_client import create_redis
+from broker.core.settings import Settings
 
 log = logging.getLogger("workers.startup")
 

@@ -13,7 +13,7 @@ from litestar import Request, Response, Router, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.params import FromPath
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from tenants.apikeys import MAX_ROTATION_OVERLAP_SECONDS
 from tenants.models import TenantView, disabled_view, revoked_view
 from tenants.service import decode_create, decode_patch

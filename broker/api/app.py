@@ -12,16 +12,16 @@ from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from broker import tracing
-from broker.metrics import ApiMetrics
-from broker.redis_check import ping, unreachable_line
-from broker.redis_client import create_redis
-from broker.redis_mux import RedisMux
+from broker.core import tracing
+from broker.api.metrics import ApiMetrics
+from broker.core.redis_check import ping, unreachable_line
+from broker.core.redis_client import create_redis
+from broker.core.redis_mux import RedisMux
 from broker.sessions.events import SessionEvents
 from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.repository import SessionRepository
 from broker.sessions.service import SessionService
-from broker.settings import Settings
+from broker.core.settings import Settings
 from broker.webhooks.endpoints import WebhookEndpoints
 from tenants.auth import KeyAuthenticator
 from tenants.crypto import CredentialCipher
@@ -33,7 +33,6 @@ from .docs_viewer import assets_router, render_plugins
 from .errors import EXCEPTION_HANDLERS, docs_error_hook
 from .middleware import metrics_middleware
 from .openapi import document_openapi
-from .redis_packing import use_hiredis_packing
 from .ops_routes import healthz, metrics_handlers, ops_handlers
 from .tenant_routes import tenant_router
 from .event_routes import event_router
@@ -74,7 +73,6 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = create_redis(settings)
-        use_hiredis_packing(redis)  # before any connection is opened
         mux = RedisMux(redis)  # the admission and transition scripts share one pipelined connection
         arq = new_arq_redis(redis.connection_pool)
         cipher = CredentialCipher(settings.secret_keys) if settings.secret_keys else None
@@ -131,7 +129,7 @@ def create_app(settings: Settings, surfaces: Iterable[str] = ALL_SURFACES, metri
         request_max_body_size=MAX_BODY,
         openapi_config=openapi_config(),
         debug=False,
-        logging_config=None,  # Litestar's default would replace our JSON root handler (broker/logs.py)
+        logging_config=None,  # Litestar's default would replace our JSON root handler (broker/core/logs.py)
         plugins=tracing.litestar_plugins(),  # tracing on: Litestar's OpenTelemetry plugin (else none)
         before_send=tracing.before_send_hooks(),  # names the request span after its route
     )

@@ -10,7 +10,7 @@ from typing import TypeVar
 import msgspec
 from litestar import Request
 
-from broker.errors import InvalidInput, UnsupportedMediaType
+from broker.core.errors import InvalidInput, UnsupportedMediaType
 
 from .deps import raw_header
 

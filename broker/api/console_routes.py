@@ -22,7 +22,7 @@ from typing import Any
 from litestar import Request, Response, Router, delete, get, post
 from litestar.params import FromPath
 
-from broker.errors import NotFound, Unauthorized
+from broker.core.errors import NotFound, Unauthorized
 from broker.sessions.models import iso
 from tenants.models import Tenant
 
@@ -42,7 +42,7 @@ from .deps import TENANT_SCOPE_KEY, authenticate_tenant, bearer
 
 _TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".js": "text/javascript; charset=utf-8"}
-ASSETS = ("console.css", "console.js", "timeline.js")
+ASSETS = ("console.css", "console.js", "timeline.js", "webhooks.js")
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "

@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie
 
-from broker.errors import BrokerError, Forbidden, Unauthorized
+from broker.core.errors import BrokerError, Forbidden, Unauthorized
 from tenants.auth import KeyIdentity
 from tenants.models import Tenant
 from tenants.scope import console_session

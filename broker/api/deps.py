@@ -18,8 +18,8 @@ from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from broker.errors import NotFound, Unauthorized
-from broker.logs import bind_log_context
+from broker.core.errors import NotFound, Unauthorized
+from broker.core.logs import bind_log_context
 from tenants.models import Tenant
 
 from .console_session import authenticate_console

@@ -19,8 +19,11 @@ from litestar.exceptions import HTTPException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker import tracing
-from broker.errors import BrokerError, ServiceUnavailable
+from broker.core import tracing
+from broker.core.errors import BrokerError, ServiceUnavailable
+from broker.sessions.service import AdmissionRefused
+
+from .ratelimit import refusal_headers
 
 log = logging.getLogger("broker.api")
 
@@ -39,7 +42,10 @@ _HTTP_CODES = {
 
 def error_response(exc: BrokerError) -> Response[dict[str, object]]:
     tracing.set_error_code(exc.code)  # on the request's span (tracing on)
-    return Response(content=exc.body(), status_code=exc.status, headers=exc.headers)
+    headers = exc.headers
+    if isinstance(exc, AdmissionRefused):  # the domain gives the numbers, the headers are HTTP's
+        headers = {**refusal_headers(exc.refused), **headers}
+    return Response(content=exc.body(), status_code=exc.status, headers=headers)
 
 
 def handle_broker_error(_: Request, exc: BrokerError) -> Response[dict[str, object]]:

@@ -15,7 +15,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from broker.sessions.outbox import EVENT_TYPES, EventLog, entry_id
 from tenants.models import Tenant
 

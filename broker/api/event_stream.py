@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import QuotaExceeded
+from broker.core.errors import QuotaExceeded
 from broker.sessions.events import SessionEvents
 from broker.sessions.outbox import Event, EventLog, entry_id
 from tenants.scope import TenantScope

@@ -19,9 +19,9 @@ from typing import Any
 from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker import tracing
-from broker.logs import bind_log_context, reset_log_context
-from broker.metrics import ApiMetrics
+from broker.core import tracing
+from broker.core.logs import bind_log_context, reset_log_context
+from broker.api.metrics import ApiMetrics
 
 access_log = logging.getLogger("broker.access")
 
@@ -133,7 +133,8 @@ def _access_record(level: int, method: str, route: str, status: int, elapsed: fl
     now = time.time()
     d["created"] = now
     d["msecs"] = int((now - int(now)) * 1000) + 0.0
-    d["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    # ms since logging was loaded, as LogRecord computes it (the template holds its created/relativeCreated)
+    d["relativeCreated"] = (now - _template["created"]) * 1000 + _template["relativeCreated"]
     d["levelno"] = level
     d["levelname"] = logging.getLevelName(level)
     d["args"] = (method, route, status)

@@ -13,8 +13,8 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 from litestar.types import ASGIApp
 
-from broker.errors import InvalidInput
-from broker.logs import bind_log_context
+from broker.core.errors import InvalidInput
+from broker.core.logs import bind_log_context
 from broker.sessions.models import CreateSessionRequest, SessionRecord, SessionView, now_ms
 from tenants.admission import Admitted
 from tenants.budgets import read_budgets

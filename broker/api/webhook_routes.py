@@ -13,7 +13,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from broker.webhooks.endpoints import EndpointCreate, EndpointPatch, WebhookEndpoints, is_endpoint_id
 from broker.webhooks.queue import enqueue
 from tenants.models import Tenant

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
 
 QUEUE_NAME = "sb:queue"
 TERMINATE = "terminate_session"
@@ -33,8 +35,14 @@ class JobQueue:
 
     async def terminate(self, tenant_id: str, session_id: str, *, tag: str = "stop") -> bool:
         """Enqueue the termination of a session now; False if a job with its id exists already."""
-        job = await self.arq.enqueue_job(TERMINATE, tenant_id, session_id, _job_id=f"term:{session_id}:{tag}",
-                                         _queue_name=QUEUE_NAME)
+        try:
+            job = await self.arq.enqueue_job(TERMINATE, tenant_id, session_id, _job_id=f"term:{session_id}:{tag}",
+                                             _queue_name=QUEUE_NAME)
+        except WatchError as exc:
+            # arq answers a real WATCH conflict itself (None: the job was enqueued meanwhile). A
+            # WatchError that escapes is redis-py's report of a connection lost while the job key
+            # was WATCHed: Redis went away, which callers handle as such (the API: 503, not 500).
+            raise RedisConnectionError(f"connection lost while enqueueing the stop job: {exc}") from exc
         return job is not None
 
 

@@ -1,5 +1,5 @@
 -- Shared pieces of the session scripts (transition.lua, provision_claim.lua, and the
--- workers' finish.lua): prepended to each of them by broker/sessions/lua.py, so a status
+-- termination_finish.lua): prepended to each of them by broker/sessions/lua.py, so a status
 -- change or a schedule change is written the same way by every script that makes it.
 
 -- The status of session `hkey` goes from `st` to `new`, the live-status counts (`stats` hash:

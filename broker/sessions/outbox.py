@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.core.text import text
 from tenants.scope import TenantScope
 
 from .models import SessionRecord, SessionView, iso
@@ -42,18 +43,21 @@ class EventPage(msgspec.Struct):
 
 
 def event_id(entry_id: bytes | str) -> str:
-    return "evt_" + (entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    return "evt_" + text(entry_id)
 
 
 def entry_id(evt_id: str) -> str | None:
-    """The stream entry id of ``evt_id``, or None when it is not an event id."""
+    """The stream entry id of ``evt_id``, or None when it is not an event id (both parts of a
+    stream id are 64-bit: Redis refuses a larger one, which must be a 4xx, not a 500)."""
     m = _ID.fullmatch(evt_id)
-    return f"{int(m[1])}-{int(m[2])}" if m else None
+    if m is None or int(m[1]) >= 2**64 or int(m[2]) >= 2**64:
+        return None
+    return f"{int(m[1])}-{int(m[2])}"
 
 
 def render(tenant_id: str, eid: bytes | str, raw: dict[bytes, bytes]) -> Event:
     """The event of one stream entry."""
-    eid_text = eid.decode() if isinstance(eid, bytes) else eid
+    eid_text = text(eid)
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     at_ms = int(eid_text.split("-", 1)[0])
     etype = fields.pop("type", "")

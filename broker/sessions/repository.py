@@ -13,7 +13,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.redis_mux import Execute, RedisMux, evalsha
+from broker.core.redis_mux import Execute, RedisMux, evalsha
+from broker.core.text import text
 from tenants.scope import DUE_EXPIRING, DUE_EXPIRY, PROVISION_TENANTS, STATS_LIVE, TenantScope, due_member
 
 from .lua import script
@@ -37,15 +38,12 @@ class TransitionResult:
         self.applied = code == 1
         self.missing = code == -1
         status = raw[1]
-        self.status = status.decode() if isinstance(status, bytes) else str(status)
+        self.status = text(status)
         self.thresholds = int(raw[2]) if len(raw) > 2 else 0
 
     def __repr__(self) -> str:
         return f"TransitionResult(applied={self.applied}, status={self.status!r}, thresholds={self.thresholds})"
 
-
-def _text(member: bytes | str) -> str:
-    return member.decode() if isinstance(member, bytes) else member
 
 
 class SessionRepository:
@@ -82,7 +80,7 @@ class SessionRepository:
             for sid in session_ids:
                 pipe.hget(scope.session(sid), "status")
             raws = await pipe.execute()
-        return [None if r is None else _text(r) for r in raws]
+        return [None if r is None else text(r) for r in raws]
 
     async def page_after(self, tenant_id: str, cursor: tuple[int, str] | None, count: int) -> list[tuple[str, int]]:
         """Up to ``count`` entries of the sessions index, newest first, strictly after ``cursor``
@@ -96,14 +94,14 @@ class SessionRepository:
         key = TenantScope(tenant_id).sessions_index()
         if cursor is None:
             rows = await self.redis.zrevrangebyscore(key, "+inf", "-inf", start=0, num=count, withscores=True)
-            return [(_text(m), int(s)) for m, s in rows]
+            return [(text(m), int(s)) for m, s in rows]
         score, after = cursor
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrevrangebyscore(key, score, score)
             pipe.zrevrangebyscore(key, f"({score}", "-inf", start=0, num=count, withscores=True)
             ties, lower = await pipe.execute()
-        out = [(sid, score) for sid in map(_text, ties) if sid < after][:count]
-        out += [(_text(m), int(s)) for m, s in lower[: count - len(out)]]
+        out = [(sid, score) for sid in map(text, ties) if sid < after][:count]
+        out += [(text(m), int(s)) for m, s in lower[: count - len(out)]]
         return out
 
     async def forget(self, tenant_id: str, session_ids: list[str]) -> None:
@@ -155,7 +153,7 @@ class SessionRepository:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i, take in plan:
                     pipe.zrangebyscore(scopes[i].sessions_index(), lows[i], below, start=0, num=take, withscores=True)
-                batches = [[(m.decode() if isinstance(m, bytes) else m, int(s)) for m, s in rows]
+                batches = [[(text(m), int(s)) for m, s in rows]
                            for rows in await pipe.execute()]
         examined = sum(len(rows) for rows in batches)
         dead: dict[int, list[str]] = {}
@@ -243,8 +241,7 @@ class SessionRepository:
         rows = await self.redis.zrangebyscore(key, "-inf", until_ms, start=0, num=limit, withscores=True)
         out = []
         for member, score in rows:
-            text = member.decode() if isinstance(member, bytes) else member
-            tid, _, sid = text.partition(":")
+            tid, _, sid = text(member).partition(":")
             out.append((tid, sid, int(score)))
         return out
 

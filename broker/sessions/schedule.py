@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from broker.redis_mux import Execute, evalsha
+from broker.core.text import text
+from broker.core.redis_mux import Execute, evalsha
 from tenants.scope import PROVISION_TENANTS, PROVISION_WAKE, STATS_LIVE, TenantScope
 
 from .lua import script
@@ -63,9 +64,6 @@ class Claimed:
         return f"Claimed({self.record.id!r}, before={self.before!r})"
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 class ProvisionSchedule:
     def __init__(self, redis: aioredis.Redis, execute: Execute | None = None) -> None:
@@ -91,7 +89,7 @@ class ProvisionSchedule:
         for i in range(1, len(raw), 3):
             flat = raw[i + 2]
             record = SessionRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
-            claims.append(Claimed(_text(raw[i]), _text(raw[i + 1]), record))
+            claims.append(Claimed(text(raw[i]), text(raw[i + 1]), record))
         head = raw[0]
         return (int(float(head)) if head not in (b"", "") else None), claims
 
@@ -105,7 +103,7 @@ class ProvisionSchedule:
     async def entries(self, tenant_id: str) -> list[tuple[str, int]]:
         """The tenant's schedule, earliest first (tests, the sweeper)."""
         rows = await self.redis.zrange(TenantScope(tenant_id).provision_schedule(), 0, -1, withscores=True)
-        return [(_text(m), int(s)) for m, s in rows]
+        return [(text(m), int(s)) for m, s in rows]
 
 
 def schedule_key(tenant_id: str) -> str:

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from broker import tracing
-from broker.api.ratelimit import refusal_headers
-from broker.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
-from broker.settings import mint_window
+from broker.core import tracing
+from broker.core.errors import BudgetExhausted, Conflict, InvalidInput, NotFound, QuotaExceeded, Unprocessable
+from broker.core.settings import mint_window
 from tenants.admission import AdmissionRequest, Admitted, KeyReused, Refused, Replayed, admit
 from tenants.budgets import BudgetExhausted as BudgetRefusal
 from tenants.models import Tenant
@@ -23,6 +22,7 @@ from tenants.session_secrets import seal
 from .jobs import JobQueue
 from .models import CreateSessionRequest, SessionList, SessionRecord, SessionView, new_session_id, now_ms
 from .repository import SessionRepository
+from .terminal import TERMINATION_GRACE_MS
 
 if TYPE_CHECKING:
     from tenants.crypto import CredentialCipher
@@ -31,11 +31,20 @@ MIN_TTL = 10
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
-TERMINATION_GRACE_MS = 120_000   # a terminating session keeps its slot at most this long per attempt
 MAX_CACHED_CONFIGS = 20_000     # distinct tenant default configs kept validated (a few hundred bytes each)
 LIST_SCAN_LIMIT = 200           # index entries one listing call examines at most (then a cursor)
 LIST_BATCH = 100                # index entries read per round trip with a status filter
 STATUS_FILTERS = ("queued", "provisioning", "ready", "terminating", "terminated", "failed")
+
+
+class AdmissionRefused(QuotaExceeded):
+    """A 429 of the admission script, carrying its numbers (``refused``: usage, mint pacing,
+    ``retry_after_s``); the HTTP layer renders the RateLimit and Retry-After headers from them
+    (:func:`broker.api.ratelimit.refusal_headers`), so the domain knows no header."""
+
+    def __init__(self, message: str, refused: Refused, extra: dict[str, int]) -> None:
+        super().__init__(message, code=refused.code, extra=extra)
+        self.refused = refused
 
 
 class SessionService:
@@ -43,7 +52,7 @@ class SessionService:
                  mint_window_s: float | None = None, cipher: CredentialCipher | None = None) -> None:
         """``mint_window_s``: a session is admitted only if its mint slot is at most this far
         ahead (``Settings.mint_window_seconds()``; default: the deadline minus the default
-        margin, ``broker.settings.mint_window``)."""
+        margin, ``broker.core.settings.mint_window``)."""
         self.repo = repo
         self.queue = queue
         self.provision_deadline_ms = int(provision_deadline_s * 1000)
@@ -146,8 +155,7 @@ class SessionService:
                                      "retry_after": outcome.retry_after_s}
             if outcome.code == "provisioning_backlog":
                 extra["backlog"] = outcome.current
-            raise QuotaExceeded(_refusal_message(outcome), code=outcome.code, headers=refusal_headers(outcome),
-                                extra=extra)
+            raise AdmissionRefused(_refusal_message(outcome), outcome, extra)
         if isinstance(outcome, BudgetRefusal):
             raise BudgetExhausted(
                 f"{outcome.budget} of {outcome.limit} s is used up for this period (used {outcome.used} s, "

@@ -8,7 +8,7 @@ the whole create body, with its sealed MCP credentials), the frontend token, the
 secret, the Avaturn key of the create (``workers/jobs/session_key.py``).
 
 The list is defined once, here, and composed into every script that records a terminal status
-(:func:`with_terminal_drop`: ``transition.lua`` and ``workers/jobs/finish.lua``), which read it
+(:func:`with_terminal_drop`: ``transition.lua`` and ``broker/sessions/termination_finish.lua``), which read it
 as the Lua table ``TERMINAL_DROP``; no caller has to remember it.
 """
 
@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from tenants.budgets import lua_functions as budget_lua
 from tenants.outbox import lua_functions as outbox_lua
+
+# A terminating session keeps its slot at most this long per attempt (the concurrency lease a
+# claim or a stop sets; the API's stop and the workers' jobs and expiry loop share it).
+TERMINATION_GRACE_MS = 120_000
 
 TERMINAL_DROP: tuple[str, ...] = ("config", "avaturn_token", "secret_enc", "secret_expires_at", "avaturn_key_enc")
 

@@ -16,7 +16,8 @@ in the set ``TenantScope.webhook_endpoints()`` (at most 10); a tenant with at le
     disabled_at      ms, '' when enabled
     failing_since    ms of the first failure since the last success, '' when healthy
     created_at       ms
-    since            outbox entry id ("{ms}-0" at creation): only later events are delivered to it
+    since            outbox entry id: the tenant's last event at creation (and again when
+                     re-enabled; '0-0' when none): only later events are delivered to it (a resend excepted)
 
 Attempt log entries (stream ``TenantScope.webhook_attempts(weid)``, written by the delivery):
 ``event_id`` (evt_...), ``event_type``, ``attempt`` (1, 2, ...), ``status`` (HTTP status, '' when

@@ -7,8 +7,8 @@ create checks the limit of :data:`MAX_ENDPOINTS` and adds the endpoint in one st
 creates with L places left create exactly L); update, disable/enable and rotation act only on an
 endpoint that still exists (a hash without ``url`` is not an endpoint); the delete removes the
 hash, its attempt log and its id, and takes the tenant out of ``WEBHOOK_TENANTS`` with its last
-endpoint. Times of the records are Redis's (``TIME``), the clock of the outbox entry ids, so
-``since`` (``{created_at}-0``) compares with event ids.
+endpoint. Times of the records are Redis's (``TIME``), the clock of the outbox entry ids;
+``since`` is the id of the tenant's last event when the endpoint was created (or enabled again).
 
 The secret is stored encrypted (``tenants.crypto.CredentialCipher``, like the tenants' upstream
 credentials) and shown only in the answers of the create and of a rotation.
@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.core.errors import Conflict, InvalidInput, NotFound
 from broker.sessions.models import iso
 from broker.sessions.outbox import EVENT_TYPES, Event, entry_id, event_id
 from tenants.crypto import CredentialCipher
@@ -40,25 +40,44 @@ _ID = re.compile(r"we_[0-9a-f]{24}")
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-# KEYS: the endpoints set, the new endpoint's hash, WEBHOOK_TENANTS; ARGV: limit, tenant id, then
-# field/value pairs. Answers {1, count} when created, {0, count} when the tenant has `limit` already.
-_CREATE = """
+# `since` of an endpoint created or enabled now: the id of the tenant's last event (KEYS[n]), so
+# that every event recorded after this step is after it, also one in the same millisecond
+# (a "{ms}-0" made from TIME missed an event whose id was exactly that: a test.ping right
+# after the create).
+_SINCE = """
+local function since_now(events)
+  local last = redis.call('XREVRANGE', events, '+', '-', 'COUNT', 1)[1]
+  if last then return last[1] end
+  return '0-0'
+end
+"""
+
+# KEYS: the endpoints set, the new endpoint's hash, WEBHOOK_TENANTS, the tenant's events; ARGV:
+# limit, tenant id, then field/value pairs. Answers {1, count} when created, {0, count} when the
+# tenant has `limit` already.
+_CREATE = _SINCE + """
 local n = redis.call('SCARD', KEYS[1])
 if n >= tonumber(ARGV[1]) then return {0, n} end
 local t = redis.call('TIME')
 local ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-redis.call('HSET', KEYS[2], 'created_at', ms, 'since', ms .. '-0', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], 'created_at', ms, 'since', since_now(KEYS[4]), unpack(ARGV, 3))
 redis.call('SADD', KEYS[1], string.match(KEYS[2], ':wh:ep:([^:]+)$'))
 redis.call('SADD', KEYS[3], ARGV[2])
 return {1, n + 1}
 """
 
-# KEYS: the endpoint's hash; ARGV: '' | 'enable' | 'disable', then field/value pairs to set.
-# Answers 0 when the endpoint does not exist.
-_UPDATE = """
+# KEYS: the endpoint's hash, the tenant's events; ARGV: '' | 'enable' | 'disable', then
+# field/value pairs to set. Answers 0 when the endpoint does not exist. Enabling a disabled endpoint moves its `since` to
+# now: the events recorded while it was disabled are not delivered to it (as the fan-out skips a
+# disabled endpoint; a resend delivers one on demand), whether or not the tenant has another
+# enabled endpoint (with none, the fan-out's cursor stays behind).
+_UPDATE = _SINCE + """
 if redis.call('HEXISTS', KEYS[1], 'url') == 0 then return 0 end
 if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
 if ARGV[1] == 'enable' then
+  if redis.call('HGET', KEYS[1], 'disabled') == '1' then
+    redis.call('HSET', KEYS[1], 'since', since_now(KEYS[2]))
+  end
   redis.call('HSET', KEYS[1], 'disabled', '0', 'disabled_reason', '', 'disabled_at', '', 'failing_since', '')
 elseif ARGV[1] == 'disable' and redis.call('HGET', KEYS[1], 'disabled') ~= '1' then
   local t = redis.call('TIME')
@@ -80,13 +99,18 @@ redis.call('HSET', KEYS[1], 'prev_secret_enc', old, 'prev_secret_until', string.
 return 1
 """
 
-# KEYS: the endpoints set, the endpoint's hash, its attempts stream, WEBHOOK_TENANTS;
-# ARGV: the endpoint id, the tenant id. Answers 0 when the endpoint did not exist (what a late
-# write of the delivery may have left under its keys is removed all the same).
+# KEYS: the endpoints set, the endpoint's hash, its attempts stream, WEBHOOK_TENANTS, the
+# tenant's fan-out cursor; ARGV: the endpoint id, the tenant id. Answers 0 when the endpoint did
+# not exist (what a late write of the delivery may have left under its keys is removed all the
+# same). With the last endpoint go the tenant's mark and its cursor (a new endpoint starts at its
+# own `since`); the queues of the deleted endpoint are dropped by the delivery's claim.
 _DELETE = """
 local member = redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3])
-if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[2]) end
+if redis.call('SCARD', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[4], ARGV[2])
+  redis.call('DEL', KEYS[5])
+end
 return member
 """
 
@@ -290,7 +314,7 @@ class WebhookEndpoints:
                   "prev_secret_enc": "", "prev_secret_until": "", "disabled": "0", "disabled_reason": "",
                   "disabled_at": "", "failing_since": ""}
         created, count = await self._create(
-            keys=[scope.webhook_endpoints(), scope.webhook_endpoint(endpoint_id), WEBHOOK_TENANTS],
+            keys=[scope.webhook_endpoints(), scope.webhook_endpoint(endpoint_id), WEBHOOK_TENANTS, scope.events()],
             args=[MAX_ENDPOINTS, tenant_id, *[x for pair in fields.items() for x in pair]],
         )
         if not created:
@@ -341,7 +365,8 @@ class WebhookEndpoints:
         if not isinstance(req.url, msgspec.UnsetType):
             changes["url"] = await validate_url(req.url, self.allow_private)
         action = "" if isinstance(req.disabled, msgspec.UnsetType) else "disable" if req.disabled else "enable"
-        done = await self._update(keys=[TenantScope(tenant_id).webhook_endpoint(endpoint_id)],
+        scope = TenantScope(tenant_id)
+        done = await self._update(keys=[scope.webhook_endpoint(endpoint_id), scope.events()],
                                   args=[action, *[x for pair in changes.items() for x in pair]])
         if not done:
             raise not_found()
@@ -363,7 +388,7 @@ class WebhookEndpoints:
         scope = TenantScope(tenant_id)
         done = await self._delete(
             keys=[scope.webhook_endpoints(), scope.webhook_endpoint(endpoint_id), scope.webhook_attempts(endpoint_id),
-                  WEBHOOK_TENANTS],
+                  WEBHOOK_TENANTS, scope.webhook_cursor()],
             args=[endpoint_id, tenant_id],
         )
         if not done:

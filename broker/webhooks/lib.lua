@@ -23,3 +23,22 @@ local function wh_enqueue(tid, weid, sid, eid, now)
   end
   return n
 end
+
+-- stream entry ids "ms-seq" compared as numbers: true when a > b
+local function id_after(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am then return false end
+  if not bm then return true end
+  am, bm = tonumber(am), tonumber(bm)
+  if am ~= bm then return am > bm end
+  return tonumber(as) > tonumber(bs)
+end
+
+-- one line of the endpoint's attempt log (fields: broker/webhooks/__init__.py), capped
+local ATTEMPTS_MAXLEN = 1000
+local function wh_log(tid, weid, eid, etype, attempt, status, err, latency, response, now)
+  redis.call('XADD', string.format(T.attempts, tid, weid), 'MAXLEN', '~', ATTEMPTS_MAXLEN, '*',
+    'event_id', 'evt_' .. eid, 'event_type', etype, 'attempt', attempt, 'status', status, 'error', err,
+    'latency_ms', latency, 'response', response, 'at', fmt(now))
+end

@@ -16,12 +16,15 @@ import re
 import socket
 from urllib.parse import urlsplit
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 
 from .addresses import is_public
 
 MAX_URL_LENGTH = 2048
 DNS_TIMEOUT_SECONDS = 3.0
+# a host the resolver (inet_aton) reads as an IPv4 address although it is not dotted decimal:
+# 1 to 4 labels of decimal, octal (leading 0) or hex (0x) digits
+_NUMERIC_HOST = re.compile(r"(?:(?:0x[0-9a-f]*|[0-9]+)\.){0,3}(?:0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f\\]")  # controls, space, DEL, C1; backslash (parsers disagree)
 
 
@@ -46,6 +49,13 @@ def _host_for_url(host: str) -> str:
     ):
         raise invalid("has a host name that is not valid")
     return encoded
+
+
+def _is_dotted_decimal(host: str) -> bool:
+    try:
+        return ipaddress.IPv4Address(host).compressed == host
+    except ValueError:
+        return False
 
 
 def parse(url: str, allow_private: bool) -> tuple[str, str, int]:
@@ -75,6 +85,8 @@ def parse(url: str, allow_private: bool) -> tuple[str, str, int]:
         raise invalid("has no host")
     if port == 0:
         raise invalid("has port 0")
+    if _NUMERIC_HOST.fullmatch(host) and not _is_dotted_decimal(host):
+        raise invalid("writes an IPv4 address in a form other than dotted decimal (a.b.c.d)")
     shown = _host_for_url(host)
     netloc = shown if port is None else f"{shown}:{port}"
     normalised = f"{scheme}://{netloc}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
@@ -110,8 +122,10 @@ async def validate_url(url: str, allow_private: bool, *, dns_timeout: float = DN
     if not allow_private:
         private = [a for a in addresses if not is_public(a)]
         if private:
+            # the address itself is not named: for a name it would tell the tenant what the
+            # broker's own resolver answers for internal names (a map of the private network)
             raise invalid(
-                f"host {host!r} resolves to an address that is not public ({private[0]}): webhooks are delivered "
+                f"host {host!r} is or resolves to an address that is not public: webhooks are delivered "
                 "to public addresses only"
             )
     return normalised

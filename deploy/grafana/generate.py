@@ -168,6 +168,20 @@ ROWS = [
         Panel("Oldest overdue termination", [("max(broker_due_terminations_oldest_seconds)", "age")], "s"),
         Panel("Sweeper actions", [(srate('broker_sweeper_actions_total', "action"), "{{action}}")], "ops"),
     ]),
+    Row("Webhooks", [
+        Panel("Webhook deliveries by outcome", [(srate("broker_webhook_deliveries_total", "outcome"), "{{outcome}}")],
+              "ops", description="Delivery attempts per second: delivered (2xx), retry (failed, retried later), "
+                                 "gave_up (retries exhausted), endpoint_gone (410: endpoint disabled), "
+                                 "endpoint_failing (failing for 5 days: endpoint disabled)."),
+        Panel("Webhook delivery failure ratio",
+              [(ratio('broker_webhook_deliveries_total{outcome=~"retry|gave_up"}', "broker_webhook_deliveries_total",
+                      ""), "retry + gave_up")], "percentunit",
+              description="Failed attempts / all attempts (alert: BrokerWebhookDeliveriesFailing)."),
+        Panel("Webhook delivery lateness", quantiles("broker_webhook_delivery_lateness_seconds", qs=(0.5, 0.99)), "s",
+              description="Event recorded -> the receiver's 2xx (retries included)."),
+        Panel("Pending webhook deliveries", [("max(broker_webhook_pending_deliveries)", "pending")], "short",
+              description="Events waiting for delivery, retries included (alert: BrokerWebhookBacklogGrowing)."),
+    ]),
 ]
 
 

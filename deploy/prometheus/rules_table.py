@@ -24,6 +24,9 @@ THRESHOLDS: dict[str, float] = {
     "redis_errors_per_second": 0.05,         # per process job
     "shared_state_stale_seconds": 30,        # shared-state gauges older than this
     "budget_refusals_per_second": 0.1,       # 402 budget_exhausted answers per tenant (issue 21)
+    "webhook_failure_ratio": 0.25,           # (retry + gave_up) / all webhook delivery attempts
+    "webhook_pending_high": 10000,           # events waiting for delivery: too many, whatever the trend
+    "webhook_pending_rising_floor": 100,     # ... or more than this and still rising
 }
 
 
@@ -206,6 +209,29 @@ def alerts(t: dict[str, float]) -> list[Alert]:
                       f"0+{round(120 * t['budget_refusals_per_second'], 4)}x30")], "20m", [{"tenant": "t1"}]),
                Case([('broker_budget_refusals_total{tenant="t1",budget="session_seconds_per_month"}',
                       f"0+{round(6 * t['budget_refusals_per_second'], 4)}x30")], "20m")]),
+        Alert("BrokerWebhookDeliveriesFailing",
+              'sum(rate(broker_webhook_deliveries_total{outcome=~"retry|gave_up"}[10m])) '
+              f"/ sum(rate(broker_webhook_deliveries_total[10m])) > {t['webhook_failure_ratio']}", "15m", "warning",
+              "Webhook deliveries are failing",
+              f"More than {t['webhook_failure_ratio']:.0%} of webhook delivery attempts fail (retried or given up).",
+              "Tenants' receivers answer errors or time out, or the workers cannot reach them. One tenant's broken "
+              "receiver is its own business (GET /v1/webhook_endpoints/{id}/attempts shows status, error and "
+              "response; after 5 days it is disabled): check whether the failures span many endpoints. If they do, "
+              "look at the workers' outbound network (DNS, egress proxy, firewall) and the errors in the attempt log "
+              "(timeout, connect_error, address_not_public).",
+              _webhook_failing_cases(t)),
+        Alert("BrokerWebhookBacklogGrowing",
+              f"max(broker_webhook_pending_deliveries) > {t['webhook_pending_high']} or "
+              "(deriv(max(broker_webhook_pending_deliveries)[15m:1m]) > 0 and "
+              f"max(broker_webhook_pending_deliveries) > {t['webhook_pending_rising_floor']})", "15m", "warning",
+              "Webhook deliveries are piling up",
+              f"More than {t['webhook_pending_high']:g} events wait for delivery, or more than "
+              f"{t['webhook_pending_rising_floor']:g} and the number keeps rising.",
+              "Either the workers do not keep up (check broker_webhook_delivery_lateness_seconds, worker count and "
+              "health, BrokerQueueBackingUp) or receivers fail and their events wait for retries (see "
+              "BrokerWebhookDeliveriesFailing and broker_webhook_deliveries_total by outcome). Events are kept 7 "
+              "days; tenants can reconcile with GET /v1/events.",
+              _webhook_backlog_cases(t)),
         Alert("BrokerSharedStateStale", f"min(broker_shared_state_age_seconds) > {t['shared_state_stale_seconds']}",
               "2m", "warning", "Queue and session gauges are stale",
               "No worker could read the shared state from Redis recently; queue and live-session panels lag.",
@@ -234,6 +260,30 @@ def _lateness_cases(t: dict[str, float]) -> list[Case]:
     overdue = ("broker_due_terminations_oldest_seconds", f"{2 * t['termination_overdue_seconds']}x20")
     fine = ("broker_due_terminations_oldest_seconds", "0x20")
     return [Case(slow + [fine], "15m", [{}]), Case(fast + [overdue], "15m", [{}]), Case(fast + [fine], "15m")]
+
+
+def _webhook_failing_cases(t: dict[str, float]) -> list[Case]:
+    d = "broker_webhook_deliveries_total"
+    # failed share 3x the threshold (capped below 1), and a tenth of it
+    bad = min(0.9, 3 * t["webhook_failure_ratio"])
+    low = t["webhook_failure_ratio"] / 10
+    return [Case([(f'{d}{{outcome="delivered"}}', f"0+{round(100 * (1 - bad), 4)}x40"),
+                  (f'{d}{{outcome="retry"}}', f"0+{round(100 * bad * 0.8, 4)}x40"),
+                  (f'{d}{{outcome="gave_up"}}', f"0+{round(100 * bad * 0.2, 4)}x40")], "30m", [{}]),
+            Case([(f'{d}{{outcome="delivered"}}', f"0+{round(100 * (1 - low), 4)}x40"),
+                  (f'{d}{{outcome="retry"}}', f"0+{round(100 * low, 4)}x40")], "30m"),
+            # failing since minute 10, less than the 15 min `for` at minute 20: quiet
+            Case([(f'{d}{{outcome="delivered"}}', f"0+{round(100 * (1 - bad), 4)}x40"),
+                  (f'{d}{{outcome="retry"}}', f"0x10 0+{round(100 * bad, 4)}x30")], "20m")]
+
+
+def _webhook_backlog_cases(t: dict[str, float]) -> list[Case]:
+    g, high, floor = "broker_webhook_pending_deliveries", t["webhook_pending_high"], t["webhook_pending_rising_floor"]
+    return [Case([(f'{g}{{instance="w1:9100"}}', f"{2 * high:g}x40")], "20m", [{}]),          # high
+            Case([(f'{g}{{instance="w1:9100"}}', f"0+{floor / 5:g}x40")], "35m", [{}]),      # rising past the floor
+            Case([(f'{g}{{instance="w1:9100"}}', f"{high / 2:g}x40")], "35m"),                # high-ish but flat
+            Case([(f'{g}{{instance="w1:9100"}}', f"0+{floor / 100:g}x40")], "35m"),           # rising, still small
+            Case([(f'{g}{{instance="w1:9100"}}', f"{2 * high:g}x10 0x30")], "35m")]           # drained
 
 
 def recording_rules(t: dict[str, float]) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.logs import JsonFormatter
+from broker.core.logs import JsonFormatter
 from tests.fixtures.stack import Admin, ApiServer, make_settings, tenant_client
 
 

@@ -11,7 +11,7 @@ import re
 import httpx
 import redis as sync_redis
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.api.test_ratelimit_headers import parse
 from tests.fixtures.stack import Admin, ApiServer, tenant_client
 from tenants.scope import PROVISION_TENANTS, TenantScope

@@ -78,7 +78,7 @@ def test_create_shows_the_secret_once_and_stores_the_documented_fields(api, admi
     assert secret not in json.dumps(fields)
     assert CredentialCipher(settings.secret_keys).decrypt(fields["secret_enc"]) == secret
     created_ms = int(fields["created_at"])
-    assert fields["since"] == f"{created_ms}-0"
+    assert fields["since"] == "0-0"  # the tenant's last event when it was created: none yet
     assert abs(created_ms / 1000 - time.time()) < 60
     assert {k: fields[k] for k in ("url", "description", "events", "disabled", "disabled_reason", "disabled_at",
                                    "failing_since", "prev_secret_enc", "prev_secret_until")} == {
@@ -421,3 +421,39 @@ def test_resend_queues_the_event_for_the_matching_enabled_endpoints(api, admin: 
     _, other = admin.tenant("other")
     with tenant_client(api.url, other) as b:
         _error(b.post(f"/v1/events/{event['id']}/resend"), 404, "event_not_found")
+
+
+def test_crafted_input_is_a_4xx_never_a_500(api, admin: Admin) -> None:
+    """Invariant: whatever the tenant sends (wrong types, nulls, unknown fields, ids and cursors
+    out of a stream id's range), the answer is a 4xx in the error shape, never a 500."""
+    _, key = admin.tenant("acme")
+    with tenant_client(api.url, key) as c:
+        weid = _create(c)["id"]
+        path = f"/v1/webhook_endpoints/{weid}"
+        bodies: list[Any] = [
+            {"url": None}, {"disabled": None}, {"events": "x"}, {"events": [1]}, {"description": 5},
+            {"url": 1, "events": 2, "description": 3, "disabled": "no", "other": 1}, {"nope": 1}, [], "x", 5, None,
+            {"events": ["session.ready"] * 100000}, {"url": "https://" + "a" * 5000 + ".com/"},
+            {"url": "https://2130706433/"}, {"url": "https://0x7f.1/"}, {"url": "https://0.0.0.0/"},
+            {"url": "https://[::ffff:127.0.0.1]/"}, {"url": "https://[::1]/"}, {"url": "https://127.0.0.1./"},
+            {"url": "https://93.184.216.34:99999/"}, {"url": "https://[fe80::1%25eth0]/"},
+            {"url": "https://017700000001/"}, {"url": "https://127.1/"}, {"url": "https://[64:ff9b::7f00:1]/"},
+            {"url": "https://[2002:7f00:1::]/"}, {"url": "https://[::ffff:0:7f00:1]/"}, {"url": "https://[::7f00:1]/"},
+        ]
+        for body in bodies:
+            r = c.patch(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500 and "error" in r.json(), (body, r.status_code, r.text)
+            r = c.post("/v1/webhook_endpoints", content=json.dumps(body), headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500 and "error" in r.json(), (body, r.status_code, r.text)
+        big = "9" * 20
+        for evt in (f"evt_{big}-0", f"evt_1-{big}", f"evt_{big}-{big}"):
+            r = c.post(f"/v1/events/{evt}/resend")
+            assert 400 <= r.status_code < 500, (evt, r.status_code, r.text)
+            r = c.get("/v1/events", params={"after": evt})
+            assert r.status_code == 400, (evt, r.status_code, r.text)
+        for cursor in (f"{big}-0", "18446744073709551615-18446744073709551615", "0-0", "-1", "1-", "x"):
+            r = c.get(f"{path}/attempts", params={"cursor": cursor})
+            assert r.status_code in (200, 400), (cursor, r.status_code, r.text)
+        for limit in ("0", "101", "-1", "x", "1e3"):
+            r = c.get(f"{path}/attempts", params={"limit": limit})
+            assert r.status_code == 400, (limit, r.status_code, r.text)

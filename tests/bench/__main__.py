@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from . import expiry, report, scale, scenarios, scheduler
+from . import expiry, report, scale, scenarios, scheduler, webhooks
 from .load import WRK
 from .stack import Stack
 
@@ -25,7 +25,7 @@ def _step(name: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
 
-PARTS = ("admission", "budget", "tenants", "ready", "worker", "terminations", "scheduler")
+PARTS = ("admission", "budget", "tenants", "ready", "worker", "terminations", "scheduler", "webhooks")
 
 
 def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
@@ -83,6 +83,11 @@ def run(stack: Stack, m: dict[str, Any], only: set[str] | None = None) -> None:
     if "scheduler" in want:
         _step("provisioning scheduler: noisy neighbour, burst lateness, takeover after SIGKILL")
         scheduler.run(stack, m)
+    if "webhooks" in want:
+        _step("admission with a webhook endpoint vs without (worker paused), same run")
+        m["webhook_admission"] = webhooks.admission_with_endpoint(stack)
+        _step(f"webhook delivery lateness at {webhooks.EVENTS_PER_S} events/s, one worker")
+        m["webhook_lateness"] = webhooks.delivery_lateness(stack)
 
 
 def main() -> int:

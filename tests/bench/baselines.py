@@ -20,10 +20,10 @@ from typing import Any
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 
-from broker.logs import configure_logging
-from broker.redis_client import create_redis
+from broker.core.logs import configure_logging
+from broker.core.redis_client import create_redis
 from broker.serve import _config, run_async
-from broker.settings import Settings
+from broker.core.settings import Settings
 
 FLOOR_KEY = "bench:floor"
 PLATFORM_OPENAI_KEY = "sk-bench-platform-key-0123456789"

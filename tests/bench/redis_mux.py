@@ -1,4 +1,4 @@
-"""Client CPU per Redis command, redis-py's pool against :class:`broker.redis_mux.RedisMux`.
+"""Client CPU per Redis command, redis-py's pool against :class:`broker.core.redis_mux.RedisMux`.
 
 ``python -m tests.bench.redis_mux [--n 20000] [--concurrency 300]`` starts its own
 redis-server and runs N EVALSHA calls (a script shaped like a session transition: one HSET,
@@ -17,9 +17,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.redis_mux import RedisMux
+from broker.core.redis_mux import RedisMux
 from broker.serve import run_async
-from workers.redis_io import use_direct_sends
+from broker.core.compat_redis import use_direct_sends
 
 SCRIPT = "redis.call('HSET', KEYS[1], 'a', ARGV[1]); return redis.call('HGETALL', KEYS[1])"
 
@@ -39,7 +39,7 @@ async def _cpu_per_call(call: Callable[[int], Awaitable[Any]], n: int, concurren
 
 async def run(n: int, concurrency: int) -> dict[str, float]:
     with EmbeddedRedis() as server:
-        # The worker's client: redis-py pool with direct sends (workers/redis_io.py).
+        # The worker's client: redis-py pool with direct sends (broker/core/compat_redis.py).
         client = use_direct_sends(aioredis.Redis.from_url(server.url, socket_timeout=5,
                                                           max_connections=concurrency + 32))
         mux = RedisMux(client)

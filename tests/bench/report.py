@@ -54,6 +54,8 @@ def rows(m: dict[str, Any]) -> list[Row]:
         out += _tenant_rows(m)
     if "noisy_neighbour" in m:
         out += _scheduler_rows(m)
+    if "webhook_admission" in m:
+        out += _webhook_rows(m)
     if "idle_redis" in m:
         idle = m["idle_redis"]
         out.append(Row("Redis commands/s with API + worker idle", idle["commands_per_s"], "cmd/s"))
@@ -167,6 +169,24 @@ def _scheduler_rows(m: dict[str, Any]) -> list[Row]:
     worst = tk["seconds_after_kill"]["max"]
     out.append(Row(f"takeover after SIGKILL mid-mint: last of {tk['sessions']} ready after the kill", worst, "s",
                    target=f"<= {tk['bound_s']:.0f} s (lease + 1 s)", met=worst <= tk["bound_s"]))
+    return out
+
+
+def _webhook_rows(m: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    adm = m["webhook_admission"]
+    with_rps, without_rps = adm["with_endpoint"]["rps"], adm["without"]["rps"]
+    r = _ratio(with_rps, without_rps)
+    out.append(Row("admission throughput, tenant with a webhook endpoint (worker paused)", with_rps, "req/s", without_rps,
+                   "tenant without", r, ">= 0.9x", r >= 0.9))
+    if "webhook_lateness" in m:
+        late = m["webhook_lateness"]
+        lat = late["lateness_ms"]
+        what = f"{late['events_delivered']}/{late['events_expected']} events at {late['events_per_s']:.0f}/s, 1 worker"
+        out.append(Row(f"webhook delivery lateness p50 ({what})", lat["p50"], "ms"))
+        met = lat["p99"] <= 200 and late["events_delivered"] == late["events_expected"]
+        out.append(Row("webhook delivery lateness p99 (event recorded -> receiver got it; all delivered)", lat["p99"],
+                       "ms", target="<= 200 ms", met=met))
     return out
 
 

@@ -18,7 +18,8 @@ import httpx
 import psutil
 import redis
 
-from broker.embedded_redis import EmbeddedRedis, free_port
+from broker.core.processes import free_port, stop_process
+from broker.embedded_redis import EmbeddedRedis
 from tenants.crypto import generate_secret_key
 from workers.sandbox import SandboxProcess
 
@@ -57,13 +58,8 @@ class Proc:
 
     def stop(self) -> None:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGCONT)
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+            self.popen.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+        stop_process(self.popen, 25)
 
 
 class Stack:
@@ -92,6 +88,8 @@ class Stack:
             "BROKER_AVATURN_BASE_URL": self.sandbox.avaturn_base_url,
             "BROKER_OPENAI_API_KEY": PLATFORM_OPENAI_KEY,
             "BROKER_AVATURN_API_KEY": PLATFORM_AVATURN_KEY,
+            # the webhook rows deliver to the sandbox's receiver: http on loopback
+            "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
         }  # everything else (log level and format, max jobs...) is the project's default
         self.r.set(FLOOR_KEY, "floor")
         return self

@@ -76,9 +76,18 @@ def browser_context_args() -> dict[str, Any]:
 
 
 @pytest.fixture
-def stack(api: ApiServer, worker: WorkerThread, admin: Admin) -> Iterator[tuple[ApiServer, Admin]]:
-    """API + worker + sandbox upstreams on free loopback ports, and the admin client."""
+def stack(
+    api: ApiServer, worker: WorkerThread, admin: Admin, request: pytest.FixtureRequest
+) -> Iterator[tuple[ApiServer, Admin]]:
+    """API + worker + sandbox upstreams on free loopback ports, and the admin client.
+
+    At the end, before the API stops, the test's page leaves the console: a session page holds
+    an event stream open, and uvicorn's shutdown waits for open responses (the fixture's server
+    has no graceful timeout), so the API would never reach its lifespan's end and its Redis
+    subscription would outlive it (a later test counting subscriptions would see two)."""
     yield api, admin
+    if "page" in request.fixturenames:
+        request.getfixturevalue("page").goto("about:blank")
 
 
 def screenshot(page: Any, name: str) -> Path:

@@ -9,15 +9,19 @@ import re
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import redis
 from playwright.sync_api import Page, expect
 
+from tenants.scope import TenantScope
 from tests.fixtures.stack import Admin, ApiServer, tenant_client, wait_status
 from workers.sandbox import SandboxServer
 from tests.security.support import unknown_key
 
 from .conftest import screenshot
+from .cut_proxy import CutProxy
 
 STATUS_WORDS = {"queued", "provisioning", "ready", "terminating", "terminated", "failed"}
 SLOW = 20_000  # ms: provisioning through the sandbox takes well under a second; this is a ceiling
@@ -441,3 +445,142 @@ def test_a_budget_refusal_and_a_cut_ttl_are_explained(page: Page, stack: tuple[A
     screenshot(page, "create-budget-refused")
     with tenant_client(api.url, key) as tenant_api:
         assert len(tenant_api.get("/v1/sessions").json()["data"]) == 2
+
+
+def _requests(page: Page) -> list[Any]:
+    """Every request the page makes from now on (Playwright's request events), in order."""
+    seen: list[Any] = []
+
+    def record(request: Any) -> None:
+        seen.append(request)
+
+    page.on("request", record)
+    return seen
+
+
+def _paths(requests: list[Any], method: str, path: str) -> list[Any]:
+    return [r for r in requests if r.method == method and urlsplit(r.url).path == path]
+
+
+def test_the_timeline_follows_the_event_stream_without_polling(page: Page, stack: tuple[ApiServer, Admin]) -> None:
+    """Invariant: the session page is fed by the session's event stream (one EventSource on
+    /v1/sessions/{id}/events): it shows queued, ready with the frontend token, then terminated
+    after a stop, with exactly one GET /v1/sessions/{id} (the token, which events withhold), and
+    after the terminal event the page closes the stream rather than letting the browser
+    reconnect (no second stream request while the page stays open)."""
+    api, admin = stack
+    _, key = admin.tenant("acme")
+    _sign_in(page, api.url, key)
+    requests = _requests(page)
+    page.get_by_role("link", name="New session").click()
+    page.get_by_label("TTL (seconds)").fill("120")
+    page.get_by_role("button", name="Create session").click()
+    expect(_status(page)).to_have_text("ready", timeout=SLOW)
+    sid = page.locator("#s-id").inner_text()
+    expect(page.locator("#s-live")).to_have_attribute("data-state", "live")
+    with tenant_client(api.url, key) as tenant_api:
+        token = tenant_api.get(f"/v1/sessions/{sid}").json()["avaturn"]["token"]
+    expect(page.get_by_label("Avaturn session token")).to_have_value(token)
+    timeline = page.locator("#s-timeline li")
+    expect(timeline.first).to_contain_text("queued")
+    expect(timeline.last).to_contain_text("ready")
+
+    page.get_by_role("button", name="Stop session").click()
+    expect(_status(page)).to_have_text("terminated", timeout=SLOW)
+    expect(page.locator("#s-live")).to_have_attribute("data-state", "ended")
+    expect(page.locator("#s-waiting")).to_contain_text("requested")
+    expect(timeline.last).to_contain_text("terminated")
+    screenshot(page, "session-streamed")
+
+    session_path = f"/v1/sessions/{sid}"
+    streams = _paths(requests, "GET", f"{session_path}/events")
+    assert len(streams) == 1 and streams[0].resource_type == "eventsource", [r.url for r in streams]
+    assert len(_paths(requests, "GET", session_path)) == 1  # the token, once: no polling
+    assert len(_paths(requests, "DELETE", session_path)) == 1
+    # Chromium reconnects a stream the page left open 3 s after it ends: none in twice that
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+        assert len(_paths(requests, "GET", f"{session_path}/events")) == 1, "the ended stream was reopened"
+    assert len(_paths(requests, "GET", session_path)) == 1
+
+
+def test_a_dropped_stream_says_reconnecting_and_resumes_after_the_last_event(
+    page: Page, stack: tuple[ApiServer, Admin]
+) -> None:
+    """Invariant: when the connection carrying the event stream drops, the page says it is
+    reconnecting; the browser reopens the stream with Last-Event-ID set to the last event it
+    got (session.ready), and the event that happened while it was away (session.terminated)
+    then reaches the timeline, with no GET polling in between."""
+    api, admin = stack
+    _, key = admin.tenant("acme")
+    proxy = CutProxy(api.port).start()
+    try:
+        with tenant_client(api.url, key) as tenant_api:
+            sid = tenant_api.post("/v1/sessions?wait=10", json={"ttl_seconds": 120}).json()["id"]
+            _until_status(tenant_api, sid, "ready")
+            _sign_in(page, proxy.url, key)
+            requests = _requests(page)
+            page.locator("#sessions-body a", has_text=sid).click()
+            expect(_status(page)).to_have_text("ready", timeout=SLOW)
+            expect(page.locator("#s-live")).to_have_attribute("data-state", "live")
+            events = tenant_api.get("/v1/events", params={"session_id": sid}).json()["data"]
+            assert [e["type"] for e in events] == ["session.created", "session.ready"]
+
+            proxy.cut()
+            expect(page.locator("#s-live")).to_have_attribute("data-state", "reconnecting")
+            expect(page.locator("#s-live")).to_contain_text("reconnecting")
+            screenshot(page, "session-reconnecting")
+            assert tenant_api.delete(f"/v1/sessions/{sid}").status_code in (200, 202)
+            _until_status(tenant_api, sid, "terminated")
+            expect(_status(page)).to_have_text("ready")  # not told yet: the network is down
+            proxy.resume()
+
+            expect(_status(page)).to_have_text("terminated", timeout=SLOW)
+            expect(page.locator("#s-live")).to_have_attribute("data-state", "ended")
+            streams = _paths(requests, "GET", f"/v1/sessions/{sid}/events")
+            assert len(streams) == 2, [r.url for r in streams]
+            assert "last-event-id" not in streams[0].all_headers()
+            assert streams[1].all_headers()["last-event-id"] == events[1]["id"]
+            assert len(_paths(requests, "GET", f"/v1/sessions/{sid}")) == 1  # the token
+    finally:
+        proxy.stop()
+
+
+def test_a_stream_refused_is_explained(page: Page, stack: tuple[ApiServer, Admin]) -> None:
+    """Invariant: a session page whose stream the API refuses (an unknown session id: 404) says
+    why with the API's message, and stops asking rather than retrying forever."""
+    api, admin = stack
+    _, key = admin.tenant("acme")
+    _sign_in(page, api.url, key)
+    requests = _requests(page)
+    page.goto(f"{api.url}/console#/sessions/ses_doesnotexist")
+    expect(page.locator("#s-fetch-error")).to_be_visible()
+    expect(page.locator("#s-fetch-error")).to_contain_text(re.compile("not found|no session|unknown", re.I))
+    expect(page.locator("#s-live")).to_have_attribute("data-state", "stopped")
+    assert len(_paths(requests, "GET", "/v1/sessions/ses_doesnotexist")) == 0
+
+
+def test_a_session_whose_events_are_gone_is_shown_as_it_is(
+    page: Page, stack: tuple[ApiServer, Admin], settings: Any
+) -> None:
+    """Invariant: a session whose events are no longer in the outbox (kept 7 days; here deleted)
+    gets an empty replay: the page then reads the session once and shows it (status, token)
+    rather than an empty timeline."""
+    api, admin = stack
+    tenant, key = admin.tenant("acme")
+    with tenant_client(api.url, key) as tenant_api:
+        sid = tenant_api.post("/v1/sessions?wait=10", json={"ttl_seconds": 120}).json()["id"]
+        token = _until_status(tenant_api, sid, "ready")["avaturn"]["token"]
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert r.delete(TenantScope(tenant["id"]).events()) == 1
+    finally:
+        r.close()
+    _sign_in(page, api.url, key)
+    requests = _requests(page)
+    page.locator("#sessions-body a", has_text=sid).click()
+    expect(_status(page)).to_have_text("ready", timeout=SLOW)
+    expect(page.get_by_label("Avaturn session token")).to_have_value(token)
+    expect(page.locator("#s-live")).to_have_attribute("data-state", "live")
+    assert len(_paths(requests, "GET", f"/v1/sessions/{sid}")) == 1

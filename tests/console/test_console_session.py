@@ -18,7 +18,7 @@ import redis as sync_redis
 
 from broker.api.console_routes import ASSETS
 from broker.api.console_session import COOKIE, MAX_AGE_SECONDS
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.fixtures.stack import Admin, ApiServer
 from tests.fixtures.wait import wait_until
 from tests.security.support import assert_error, redis_dump, unknown_key

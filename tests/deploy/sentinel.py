@@ -12,7 +12,8 @@ from pathlib import Path
 
 import redis as sync_redis
 
-from broker.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from broker.core.processes import free_port, stop_process
+from broker.embedded_redis import EmbeddedRedis, find_redis_server
 from tests.fixtures.wait import wait_until
 
 SERVICE = "mymaster"
@@ -96,13 +97,8 @@ class SentinelSetup:
         return new
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         self.master.cleanup()
         self.replica.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from broker.cli import _parser
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import generate_secret_key
 
 from .tooling import DEPLOY, docker_compose, schema, tool_missing

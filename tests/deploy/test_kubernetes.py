@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 
 from broker.cli import _parser
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import generate_secret_key
 from workers.main import Health, build_worker
 from workers.metrics import WorkerMetrics

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from broker.redis_client import create_redis, create_worker_pool
-from broker.settings import Settings, SettingsError
+from broker.core.redis_client import create_redis, create_worker_pool
+from broker.core.settings import Settings, SettingsError
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, make_settings, tenant_client, wait_status
 from tests.fixtures.wait import wait_until
 

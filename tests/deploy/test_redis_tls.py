@@ -13,8 +13,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.redis_client import create_redis, create_worker_pool
-from broker.settings import Settings
+from broker.core.redis_client import create_redis, create_worker_pool
+from broker.core.settings import Settings
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, make_settings, tenant_client
 
 from .tls_proxy import TlsProxy, self_signed

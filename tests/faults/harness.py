@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.embedded_redis import free_port
-from broker.settings import Settings
+from broker.core.processes import free_port, stop_process
+from broker.core.settings import Settings
 from tests.fixtures.stack import (
     ADMIN_TOKEN,
     PLATFORM_AVATURN_KEY,
@@ -110,13 +110,7 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 30, 10)
 
     def metrics_text(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text

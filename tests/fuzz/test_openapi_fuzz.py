@@ -31,7 +31,7 @@ from schemathesis.checks import (
 
 from broker.api.app import create_app
 from broker.api.openapi import OPERATIONS
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import generate_secret_key
 
 from .conftest import FuzzBudget, LiveBroker

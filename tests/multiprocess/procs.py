@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from broker.embedded_redis import free_port
+from broker.core.processes import free_port, stop_process
 from tests.fixtures.stack import child_env
 from tests.fixtures.wait import wait_until
 
@@ -75,14 +75,8 @@ class BrokerProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 30)
 
     def tail(self, lines: int = 30) -> str:
         try:

@@ -189,7 +189,7 @@ def _times_to_ready(h: Harness, key: str, tid: str, n: int) -> tuple[list[float]
 async def _admit_many(h: Harness, tid: str, n: int) -> None:
     """``n`` sessions of one tenant through the API's own admission (SessionService.create, the
     admission script), without HTTP: 5,000 POSTs would take longer than the test."""
-    from broker.redis_client import create_redis
+    from broker.core.redis_client import create_redis
     from broker.sessions.jobs import JobQueue, new_arq_redis
     from broker.sessions.models import CreateSessionRequest
     from broker.sessions.repository import SessionRepository

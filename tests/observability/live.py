@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import yaml
 
-from broker.embedded_redis import free_port
+from broker.core.processes import free_port, stop_process
 from tests.fixtures.stack import child_env
 from tests.fixtures.wait import wait_until
 
@@ -22,7 +22,8 @@ API_JOB, WORKER_JOB = "session-broker-api", "session-broker-worker"
 
 
 def broker_env(redis_url: str, sandbox: Any) -> dict[str, str]:
-    return child_env(redis_url, sandbox, BROKER_LOG_FORMAT="json")
+    # the webhook deliveries go to the sandbox's receiver: http on loopback
+    return child_env(redis_url, sandbox, BROKER_LOG_FORMAT="json", BROKER_WEBHOOK_ALLOW_PRIVATE="true")
 
 
 class Proc:
@@ -44,13 +45,7 @@ class Proc:
                    state=lambda: self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 25, 10)
 
 
 def broker(command: list[str], env: dict[str, str], log: Path) -> Proc:

@@ -67,7 +67,9 @@ def stack(redis_server: EmbeddedRedis, sandbox: Any, tmp_path: Path) -> Iterator
 
 def drive(api: str, sandbox: Any, prom: Prometheus) -> dict[str, Any]:
     """Sessions created (one after a transient mint failure), replayed, refused (quota, budget), rejected,
-    failed upstream, stopped (after a failed DELETE) and expired; a 401 and a 404.
+    failed upstream, stopped (after a failed DELETE) and expired; a 401 and a 404; alpha's events
+    delivered to the sandbox's webhook receiver (its first answer a 503: one retry), which feeds
+    the Webhooks row.
 
     rate() only sees increments between two scrapes: the driver waits for Prometheus' first
     scrape of every target (it starts scraping a few seconds after it is ready), and for the
@@ -82,6 +84,10 @@ def drive(api: str, sandbox: Any, prom: Prometheus) -> dict[str, Any]:
         admin.close()
     sandbox.configure({"mint": {"fail": [{"status": 503, "count": 1}]}})
     with tenant_client(api, alpha_key) as c:
+        # alpha's events go to the sandbox's receiver, whose first answer is a 503 (one retry)
+        hook = c.post("/v1/webhook_endpoints", json={"url": sandbox.webhook_url("live")})
+        assert hook.status_code == 201, hook.text
+        sandbox.configure_webhooks("live", {"secrets": [hook.json()["secret"]], "fail": [{"status": 503, "count": 1}]})
         short = c.post("/v1/sessions?wait=10", json={"ttl_seconds": 10})  # first: it expires while we go on
         assert short.status_code == 201, short.text
         prom.wait_value(f'count(broker_admissions_total{{tenant="{alpha["id"]}"}})', 1)
@@ -106,10 +112,16 @@ def drive(api: str, sandbox: Any, prom: Prometheus) -> dict[str, Any]:
         assert c.post("/v1/sessions").status_code == 402
         prom.wait_value("count(broker_budget_refusals_total)", 1)
         assert c.post("/v1/sessions").status_code == 402
+        events = c.get("/v1/events", params={"limit": 100}).json()["data"]
+        wait_until(lambda: {e["id"] for e in events} <= {d["webhook_id"] for d in sandbox.webhook_deliveries("live")
+                                                         if d["status"] == 204 and d["verified"]},
+                   30, "every event delivered to the live receiver (the failed first one is retried after 5 s)",
+                   interval=0.2, state=lambda: sandbox.webhook_deliveries("live"))
     with tenant_client(api, beta_key) as c:
         assert c.post("/v1/sessions?wait=10").status_code == 502
     assert httpx.get(f"{api}/v1/sessions").status_code == 401
-    return {"alpha": alpha["id"], "beta": beta["id"], "keys": (alpha_key, beta_key), "audit": sandbox.audit()}
+    return {"alpha": alpha["id"], "beta": beta["id"], "keys": (alpha_key, beta_key), "audit": sandbox.audit(),
+            "webhook_events": len(events)}
 
 
 def panel_targets() -> list[tuple[str, str]]:
@@ -154,6 +166,9 @@ def test_dashboards_and_alerts_on_a_live_prometheus(stack: dict[str, Any], sandb
         'count(up{job="session-broker-worker"} == 1)': 2,
         'count(up{job="session-broker-api"} == 1)': 1,
         "count(broker_provisioning_backlog)": 2,   # one per worker: dashboards take max()
+        'sum(broker_webhook_deliveries_total{outcome="delivered"})': done["webhook_events"],
+        'sum(broker_webhook_deliveries_total{outcome="retry"})': 1,
+        "sum(broker_webhook_delivery_lateness_seconds_count)": done["webhook_events"],
     }
     assert len(audit["sessions"]) == 3 and len(audit["secrets"]) == 3
     for expr, expected in exact.items():

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import httpx
 
-from broker.logs import ConsoleFormatter, JsonFormatter, bind_log_context, current_log_context, log_context
+from broker.core.logs import ConsoleFormatter, JsonFormatter, bind_log_context, current_log_context, log_context
 from tests.fixtures.stack import Admin, tenant_client, wait_status
 
 from .helpers import wait_for

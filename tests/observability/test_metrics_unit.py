@@ -11,8 +11,8 @@ from arq.worker import Retry
 from prometheus_client import generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker.errors import InvalidInput, QuotaExceeded, Unprocessable
-from broker.metrics import ApiMetrics, TenantLabels
+from broker.core.errors import InvalidInput, QuotaExceeded, Unprocessable
+from broker.api.metrics import ApiMetrics, TenantLabels
 from workers.metrics import WorkerMetrics
 from workers.upstreams.errors import UpstreamRejected, UpstreamUnavailable
 

@@ -120,7 +120,7 @@ def test_generated_files_are_up_to_date() -> None:
 def test_dashboard_shape() -> None:
     dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "session-broker.json").read_text())
     rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Tenants", "Queue and workers", "Upstreams", "Terminations"]
+    assert rows == ["Overview", "Tenants", "Queue and workers", "Upstreams", "Terminations", "Webhooks"]
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert "label_values(broker_admissions_total, tenant)" in variables["tenant"]["definition"]
@@ -131,7 +131,8 @@ def test_dashboard_shape() -> None:
         for t in p["targets"]:
             # Shared-state gauges are exported by every worker: never summed across workers.
             for gauge in ("broker_queue_jobs", "broker_live_sessions", "broker_due_terminations",
-                          "broker_provisioning_backlog", "broker_queue_oldest_due_age_seconds"):
+                          "broker_provisioning_backlog", "broker_queue_oldest_due_age_seconds",
+                          "broker_webhook_pending_deliveries"):
                 assert f"sum({gauge}" not in t["expr"] and f"sum by (state) ({gauge}" not in t["expr"]
     row, tenant_row = "", []
     for p in dash["panels"]:

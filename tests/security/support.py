@@ -17,8 +17,8 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from broker.api.app import create_app
-from broker.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
-from broker.settings import Settings
+from broker.core.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
+from broker.core.settings import Settings
 from tenants.apikeys import checksum
 
 ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]*$")

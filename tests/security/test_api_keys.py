@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.apikeys import ALPHABET, BODY_LEN, KEY_PREFIX, looks_valid
 from tenants.scope import TenantScope
 from tests.fixtures.stack import Admin, ApiServer, tenant_client

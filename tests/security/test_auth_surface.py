@@ -18,7 +18,7 @@ import pytest
 
 from broker.api import deps
 from broker.embedded_redis import free_port
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.fixtures.stack import ADMIN_TOKEN, Admin, ApiServer
 from tests.fixtures.wait import wait_until
 

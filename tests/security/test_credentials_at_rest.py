@@ -16,7 +16,7 @@ import pytest
 from cryptography.fernet import Fernet, InvalidToken
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import generate_secret_key
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, make_settings, tenant_client
 from workers.sandbox import SandboxServer, fingerprint

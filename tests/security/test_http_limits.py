@@ -22,7 +22,7 @@ import uvicorn
 
 from broker.api import http_guard
 from broker.embedded_redis import free_port
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.fixtures.stack import ADMIN_TOKEN
 
 from .test_auth_surface import _wait_healthy

@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from jsonschema import Draft202012Validator, ValidationError
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import generate_secret_key
 from tenants.scope import TenantScope, tenant_record
 from tenants.session_secrets import REDACTED, SEALED_PREFIX

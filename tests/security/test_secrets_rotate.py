@@ -9,7 +9,7 @@ import json
 import redis as sync_redis
 from cryptography.fernet import Fernet, InvalidToken
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.crypto import generate_secret_key
 from tests.fixtures.stack import Admin, ApiServer
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.scope import DUE_EXPIRY, TenantScope, due_member
 from tests.fixtures.stack import PLATFORM_AVATURN_KEY, Admin, ApiServer, WorkerThread, make_settings, tenant_client, wait_status
 from tests.fixtures.wait import wait_until

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from broker.settings import Settings, SettingsError
+from broker.core.settings import Settings, SettingsError
 from tenants.admission import AdmissionRequest, Admitted, Refused, Replayed, admit
 from tenants.mint_rate import schedule
 from tenants.models import Quotas

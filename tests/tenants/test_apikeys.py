@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.embedded_redis import free_port
-from broker.errors import Unauthorized
+from broker.core.errors import Unauthorized
 from tenants import apikeys
 from tenants.apikeys import ALPHABET, BODY_LEN, KEY_LEN, generate_api_key, hash_key, key_prefix, looks_valid, new_key_id
 from tenants.auth import KeyAuthenticator

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from broker.errors import Forbidden, Unauthorized
+from broker.core.errors import Forbidden, Unauthorized
 from tenants.apikeys import generate_api_key, hash_key
 from tenants.auth import KeyAuthenticator
 from tenants.models import Tenant, TenantPatch

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from broker.sessions.models import SessionRecord
 from broker.sessions.repository import SessionRepository
 from tenants.admission import AdmissionRequest, Admitted, admit

@@ -8,8 +8,8 @@ import base64
 import pytest
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput
-from broker.settings import Settings, SettingsError
+from broker.core.errors import InvalidInput
+from broker.core.settings import Settings, SettingsError
 from tenants.crypto import CredentialCipher, CredentialError, generate_secret_key
 from tenants.models import TenantView
 from tenants.scope import TENANTS_INDEX, tenant_record

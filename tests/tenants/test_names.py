@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from broker.errors import Conflict, InvalidInput
+from broker.core.errors import Conflict, InvalidInput
 from tenants.apply import apply
 from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.models import TenantPatch

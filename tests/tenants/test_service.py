@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput, NotFound
+from broker.core.errors import InvalidInput, NotFound
 from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.models import Quotas, TenantPatch
 from tenants.quotas import build_quotas

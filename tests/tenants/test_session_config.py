@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from tenants.session_config import GA_FIELDS, merge_session, validate_session
 
 FULL_GA: dict[str, Any] = {

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from broker.errors import InvalidInput
+from broker.core.errors import InvalidInput
 from broker.sessions.jobs import JobQueue, new_arq_redis
 from broker.sessions.models import CreateSessionRequest
 from broker.sessions.repository import SessionRepository

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from broker import tracing
-from broker.settings import Settings
+from broker.core import tracing
+from broker.core.settings import Settings
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, tenant_client, wait_status
 
 

@@ -1,4 +1,4 @@
-"""broker/tracing.py in one process: the OTEL_* settings, what the helpers do on and off, the
+"""broker/core/tracing.py in one process: the OTEL_* settings, what the helpers do on and off, the
 upstream clients' client spans (no credential header, no key), trace ids in log lines, and
 exceptions recorded without their message."""
 
@@ -14,9 +14,9 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from broker import tracing
-from broker.logs import JsonFormatter
-from broker.settings import Settings, SettingsError
+from broker.core import tracing
+from broker.core.logs import JsonFormatter
+from broker.core.settings import Settings, SettingsError
 from workers.upstreams.avaturn import AvaturnClient
 from workers.upstreams.errors import UpstreamRejected
 from workers.upstreams.openai import OpenAIMinter

@@ -1,6 +1,6 @@
 """session.expiring (contract section 11: 60 s before ``expires_at``, or at ready for a shorter
 session) on real Redis: the ready transition schedules it (``sb:due:expiring``), the worker's
-expiring loop (workers/expiry.py, jobs/expiring.lua) records it once, only while the session is
+expiring loop (workers/expiry.py, broker/sessions/expiring.lua) records it once, only while the session is
 still ready, with its ``data.sequence`` between ready and terminated; leaving ready unschedules
 it. The lead time is injected (2 s on the real stack, via BROKER_SESSION_EXPIRING_LEAD_SECONDS;
 the loop's constructor below) so the tests need no 70 s sessions."""
@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from broker.embedded_redis import EmbeddedRedis
 from broker.sessions.models import now_ms
 from broker.sessions.outbox import EventLog
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.admission import AdmissionRequest, Admitted, admit
 from tenants.models import Quotas
 from tenants.scope import DUE_EXPIRING, TenantScope, due_member

@@ -11,7 +11,6 @@ import asyncio
 import time
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
 from broker.embedded_redis import EmbeddedRedis

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from workers import main as worker_main
 from workers.main import Health
 from workers.metrics import WorkerMetrics

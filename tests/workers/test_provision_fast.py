@@ -23,17 +23,18 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.errors import NotFound
-from broker.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
-from broker.settings import Settings, SettingsError
+from broker.core.compat_redis import use_direct_sends
+from broker.core.errors import NotFound
+from broker.core.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
+from broker.core.settings import Settings, SettingsError
 from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.models import OpenAIInput, TenantCreate, TenantPatch
 from tenants.scope import tenant_record
 from tenants.service import TenantService
+from tenants.tenant_cache import TenantCache
 from tests.fixtures.redis_compat import command_calls
 from tests.fixtures.wait import wait_until_async
-from workers.redis_io import use_direct_sends
-from workers.tenant_cache import TenantCache
+
 
 @pytest.fixture
 async def tenants(redis: aioredis.Redis) -> tuple[TenantService, TenantCache]:

@@ -3,7 +3,7 @@ not its config, sealed credentials, frontend token, minted secret or Avaturn key
 record lives 7 days under ``noeviction``, so its size is the capacity guide's per-session
 figure. On the real stack (API and worker threads, the test's redis-server, the sandbox), for
 each terminal path: a stop (transition.lua via finish_terminated), an expiry (the expiry
-loop's batched finish.lua) and a failure (fail_session)."""
+loop's batched termination_finish.lua) and a failure (fail_session)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import msgspec
 import redis as sync_redis
 
 from broker.sessions.terminal import TERMINAL_DROP
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tenants.scope import DUE_EXPIRY, TenantScope, due_member
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, tenant_client, wait_status
 
@@ -96,7 +96,7 @@ def test_a_stopped_session_keeps_only_what_its_get_serves(
 
 def test_an_expired_session_keeps_only_what_its_get_serves(
         api: ApiServer, worker: WorkerThread, admin: Admin, settings: Settings) -> None:
-    """Invariant: the expiry loop's batched terminal step (finish.lua) drops the same fields."""
+    """Invariant: the expiry loop's batched terminal step (termination_finish.lua) drops the same fields."""
     tenant_id, key = _tenant(admin)
     ready = _create(api, key)
     assert ready["status"] == "ready", ready

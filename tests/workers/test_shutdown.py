@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 from workers import gauges
 from workers.main import Health, build_worker
 from workers.metrics import WorkerMetrics

@@ -2,7 +2,7 @@
 session to end it, whether from the expiry loop (``workers/expiry.py``) or a stop job; and
 recording a batch of them ``terminated`` in one step (:class:`FinishBatch`, the loop's).
 
-A session is owned through its score in ``sb:due:expiry``: claiming it (``claim.lua``, one
+A session is owned through its score in ``sb:due:expiry``: claiming it (``broker/sessions/termination_claim.lua``, one
 atomic step for a whole batch) moves the score to ``now + lease`` (:data:`HELD_LEASE_MS`), and
 the claimer's :class:`ClaimKeeper` moves it on every :data:`RENEW_S` while the DELETE is in
 flight, so another worker only takes it once the lease has run out, that is when its claimer
@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.core.text import text
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.lua import script
 from broker.sessions.repository import RETENTION_SECONDS
@@ -38,8 +39,8 @@ from ..metrics import WorkerMetrics
 
 log = logging.getLogger("workers.expiry")
 
-_SCRIPT = script("claim.lua", __package__)
-_FINISH = script("finish.lua", __package__)
+_SCRIPT = script("termination_claim.lua")
+_FINISH = script("termination_finish.lua")
 FINISH_WAIT_S = 0.005      # finishes gathered this long go to Redis in one script call
 # A claim's lease, and how often a live claimer renews it: a claimer that died is replaced
 # HELD_LEASE_MS after its last renewal at most; a live one may miss one renewal (a stalled
@@ -86,7 +87,7 @@ class TerminationClaims:
     async def claim(self, sessions: list[tuple[str, str]], *, now: int, due_until: int, claim_until: int,
                     lease: int, stop_due_until: int | None = None) -> list[Claim]:
         """Claim each of ``sessions`` (tenant id, session id) that is due by ``due_until``, a
-        stop's first attempt by ``stop_due_until`` (see ``claim.lua``); one round trip for
+        stop's first attempt by ``stop_due_until`` (see ``termination_claim.lua``); one round trip for
         the whole list."""
         if not sessions:
             return []
@@ -101,7 +102,7 @@ class TerminationClaims:
         rows = await self._claim(keys=keys, args=args)
         out = []
         for (tid, sid), row in zip(sessions, rows, strict=True):
-            outcome = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+            outcome = text(row[0])
             record = None
             if outcome == "claimed":
                 values = {k: v.decode() for k, v in zip(FIELDS, row[1:], strict=True) if v is not None}
@@ -194,7 +195,7 @@ class ClaimKeeper:
 
 class FinishBatch:
     """``finish_terminated`` for many sessions at once: each caller awaits :meth:`finish`;
-    the records gathered over ``FINISH_WAIT_S`` are written by one ``finish.lua`` call (same
+    the records gathered over ``FINISH_WAIT_S`` are written by one ``termination_finish.lua`` call (same
     writes and metrics as ``finish_terminated``, each applied once). A Redis error reaches
     every caller of the batch."""
 
@@ -239,13 +240,7 @@ class FinishBatch:
         recorded = await self._finish(keys=keys, args=args)
         out = []
         for (rec, _, _), value in zip(batch, recorded, strict=True):
-            if value:  # [reason, thresholds recorded by the settle] (finish.lua)
-                reason = value[0].decode() if isinstance(value[0], bytes) else str(value[0])
-                self.metrics.terminations.labels(reason).inc()
-                if int(value[1]):
-                    self.metrics.usage_thresholds.inc(int(value[1]))
-                self.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
-                if rec.expires_at and reason == "expired":
-                    self.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
+            if value:  # [reason, thresholds recorded by the settle] (termination_finish.lua)
+                self.metrics.count_termination(rec, text(value[0]), now, int(value[1]))
             out.append(bool(value))
         return out

@@ -18,8 +18,8 @@ from ..context import WorkerContext
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
-TERMINATION_GRACE_MS = 120_000
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # Redis unreachable (restart, failover)
+REDIS_DOWN_PAUSE_S = 0.5  # the loops' pause (and arq's restart) while Redis is unreachable
 RECORD_PATIENCE_S = 10.0
 
 T = TypeVar("T")
@@ -64,12 +64,7 @@ async def finish_terminated(ctx: WorkerContext, rec: SessionRecord, reason: str)
         retain=True,
     )
     if res.applied:
-        ctx.metrics.terminations.labels(rec.termination_reason or reason).inc()
-        if res.thresholds:  # crossed by the settle (tenants/budget.lua)
-            ctx.metrics.usage_thresholds.inc(res.thresholds)
-        ctx.metrics.count_billable(rec.tenant_id, rec.ready_at, now)
-        if rec.expires_at and (rec.termination_reason or reason) == "expired":
-            ctx.metrics.termination_lateness.observe(max(0.0, (now - rec.expires_at) / 1000))
+        ctx.metrics.count_termination(rec, rec.termination_reason or reason, now, res.thresholds)
     return res
 
 

@@ -20,18 +20,19 @@ import logging
 
 import msgspec
 
-from broker import tracing
-from broker.errors import NotFound
+from broker.core import tracing
+from broker.core.errors import NotFound
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
 from broker.sessions.schedule import Claimed
+from broker.sessions.terminal import TERMINATION_GRACE_MS
 from tenants.crypto import CredentialError
 from tenants.models import Tenant
 from tenants.session_secrets import SEALED_PREFIX, mentions, unseal
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
-from .common import REDIS_ERRORS, TERMINATION_GRACE_MS, backoff, deadline_message, fail_session, patiently, timed
+from .common import REDIS_ERRORS, backoff, deadline_message, fail_session, patiently, timed
 from .session_key import inflight_mark
 from .terminate import TerminationPending, stop_upstream_and_finish
 
@@ -76,7 +77,7 @@ async def _provision(ctx: WorkerContext, claimed: Claimed) -> str:
         await _fail(ctx, rec, "provision_deadline_exceeded", deadline_message(rec), reason="reaped")
         return "deadline"
     try:
-        tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (workers/tenant_cache.py)
+        tenant: Tenant | None = await ctx.tenants.get(rec.tenant_id)  # the worker's cache (tenants/tenant_cache.py)
     except NotFound:
         tenant = None
     if tenant is None:

@@ -19,7 +19,7 @@ created the session.
 
 from __future__ import annotations
 
-from broker.errors import NotFound
+from broker.core.errors import NotFound
 from broker.sessions.models import SessionRecord
 from tenants.crypto import CredentialError
 

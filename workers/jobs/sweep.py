@@ -27,6 +27,7 @@ import logging
 import time
 from typing import Any
 
+from broker.core.text import text
 from broker.sessions.models import now_ms
 from broker.sessions.repository import RETENTION_SECONDS
 from tenants.scope import PROVISION_TENANTS, SWEEP_INDEX_CURSOR, TENANTS_INDEX, TenantScope
@@ -78,7 +79,7 @@ async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) ->
     than a due session of its tenant. Looks at the entries due by now + the claim lease (the
     due ones and those being worked on), at most :data:`BATCH`; three round trips."""
     deadline_ms = int(ctx.settings.provision_deadline_seconds * 1000)
-    ring = [(_text(t), int(s)) for t, s in await ctx.redis.zrange(PROVISION_TENANTS, 0, SWEEP_TENANTS - 1,
+    ring = [(text(t), int(s)) for t, s in await ctx.redis.zrange(PROVISION_TENANTS, 0, SWEEP_TENANTS - 1,
                                                                    withscores=True)]
     if not ring:
         return
@@ -91,7 +92,7 @@ async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) ->
     for (tid, ring_score), rows in zip(ring, per_tenant, strict=True):
         for sid, score in rows:
             if len(entries) < BATCH:
-                entries.append((tid, ring_score, _text(sid), int(score)))
+                entries.append((tid, ring_score, text(sid), int(score)))
     if not entries:
         return
     async with ctx.redis.pipeline(transaction=False) as pipe:
@@ -113,9 +114,6 @@ async def _provisioning(ctx: WorkerContext, now: int, counts: dict[str, int]) ->
             lowered.add(tid)
             counts["requeued"] += 1
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def trim_session_indexes(ctx: WorkerContext, now: int) -> tuple[int, bool]:
@@ -159,14 +157,13 @@ async def trim_session_indexes(ctx: WorkerContext, now: int) -> tuple[int, bool]
 
 async def _tenants_from(ctx: WorkerContext, rank: int) -> list[str]:
     ids = await ctx.redis.zrange(TENANTS_INDEX, rank, rank + INDEX_TENANTS_PER_SWEEP - 1)
-    return [i.decode() if isinstance(i, bytes) else i for i in ids]
+    return [text(i) for i in ids]
 
 
 def _read_cursor(raw: bytes | str | None) -> tuple[int, str, int | None]:
     """``"{rank}:{tenant id}:{score}"`` → (rank, tenant, score); anything else starts a pass."""
-    text = raw.decode() if isinstance(raw, bytes) else (raw or "")
     try:
-        rank, tenant_id, score = text.split(":")
+        rank, tenant_id, score = text(raw or "").split(":")
         return max(0, int(rank)), tenant_id, int(score) if score else None
     except ValueError:
         return 0, "", None

@@ -21,13 +21,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker import tracing
+from broker.core import tracing
 from broker.sessions.models import SessionRecord, now_ms
+from broker.sessions.terminal import TERMINATION_GRACE_MS
 
 from ..context import WorkerContext
 from ..upstreams.errors import UpstreamError
 from .claim import HELD_LEASE_MS, ClaimKeeper, TerminationClaims
-from .common import TERMINATION_GRACE_MS, backoff, finish_terminated, timed
+from .common import backoff, finish_terminated, timed
 from .session_key import MissingCredentials, SessionKeyUndecryptable, delete_key
 
 log = logging.getLogger("workers.terminate")

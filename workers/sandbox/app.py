@@ -11,6 +11,7 @@ Routes::
     GET    /_sandbox/config
     PUT    /_sandbox/config              see workers.sandbox.faults
     POST   /_sandbox/clock               {"advance": seconds}: move the sandbox clock forward
+    *      /_sandbox/webhooks[/{name}[/config]]   webhook receivers: see workers.sandbox.webhooks
 
 Plain ASGI (no framework) keeps it fast and gives ``close`` access to the transport:
 uvicorn's ``send`` is a bound method of the request cycle, which holds the transport.
@@ -29,12 +30,14 @@ from workers.sandbox import avaturn_fake, openai_fake
 from workers.sandbox.faults import FaultPlan, FaultRule, decode_config
 from workers.sandbox.reply import AvaturnError, OpenAIError, Reply, bearer, json_reply
 from workers.sandbox.state import SandboxState
+from workers.sandbox.webhooks import NAME, decode_config as decode_receiver_config
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MINT_PATH = "/v1/realtime/client_secrets"
+WEBHOOKS_PATH = "/_sandbox/webhooks"
 SESSIONS_PATH = "/api/v1/sessions"
 _STATUS_TEXT = {
     400: "The request was rejected by the sandbox (injected).",
@@ -157,7 +160,9 @@ class SandboxApp:
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         state = self.state
-        if path.startswith("/_sandbox/"):
+        if path == WEBHOOKS_PATH or path.startswith(WEBHOOKS_PATH + "/"):
+            await self._webhooks(method, path, scope.get("query_string", b""), headers, raw, receive, send)
+        elif path.startswith("/_sandbox/"):
             await _send(send, self._control(method, path, scope.get("query_string", b""), raw))
         elif path == MINT_PATH and method == "POST":
             await self._operation("mint", lambda: openai_fake.mint(state, headers, raw), headers, receive, send)
@@ -208,6 +213,84 @@ class SandboxApp:
             status = 504
         reply = injected_reply(op, rule, headers, status)
         state.count(op, str(reply.status))
+        await _send(send, reply)
+
+    async def _webhooks(self, method: str, path: str, query: bytes, headers: dict[str, str], raw: bytes,
+                        receive: Receive, send: Send) -> None:
+        receivers = self.state.receivers
+        parts = path[len(WEBHOOKS_PATH):].strip("/").split("/")
+        if parts == [""]:
+            if method != "GET":
+                await _send(send, json_reply(405, {"error": "GET lists the receivers"}))
+                return
+            await _send(send, json_reply(200, receivers.summary()))
+            return
+        name = parts[0]
+        if not NAME.match(name) or len(parts) > 2 or (len(parts) == 2 and parts[1] != "config"):
+            await _send(send, json_reply(404, {"error": f"no webhook route {method} {path}"}))
+            return
+        if len(parts) == 2:
+            if method != "PUT":
+                await _send(send, json_reply(405, {"error": "PUT replaces a receiver's config"}))
+                return
+            try:
+                config = decode_receiver_config(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                await _send(send, json_reply(400, {"error": str(exc)}))
+                return
+            receiver = receivers.get(name)
+            receiver.configure(config)
+            await _send(send, json_reply(200, receiver.describe()))
+            return
+        if method == "GET":
+            params = parse_qs(query.decode())
+            try:
+                after = int(params.get("after", ["0"])[0])
+                limit = int(params.get("limit", ["1000"])[0])
+            except ValueError:
+                await _send(send, json_reply(400, {"error": "`after` and `limit` are integers"}))
+                return
+            if not 1 <= limit <= 10_000:
+                await _send(send, json_reply(400, {"error": "`limit` must be within 1..10000"}))
+                return
+            await _send(send, json_reply(200, receivers.get(name).listing(after, limit)))
+        elif method == "DELETE":
+            receivers.by_name.pop(name, None)
+            await _send(send, json_reply(200, {"ok": True}))
+        elif method == "POST":
+            await self._delivery(name, headers, raw, receive, send)
+        else:
+            await _send(send, json_reply(405, {"error": f"{method} is not a webhook route"}))
+
+    async def _delivery(self, name: str, headers: dict[str, str], raw: bytes, receive: Receive, send: Send) -> None:
+        receiver = self.state.receivers.get(name)
+        delivery = receiver.record(headers, raw)
+        misbehave = receiver.misbehaves(delivery)
+        delay = receiver.delay() if misbehave else 0.0
+        delivery.delay_ms = round(delay * 1000.0, 3)
+        if delay and await _wait_disconnect(receive, delay):
+            receiver.answered(delivery, None)  # the sender gave up first (its timeout)
+            return
+        rule = receiver.pick() if misbehave else None
+        if rule is None:
+            if delivery.verified:
+                reply = Reply(204)
+            else:
+                reply = json_reply(401, {"error": f"signature not verified: {delivery.error}"})
+        elif rule.close:
+            receiver.answered(delivery, None)
+            if not _drop_connection(send):
+                raise RuntimeError("sandbox: cannot reach the transport to drop the connection")
+            await _wait_disconnect(receive, 5.0)
+            return
+        elif rule.hang:
+            if await _wait_disconnect(receive, rule.hang_seconds):
+                receiver.answered(delivery, None)
+                return
+            reply = injected_reply("webhook", rule, headers, 504)
+        else:
+            reply = injected_reply("webhook", rule, headers)
+        receiver.answered(delivery, reply.status)
         await _send(send, reply)
 
     def _control(self, method: str, path: str, query: bytes, raw: bytes) -> Reply:

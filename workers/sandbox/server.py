@@ -2,7 +2,7 @@
 
 All three serve both upstream fakes on one loopback port under uvicorn (uvloop + httptools,
 no access log). ``SandboxServer`` and ``SandboxProcess`` share the sync control helpers
-(``audit()``, ``configure()``, ``reset()``, ``advance_clock()``) which are plain HTTP calls
+(``audit()``, ``configure()``, ``reset()``, ``advance_clock()``, the webhook receivers') which are plain HTTP calls
 to ``/_sandbox/...``.
 """
 
@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from broker.embedded_redis import free_port
+from broker.core.processes import free_port, stop_process
 from workers.sandbox.app import SandboxApp
 
 LOOPBACK = "127.0.0.1"
@@ -97,6 +97,25 @@ class SandboxControl:
         result: dict[str, Any] = self._call("POST", "clock", {"advance": seconds})
         return float(result["now"])
 
+    def webhook_url(self, name: str) -> str:
+        """The URL of the webhook receiver ``name`` (see ``workers.sandbox.webhooks``)."""
+        return f"{self.base_url}/_sandbox/webhooks/{name}"
+
+    def configure_webhooks(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Register or replace the receiver's secrets and behaviour (the whole config)."""
+        result: dict[str, Any] = self._call("PUT", f"webhooks/{name}/config", config)
+        return result
+
+    def webhook_deliveries(self, name: str, after: int = 0) -> list[dict[str, Any]]:
+        """Every delivery the receiver recorded after ``seq`` ``after``, oldest first."""
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self._call("GET", f"webhooks/{name}?after={after}&limit=10000")
+            out.extend(page["deliveries"])
+            after = page["next_after"]
+            if not page["has_more"]:
+                return out
+
     def healthy(self) -> bool:
         try:
             return self._client().get(self.base_url + "/_sandbox/healthz", timeout=0.5).status_code == 200
@@ -171,13 +190,7 @@ class SandboxProcess(SandboxControl):
         self._close_control()
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def __enter__(self) -> SandboxProcess:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from workers.sandbox.faults import OPERATIONS, FaultPlan
+from workers.sandbox.webhooks import Receivers
 
 DEFAULT_CAP = 200_000
 
@@ -70,6 +71,7 @@ class SandboxState:
         self.sessions: dict[str, SessionRecord] = {}
         self.deletes: deque[DeleteRecord] = deque(maxlen=self.cap)
         self.counters: dict[str, Counter[str]] = {op: Counter() for op in OPERATIONS}
+        self.receivers = Receivers(self.cap)
 
     def now(self) -> float:
         return time.time() + self.clock_offset

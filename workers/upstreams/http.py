@@ -15,7 +15,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 
-from broker import tracing
+from broker.core import tracing
 
 KEEPALIVE_S = 5.0  # httpx's default keep-alive expiry, which the transports used before
 

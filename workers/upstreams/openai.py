@@ -29,7 +29,7 @@ from openai import (
     DefaultAioHttpClient,
     OpenAIError,
 )
-from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own transport for DefaultAioHttpClient
+from httpx_aiohttp.httpx2 import AiohttpTransport  # the transport the SDK vendors for DefaultAioHttpClient (same release)
 
 from workers.upstreams.errors import (
     UpstreamError,

@@ -7,12 +7,13 @@
 // CSRF token in X-CSRF-Token.
 
 import {
-  ERROR_EXPLAINED, PollingSource, TERMINAL, TERMINATION_REASONS, WAITING_FOR,
+  ERROR_EXPLAINED, EventStreamSource, STATUS_RANK, TERMINAL, TERMINATION_REASONS, WAITING_FOR,
   buildTimeline, formatDuration,
 } from "./timeline.js";
+import { webhookViews } from "./webhooks.js";
 
 const $ = (id) => document.getElementById(id);
-const VIEWS = ["signin", "sessions", "new", "session", "usage"];
+const VIEWS = ["signin", "sessions", "new", "session", "usage", "webhooks", "webhook"];
 const SAFE = new Set(["GET", "HEAD"]);
 
 let csrfToken = null; // the console session's CSRF token (never the API key)
@@ -48,6 +49,24 @@ async function api(method, path, body) {
     throw error;
   }
   return { data, status: response.status, headers: response.headers };
+}
+
+// Why the browser gave up on an event stream (an EventSource tells nothing): the same GET with
+// fetch, its error answer read; null when it answers 200 (then the request is dropped at once).
+async function probeStream(path) {
+  const controller = new AbortController();
+  const response = await fetch(path, {
+    headers: { Accept: "text/event-stream" }, credentials: "same-origin", cache: "no-store",
+    signal: controller.signal,
+  });
+  if (response.ok) {
+    controller.abort();
+    return null;
+  }
+  const data = await response.json().catch(() => null);
+  const error = new ApiError(response.status, data, response.headers);
+  if (response.status === 401 || error.code === "tenant_disabled") signedOut(error.message);
+  return error;
 }
 
 // ---- small DOM helpers ---------------------------------------------------------------------
@@ -101,7 +120,8 @@ function show(view) {
   for (const name of VIEWS) $(`view-${name}`).hidden = name !== view;
   $("nav").hidden = view === "signin";
   for (const link of document.querySelectorAll("nav a")) {
-    const here = link.getAttribute("href") === `#/${view}` || (view === "session" && link.getAttribute("href") === "#/sessions");
+    const parent = { session: "#/sessions", webhook: "#/webhooks" }[view];
+    const here = link.getAttribute("href") === `#/${view}` || link.getAttribute("href") === parent;
     if (here) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
@@ -360,7 +380,9 @@ function renderTimeline(session, seen) {
   $("s-since").textContent = current && current.spent !== null ? `for ${formatDuration(current.spent)}` : "";
 }
 
-function renderSession(session, seen) {
+// token: the frontend token fetched once at ready (events withhold it), shown while the session
+// is ready or terminating.
+function renderSession(session, seen, token) {
   $("s-id").textContent = session.id;
   const badge = $("s-status");
   badge.textContent = session.status;
@@ -394,16 +416,25 @@ function renderSession(session, seen) {
     $("s-error-explained").textContent = meaning ? `What it means: ${meaning}` : "";
   }
   renderTimeline(session, seen);
-  const token = session.avaturn && session.avaturn.token;
-  $("s-token-box").hidden = !token;
-  if (token && $("s-token").value !== token) {
-    $("s-token").value = token;
-    $("s-snippet").value = sdkSnippet(token);
+  const live = session.status === "ready" || session.status === "terminating";
+  const shown = live ? (session.avaturn && session.avaturn.token) || token : null;
+  $("s-token-box").hidden = !shown;
+  if (shown && $("s-token").value !== shown) {
+    $("s-token").value = shown;
+    $("s-snippet").value = sdkSnippet(shown);
   }
   $("s-stop").hidden = TERMINAL.has(session.status);
   $("s-stop").disabled = session.status === "terminating";
   $("s-json").textContent = JSON.stringify(session, null, 2);
 }
+
+const STREAM_STATES = {
+  connecting: "Connecting to the session's event stream…",
+  live: "Live: following the session's event stream.",
+  reconnecting: "Connection to the event stream lost: reconnecting (it resumes after the last event seen).",
+  ended: "The session has ended: its event stream is closed.",
+  stopped: "Not following the session: the event stream was refused (see above).",
+};
 
 function showSession(id) {
   show("session");
@@ -414,36 +445,64 @@ function showSession(id) {
   showBanner($("s-fetch-error"), "");
   const seen = {}; // status -> when this page first saw it (client clock)
   let last = null;
+  let token = null; // the frontend token: GET once when session.ready arrives (events withhold it)
+  let tokenAsked = false;
+  let noReplay = null;
   const path = `/v1/sessions/${encodeURIComponent(id)}`;
-  // Swap this source for one built on EventSource when the session event stream exists.
-  const source = new PollingSource(async () => (await api("GET", path)).data);
+  const source = new EventStreamSource(`${path}/events`, { probe: () => probeStream(`${path}/events`) });
   const onSession = (session) => {
+    if (last && STATUS_RANK[session.status] < STATUS_RANK[last.status]) return; // older than shown
     if (seen[session.status] === undefined) {
       seen[session.status] = Date.now();
       if (last) announce(`Session is now ${session.status}.`);
     }
     last = session;
-    showBanner($("s-fetch-error"), "");
-    renderSession(session, seen);
+    renderSession(session, seen, token);
   };
-  const onError = (error) => {
-    showBanner($("s-fetch-error"), error.message);
-    if (error.status === 404) source.stop(); // a wrong id stays wrong
+  const readSession = async () => {
+    tokenAsked = true;
+    try {
+      const { data } = await api("GET", path);
+      token = (data.avaturn && data.avaturn.token) || null;
+      if (last && STATUS_RANK[data.status] < STATUS_RANK[last.status]) renderSession(last, seen, token);
+      else onSession(data);
+    } catch (error) {
+      showBanner($("s-fetch-error"), `The session could not be read: ${error.message}`);
+    }
   };
-  source.start(onSession, onError);
+  source.start({
+    onEvent: (event) => {
+      const session = event.data && event.data.session;
+      if (session) onSession(session);
+      if (session && event.type === "session.expiring" && session.expires_at) {
+        announce(`Session expires at ${localTime(session.expires_at)}.`);
+      }
+      if (session && event.type === "session.ready" && !tokenAsked) readSession();
+    },
+    onState: (state) => {
+      $("s-live").textContent = STREAM_STATES[state] || "";
+      $("s-live").dataset.state = state;
+      if (state === "live") {
+        showBanner($("s-fetch-error"), "");
+        // The replay comes at once; none at all means the session's events are gone (kept
+        // 7 days): show the session as it is now, once.
+        clearTimeout(noReplay);
+        if (last === null) noReplay = setTimeout(() => { if (last === null && !tokenAsked) readSession(); }, 2000);
+      }
+    },
+    onError: (error) => showBanner($("s-fetch-error"), error.message),
+  });
   const ticker = setInterval(() => { if (last) renderTimeline(last, seen); }, 1000); // time spent, ticking
   $("s-stop").onclick = async () => {
     $("s-stop-error").textContent = "";
     try {
       const { data } = await api("DELETE", path);
-      onSession(data);
-      source.stop(); // follow it closely again until it is terminated
-      if (!TERMINAL.has(data.status)) source.start(onSession, onError);
+      onSession(data); // terminating (or terminated): the stream brings session.terminated
     } catch (error) {
       $("s-stop-error").textContent = error.message;
     }
   };
-  stopRefresh = () => { source.stop(); clearInterval(ticker); };
+  stopRefresh = () => { source.stop(); clearInterval(ticker); clearTimeout(noReplay); };
 }
 
 $("s-copy").addEventListener("click", async () => {
@@ -565,6 +624,13 @@ function showUsage() {
   refresh();
 }
 
+// ---- webhooks (webhooks.js) ---------------------------------------------------------------
+
+const webhooks = webhookViews({
+  api, ApiError, $, el, announce, showBanner, show, shortTime,
+  setStop: (stop) => { stopRefresh = stop; },
+});
+
 // ---- routing -------------------------------------------------------------------------------
 
 function focusTitle(view) {
@@ -575,6 +641,7 @@ function focusTitle(view) {
 function route() {
   stopRefresh();
   stopRefresh = () => {};
+  webhooks.hideSecret(); // a signing secret is shown once, on the page it was made on
   if (!signedInAs) {
     show("signin");
     $("api-key").focus();
@@ -590,6 +657,12 @@ function route() {
   } else if (hash === "#/usage") {
     showUsage();
     focusTitle("usage");
+  } else if (hash === "#/webhooks") {
+    webhooks.showList();
+    focusTitle("webhooks");
+  } else if (hash.startsWith("#/webhooks/")) {
+    webhooks.showEndpoint(decodeURIComponent(hash.slice("#/webhooks/".length)));
+    focusTitle("webhook");
   } else {
     showSessions();
     focusTitle("sessions");

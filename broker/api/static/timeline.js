@@ -1,46 +1,112 @@
-// A session's timeline, and where the page gets the session's updates from.
+// A session's timeline, and where the page gets the session's updates from: the session's
+// event stream (contract section 11), GET /v1/sessions/{id}/events, read with an EventSource.
 //
-// A *source* calls onSession(session) with every new state of one session (the session object
-// of the tenant API). Today the only source is PollingSource: GET /v1/sessions/{id}, every second
-// while the session is changing. When the API has an event stream for a session (SSE at
-// /v1/sessions/{id}/events, each event carrying data.session), a source built on EventSource
-// takes its place with the same start/stop methods and the same callback; nothing else changes.
+// The stream replays the session's earlier events, then follows it; every event carries
+// data.session (the session object as of that event, its frontend token withheld) and
+// data.sequence (1, 2, 3... per session). The console's cookie authenticates it (same origin).
+// When the connection drops, the browser reconnects by itself and sends Last-Event-ID, so the
+// stream resumes after the last event seen. The server ends the stream after the terminal event;
+// the source closes its EventSource then (otherwise the browser would reconnect forever).
 
 export const TERMINAL = new Set(["terminated", "failed"]);
+export const SESSION_EVENTS = [
+  "session.created", "session.ready", "session.failed", "session.expiring", "session.terminated",
+];
+export const TERMINAL_EVENTS = new Set(["session.failed", "session.terminated"]);
 
-export class PollingSource {
-  // fetchSession(): a promise of the session object; intervals in milliseconds.
-  constructor(fetchSession, { fast = 1000, slow = 3000 } = {}) {
-    this.fetchSession = fetchSession;
-    this.fast = fast;
-    this.slow = slow;
+// How far along a status is: a session object further behind than the one shown is stale
+// (an answer that raced an event) and is not shown over it.
+export const STATUS_RANK = { queued: 0, provisioning: 1, ready: 2, terminating: 3, terminated: 4, failed: 4 };
+
+export class EventStreamSource {
+  // url: the session's event stream. probe(): called when the browser gave up on the stream (it
+  // does for an HTTP error answer: 401, 404, 429...); a promise of the API's error (an object
+  // with status, message and headers) or null when the stream answers again.
+  constructor(url, { probe, retryMs = 3000 } = {}) {
+    this.url = url;
+    this.probe = probe;
+    this.retryMs = retryMs;
+    this.source = null;
     this.timer = null;
+    this.sequence = 0; // the last event's data.sequence: a replay after a new EventSource is skipped
     this.stopped = true;
   }
 
-  start(onSession, onError) {
-    this.stopped = false;
-    const tick = async () => {
-      let session = null;
-      try {
-        session = await this.fetchSession();
-        if (this.stopped) return;
-        onSession(session);
-      } catch (error) {
-        if (this.stopped) return;
-        onError(error);
+  // onEvent(event): each new event, once, in order. onState(state): "connecting", "live",
+  // "reconnecting", "ended" (terminal event seen, stream closed), "stopped" (given up: onError said why).
+  start({ onEvent, onState = () => {}, onError = () => {} }) {
+    Object.assign(this, { onEvent, onState, onError, stopped: false });
+    this.open();
+  }
+
+  open() {
+    const source = new EventSource(this.url);
+    this.source = source;
+    this.onState("connecting");
+    const mine = () => !this.stopped && source === this.source;
+    source.onopen = () => { if (mine()) this.onState("live"); };
+    source.onerror = () => {
+      if (!mine()) return;
+      if (source.readyState === EventSource.CONNECTING) {
+        this.onState("reconnecting"); // the browser retries, with Last-Event-ID
+        return;
       }
-      if (this.stopped || (session && TERMINAL.has(session.status))) return;
-      // a live ready session changes rarely: ask less often
-      const wait = session && session.status === "ready" ? this.slow : this.fast;
-      this.timer = setTimeout(tick, wait);
+      source.close(); // CLOSED: refused (not a 200 text/event-stream): ask why
+      this.diagnose();
     };
-    tick();
+    for (const type of SESSION_EVENTS) {
+      source.addEventListener(type, (message) => {
+        if (!mine()) return;
+        let event;
+        try {
+          event = JSON.parse(message.data);
+        } catch {
+          return;
+        }
+        const sequence = (event.data && event.data.sequence) || 0;
+        if (sequence && sequence <= this.sequence) return; // seen before this EventSource
+        this.sequence = Math.max(this.sequence, sequence);
+        this.onEvent(event);
+        if (TERMINAL_EVENTS.has(type)) {
+          this.stop();
+          this.onState("ended");
+        }
+      });
+    }
+  }
+
+  async diagnose() {
+    let error = null;
+    try {
+      error = await this.probe();
+    } catch {
+      error = null; // not reachable at all: try again later
+    }
+    if (this.stopped) return;
+    if (error === null) {
+      this.retry(this.retryMs);
+      return;
+    }
+    this.onError(error);
+    const retryAfter = Number(error.headers && error.headers.get("Retry-After"));
+    if (error.status === 429 || error.status >= 500) {
+      this.retry(retryAfter > 0 ? retryAfter * 1000 : this.retryMs);
+    } else {
+      this.stop(); // 401, 403, 404: asking again changes nothing
+      this.onState("stopped");
+    }
+  }
+
+  retry(ms) {
+    this.onState("reconnecting");
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => { if (!this.stopped) this.open(); }, ms);
   }
 
   stop() {
     this.stopped = true;
     clearTimeout(this.timer);
+    if (this.source) this.source.close();
   }
 }
 

@@ -57,7 +57,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_max_header_bytes: int = 16 * 1024    # request line + headers: more is a 431, connection closed
     http_header_timeout_seconds: float = 10.0  # headers not complete this long after they began: dropped
     http_body_timeout_seconds: float = 30.0    # no body bytes for this long mid-body: dropped
-    # Tracing (broker/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
+    # Tracing (broker/core/tracing.py), from OpenTelemetry's standard variables: otlp | console | none
     otel_traces_exporter: str = "none"
     otel_service_name: str | None = None
     # Webhooks (contract section 11): http and private/loopback endpoint addresses (development, tests)

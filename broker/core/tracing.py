@@ -4,7 +4,7 @@ a trace of its own linked to it (CONTRACT.md section 13).
 
 Off unless OpenTelemetry's standard variables ask for it (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER``, read by
-:mod:`broker.settings`); the other ``OTEL_*`` variables (sampler, batch sizes, headers,
+:mod:`broker.core.settings`); the other ``OTEL_*`` variables (sampler, batch sizes, headers,
 resource attributes) are read by the SDK itself. When off, nothing of OpenTelemetry is
 imported and every helper here returns at once: no span, no context object, no exporter.
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
-    from broker.settings import Settings
+    from broker.core.settings import Settings
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ def configure(settings: Settings, service_name: str, *, exporter: SpanExporter |
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from broker import logs
+    from broker.core import logs
 
     if exporter is None:
         exporter = _exporter(settings.otel_traces_exporter)
@@ -97,7 +97,7 @@ def shutdown() -> None:
     global _state
     state, _state = _state, None
     if state is not None:
-        from broker import logs
+        from broker.core import logs
 
         logs.set_trace_id_source(None)
         state.provider.shutdown()
@@ -288,10 +288,17 @@ def exemplar() -> dict[str, str] | None:
 # ---- instrumentations ---------------------------------------------------------------------------
 
 
-def aiohttp_trace_configs(upstream: str) -> list[Any]:
+def origin_only(url: Any) -> str:
+    """A ``url_filter`` for :func:`aiohttp_trace_configs`: scheme, host and port of a yarl URL,
+    without path, query or credentials (a tenant's webhook URL may carry its own token)."""
+    return str(url.origin())
+
+
+def aiohttp_trace_configs(upstream: str, url_filter: Callable[[Any], str] | None = None) -> list[Any]:
     """``trace_configs`` for an upstream client's ``aiohttp.ClientSession``: the contrib aiohttp
     instrumentation's client span per request (named ``<METHOD> <upstream>``, ``peer.service``),
-    capturing no header. Empty when tracing is off."""
+    capturing no header; ``url_filter`` (a yarl URL -> the ``http.url`` recorded; e.g.
+    :func:`origin_only`). Empty when tracing is off."""
     if _state is None:
         return []
     from opentelemetry.instrumentation.aiohttp_client import create_trace_config
@@ -301,7 +308,7 @@ def aiohttp_trace_configs(upstream: str) -> list[Any]:
             span.update_name(f"{params.method} {upstream}")
             span.set_attribute("peer.service", upstream)
 
-    return [create_trace_config(request_hook=name_span, tracer_provider=_state.provider)]
+    return [create_trace_config(request_hook=name_span, tracer_provider=_state.provider, url_filter=url_filter)]
 
 
 def litestar_plugins() -> list[Any]:

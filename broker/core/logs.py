@@ -29,7 +29,7 @@ _CONTEXT_KEY_SET = frozenset(CONTEXT_KEYS)
 _MAX_CONTEXT_VALUE = 128
 _EMPTY: Mapping[str, str] = {}
 _context: ContextVar[Mapping[str, str]] = ContextVar("broker_log_context", default=_EMPTY)
-# Tracing on (broker/tracing.py): returns the current trace id, written as ``trace_id`` on each line.
+# Tracing on (broker/core/tracing.py): returns the current trace id, written as ``trace_id`` on each line.
 _trace_id_source: Callable[[], str | None] | None = None
 _encode_json = msgspec.json.Encoder(enc_hook=str).encode  # json.dumps(default=str), at a fifth of the cost
 
@@ -70,7 +70,7 @@ def log_context(**values: str | None) -> Iterator[None]:
 
 
 def set_trace_id_source(source: Callable[[], str | None] | None) -> None:
-    """Called by ``broker.tracing.configure``/``shutdown``: lines then carry ``trace_id``."""
+    """Called by ``broker.core.tracing.configure``/``shutdown``: lines then carry ``trace_id``."""
     global _trace_id_source
     _trace_id_source = source
 

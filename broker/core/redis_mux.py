@@ -42,6 +42,8 @@ from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .compat_redis import forget_socket, take_over_socket
+
 Execute = Callable[..., Awaitable[Any]]
 
 _WATCH_S = 1.0  # how often an unanswered command's age is checked
@@ -104,7 +106,7 @@ class _MuxProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         if self.conn is not None:  # the socket is closed: redis-py's object must not warn of it
-            self.conn._writer = self.conn._reader = None  # noqa: SLF001
+            forget_socket(self.conn)
             self.conn = None
         while self._pending:
             fut, _ = self._pending.popleft()
@@ -187,23 +189,26 @@ class RedisMux:
         return await self._execute_retrying(packed, None)
 
     async def _execute_retrying(self, packed: bytes, first: Exception | None) -> Any:
-        """A new connection per attempt, with the client's retry policy (backoff, attempts)."""
+        """A new connection per attempt, under the client's retry policy (redis-py's own
+        ``Retry.call_with_retry``: backoff, attempts, retried errors); ``first``: the error of the
+        attempt already made on the current connection, counted as the first failure."""
         retry = self._retry
-        failures = 0
-        error = first
-        if retry is not None:
-            retry._backoff.reset()  # noqa: SLF001 - redis-py's Retry keeps its policy private
-        while True:
-            if error is not None:
-                failures += 1
-                if self._closed or retry is None or (retry._retries >= 0 and failures > retry._retries):  # noqa: SLF001
-                    raise error
-                await asyncio.sleep(retry._backoff.compute(failures))  # noqa: SLF001
-            try:
-                proto = await self._connected()
-                return await proto.send(packed)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                error = exc
+        failed_first = [first]
+
+        async def attempt() -> Any:
+            if failed_first[0] is not None:
+                error, failed_first[0] = failed_first[0], None
+                raise error
+            proto = await self._connected()
+            return await proto.send(packed)
+
+        async def give_up_when_closed(error: Exception) -> None:
+            if self._closed:
+                raise error
+
+        if retry is None:
+            return await attempt()
+        return await retry.call_with_retry(attempt, give_up_when_closed)
 
     async def _connected(self) -> _MuxProtocol:
         if self._closed:
@@ -219,16 +224,12 @@ class RedisMux:
                 return proto
             conn = self._pool.make_connection()
             await conn.connect()  # redis-py's handshake: TLS, AUTH, SELECT, CLIENT SETNAME, Sentinel
-            writer = conn._writer  # noqa: SLF001
-            reader = conn._reader  # noqa: SLF001
-            if reader is not None and (reader._buffer or reader.at_eof()):  # noqa: SLF001
-                writer.transport.abort()
-                raise RedisConnectionError("Unexpected data after the Redis handshake")
-            proto = _MuxProtocol(conn._parser.parse_error, self._pool.connection_kwargs.get("socket_timeout"))  # noqa: SLF001
-            proto.transport, proto.conn = writer.transport, conn
+            transport, parse_error = take_over_socket(conn)
+            proto = _MuxProtocol(parse_error, self._pool.connection_kwargs.get("socket_timeout"))
+            proto.transport, proto.conn = transport, conn
             proto.readonly_reconnect = isinstance(conn, SentinelManagedConnection)
-            writer.transport.set_write_buffer_limits(high=_HIGH_WATER)
-            writer.transport.set_protocol(proto)
+            transport.set_write_buffer_limits(high=_HIGH_WATER)
+            transport.set_protocol(proto)
             self._proto = proto
             return proto
 
