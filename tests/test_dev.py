@@ -20,6 +20,8 @@ import redis
 
 from broker.embedded_redis import EmbeddedRedis, free_port
 from tenants.scope import TenantScope
+from tests.fixtures.stack import wait_status
+from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -61,11 +63,14 @@ class Dev:
         return self.log.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not (self.data / "env").exists():
-            assert self.proc is not None and self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, f"dev not ready within {timeout}s:\n{self.output()}"
-            time.sleep(0.1)
+        proc = self.proc
+        assert proc is not None
+
+        def ready() -> bool:
+            assert proc.poll() is None, self.output()
+            return (self.data / "env").exists()
+
+        wait_until(ready, timeout, "dev ready (.dev/env written)", state=self.output)
 
     def ctrl_c(self) -> tuple[float, int]:
         """SIGINT to the runner's whole process group; (seconds until it exited, exit code)."""
@@ -142,10 +147,8 @@ def test_ctrl_c_mid_job_stops_everything_in_time_redis_last_and_nothing_is_lost(
     created = httpx.post(f"{dev.api}/v1/sessions", headers=auth, json={"ttl_seconds": 600})
     assert created.status_code == 202, created.text
     sid, tid = created.json()["id"], json.loads(listed.stdout)[0]["id"]
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{dev.api}/v1/sessions/{sid}", headers=auth).json()["status"] != "provisioning":
-        assert time.monotonic() < deadline, "the session never reached provisioning"
-        time.sleep(0.05)
+    with httpx.Client(base_url=dev.api, headers=auth) as client:
+        wait_status(client, sid, {"provisioning"}, timeout=20)
 
     took, code = dev.ctrl_c()
     out = dev.output()
@@ -221,14 +224,10 @@ def test_the_sandbox_receiver_is_registered_once_and_keeps_verifying_after_a_res
         return list(listed.json()["data"])
 
     def delivered(session_id: str) -> list[dict[str, object]]:
-        deadline = time.monotonic() + 30
-        while True:
-            got = [d for d in httpx.get(receiver).json()["deliveries"]
-                   if json.loads(str(d["body"]))["data"].get("session", {}).get("id") == session_id]
-            if got:
-                return got
-            assert time.monotonic() < deadline, httpx.get(receiver).json()
-            time.sleep(0.1)
+        return wait_until(lambda: [d for d in httpx.get(receiver).json()["deliveries"]
+                                   if json.loads(str(d["body"]))["data"].get("session", {}).get("id") == session_id],
+                          30, f"a delivery about {session_id} received", interval=0.1,
+                          state=lambda: httpx.get(receiver).json())
 
     [endpoint] = endpoints()
     assert endpoint["url"] == receiver and "secret" not in endpoint

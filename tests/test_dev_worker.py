@@ -20,6 +20,7 @@ import pytest
 from broker.embedded_redis import EmbeddedRedis, free_port
 from broker.core.logs import configure_logging
 from tenants.crypto import generate_secret_key
+from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,10 +32,7 @@ def _env(redis_url: str) -> dict[str, str]:
 
 
 def _wait_for(predicate: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+    wait_until(predicate, timeout, what)  # type: ignore[arg-type]
 
 
 @pytest.fixture

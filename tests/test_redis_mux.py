@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.embedded_redis import EmbeddedRedis
 from broker.core.redis_mux import RedisMux
 from tests.fixtures.redis_compat import command_calls
+from tests.fixtures.wait import wait_until_async
 
 
 @pytest.fixture
@@ -88,8 +89,7 @@ async def test_a_redis_restart_fails_or_retries_the_commands_in_flight_then_reco
                                          retry_on_error=[RedisConnectionError, RedisTimeoutError])
         mux = RedisMux(client)
         try:
-            await client.mset({f"k{i}": str(i) for i in range(50)})
-            await asyncio.sleep(1.2)  # appendfsync everysec: the keys are on disk before the restart
+            await client.mset({f"k{i}": str(i) for i in range(50)})  # restart() is a SIGTERM: Redis fsyncs its AOF
 
             async def steady(i: int) -> bytes | Exception:
                 try:
@@ -97,15 +97,16 @@ async def test_a_redis_restart_fails_or_retries_the_commands_in_flight_then_reco
                 except RedisConnectionError as exc:
                     return exc
 
+            out: list[bytes | Exception] = []
+
             async def load() -> list[bytes | Exception]:
-                out: list[bytes | Exception] = []
                 for n in range(60):
-                    out += await asyncio.gather(*(steady(n * 20 + j) for j in range(20)))
-                    await asyncio.sleep(0.05)
+                    out.extend(await asyncio.gather(*(steady(n * 20 + j) for j in range(20))))
+                    await asyncio.sleep(0.05)  # a steady load spread over the restart, not a burst before it
                 return out
 
             running = asyncio.ensure_future(load())
-            await asyncio.sleep(0.5)
+            await wait_until_async(lambda: len(out) >= 100, 10, "the load running before the restart")
             await asyncio.to_thread(server.restart)
             results = await running
             for i, r in enumerate(results):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 import pytest
 
 from tests.fixtures.stack import Admin, ApiServer
 from tests.observability.helpers import samples, scrape
+from tests.fixtures.wait import wait_until
 
 
 def _leave_mid_body(port: int, key: str) -> None:
@@ -30,13 +30,13 @@ def test_a_client_leaving_mid_body_is_not_an_internal_error(api: ApiServer, admi
     tenant, key = admin.tenant("acme")
     for _ in range(3):
         _leave_mid_body(api.port, key)
-    deadline = time.monotonic() + 10
-    while True:
-        got = {(lab.get("outcome"), lab.get("reason")): v for n, lab, v in samples(scrape(f"{api.url}/metrics"))
-               if n == "broker_admissions_total" and lab.get("tenant") == tenant["id"]}
-        if got.get(("abandoned", "client_disconnected")) == 3 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    def admissions() -> dict[tuple[str | None, str | None], float]:
+        return {(lab.get("outcome"), lab.get("reason")): v for n, lab, v in samples(scrape(f"{api.url}/metrics"))
+                if n == "broker_admissions_total" and lab.get("tenant") == tenant["id"]}
+
+    wait_until(lambda: admissions().get(("abandoned", "client_disconnected")) == 3, 10,
+               "3 admissions counted abandoned/client_disconnected", state=admissions)
+    got = admissions()
     assert got == {("abandoned", "client_disconnected"): 3}, got
     statuses = {lab["status"]: v for n, lab, v in samples(scrape(f"{api.url}/metrics"))
                 if n == "broker_http_requests_total" and lab.get("route") == "/v1/sessions" and lab["method"] == "POST"}

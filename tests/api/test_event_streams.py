@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +17,7 @@ import redis
 
 from tenants.scope import TenantScope
 from tests.fixtures.stack import Admin, tenant_client, wait_status
+from tests.fixtures.wait import wait_until
 
 
 class Sse:
@@ -127,13 +127,11 @@ def test_streams_share_one_subscription_and_are_bounded_per_tenant(api, worker, 
             with sse(b, "/v1/events/stream") as other:  # another tenant is not counted against it
                 other.wait_open()
         # the streams closed by the client are given back
-        deadline = time.monotonic() + 10
-        while True:
+        def given_back() -> bool:
             with c.stream("GET", "/v1/events/stream", timeout=httpx.Timeout(10, read=10)) as again:
-                if again.status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "closed streams were not given back"
-            time.sleep(0.05)
+                return again.status_code == 200
+
+        wait_until(given_back, 10, "the streams closed by the client given back")
 
 
 def test_stream_bad_input_and_other_tenants_session(api, worker, admin: Admin) -> None:

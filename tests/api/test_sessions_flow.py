@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.fixtures.stack import PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, Admin, tenant_client, wait_status
+from tests.fixtures.wait import wait_until
 
 TENANT_OPENAI_KEY = "sk-tenant-a-secret-abcdef0123456789"
 TENANT_AVATURN_KEY = "avaturn-tenant-a-secret-0123456789"
@@ -116,12 +117,13 @@ def test_delete_while_provisioning_leaves_nothing_upstream(api, worker, admin: A
     with tenant_client(api.url, key) as c:
         sid = c.post("/v1/sessions").json()["id"]
         wait_status(c, sid, {"provisioning"})
-        time.sleep(0.3)  # inside the create call
+        wait_until(lambda: sandbox.audit(summary=True)["counters"]["create"].get("requests", 0) >= 1, 10,
+                   "the Avaturn create started (it takes 800 ms: the DELETE comes inside it)")
         assert c.delete(f"/v1/sessions/{sid}").status_code == 202
         done = wait_status(c, sid, {"terminated"})
         assert done["termination_reason"] == "requested"
-    time.sleep(0.2)
-    assert not _live_upstream(sandbox.audit())
+    wait_until(lambda: not _live_upstream(sandbox.audit()), 5, "no session left alive upstream",
+               state=lambda: _live_upstream(sandbox.audit()))
 
 
 def test_other_tenants_session_is_not_found(api, worker, admin: Admin) -> None:
@@ -144,9 +146,7 @@ def test_revoked_key_is_refused(api, admin: Admin) -> None:
         assert c.get("/v1/sessions").status_code == 200
         key_id = admin.http.get(f"/admin/v1/tenants/{tenant['id']}/keys").json()["data"][0]["id"]
         assert admin.http.delete(f"/admin/v1/tenants/{tenant['id']}/keys/{key_id}").status_code == 200
-        time.sleep(1.0)
-        r = c.get("/v1/sessions")
-        assert r.status_code == 401
+        r = wait_until(lambda: (r := c.get("/v1/sessions")).status_code == 401 and r, 5, "the revoked key refused")
         assert r.json()["error"]["code"]
         assert key not in r.text
 

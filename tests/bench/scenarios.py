@@ -13,6 +13,7 @@ from typing import Any
 
 from tenants.budgets import period as budget_period
 from tenants.scope import TenantScope
+from tests.fixtures.wait import wait_until
 
 from .load import Answer, RunStats, closed_loop, fixed_rate, merge, pct, saturate
 from .stack import BenchTenant, Stack
@@ -158,11 +159,8 @@ def direct_pattern(stack: Stack, mint_ms: float, create_ms: float, total: int, c
 def wait_settled(stack: Stack, timeout: float) -> None:
     """Until no session is queued or provisioning (the live-status counts the session scripts
     keep, ``sb:stats:live``): one HMGET a poll, so the bench does not steal the CPU."""
-    deadline = time.monotonic() + timeout
-    while sum(int(v or 0) for v in stack.r.hmget("sb:stats:live", "queued", "provisioning")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"sessions still pending after {timeout:.0f}s")
-        time.sleep(0.02)
+    wait_until(lambda: not sum(int(v or 0) for v in stack.r.hmget("sb:stats:live", "queued", "provisioning")),
+               timeout, "no session queued or provisioning")
 
 
 def worker_throughput(stack: Stack, tenant: BenchTenant, n: int, worker: str = "worker") -> dict[str, Any]:
@@ -212,9 +210,9 @@ def idle_redis(stack: Stack, seconds: float = 10.0) -> dict[str, Any]:
     def stats() -> dict[str, int]:
         return {k: int(v["calls"]) for k, v in stack.r.info("commandstats").items()}
 
-    time.sleep(3)
+    time.sleep(3)  # the start-up and the previous scenario's tail die down: what follows is idle
     before = stats()
-    time.sleep(seconds)
+    time.sleep(seconds)  # the window the idle command rate is measured over
     after = stats()
     delta = {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after}
     delta["info"] = delta.get("info", 0) - 1

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,8 @@ from broker.core.processes import free_port, stop_process
 from broker.embedded_redis import EmbeddedRedis
 from tenants.crypto import generate_secret_key
 from workers.sandbox import SandboxProcess
+
+from tests.fixtures.wait import wait_until
 
 from .baselines import FLOOR_KEY, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, SESSION
 
@@ -127,18 +128,13 @@ class Stack:
         log.close()
         proc = Proc(name, popen, health_url.rsplit("/", 1)[0])
         self.procs[name] = proc
-        deadline = time.monotonic() + 30
-        while True:
+        def up() -> bool:
             if popen.poll() is not None:
                 raise RuntimeError(f"{name} exited with {popen.returncode}; see {self.log_dir}/{name}.log")
-            try:
-                if httpx.get(health_url, timeout=1).status_code < 500:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not come up; see {self.log_dir}/{name}.log")
-            time.sleep(0.1)
+            return httpx.get(health_url, timeout=1).status_code < 500
+
+        wait_until(up, 30, f"{name} up (see {self.log_dir}/{name}.log)", interval=0.1, ignoring=(httpx.HTTPError,))
+        return proc
 
     def start_api(self, name: str = "api") -> Proc:
         port = free_port()

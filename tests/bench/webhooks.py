@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from tests.fixtures.wait import wait_until
+
 from .load import RunStats, fixed_rate, merge, pct, saturate
 from .scenarios import CREATE_BODY
 from .stack import BenchTenant, Stack
@@ -96,14 +98,19 @@ def delivery_lateness(stack: Stack, events_per_s: float = EVENTS_PER_S, seconds:
     deadline = time.monotonic() + DELIVERY_WAIT_S
     first: dict[str, float] = {}   # webhook-id -> when the receiver got it (ms)
     after = 0
-    while True:
+
+    def all_received() -> bool:
+        nonlocal after
         for d in stack.sandbox.webhook_deliveries(receiver, after=after):
             after = d["seq"]
             if d["verified"] and d["status"] == 204 and d["webhook_id"] not in first:
                 first[d["webhook_id"]] = d["received_at"] * 1000
-        if set(expected) <= set(first) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return set(expected) <= set(first)
+
+    try:
+        wait_until(all_received, deadline - time.monotonic(), "every expected event received", interval=0.5)
+    except AssertionError:
+        pass  # what was not delivered is counted and reported below
     late: dict[str, list[float]] = {}
     for eid, received in first.items():
         if eid in expected:
@@ -120,11 +127,8 @@ def delivery_lateness(stack: Stack, events_per_s: float = EVENTS_PER_S, seconds:
 
 
 def _wait_delivered(stack: Stack, receiver: str, ids: set[str]) -> None:
-    deadline = time.monotonic() + DELIVERY_WAIT_S
-    while not ids <= {d["webhook_id"] for d in stack.sandbox.webhook_deliveries(receiver) if d["status"] == 204}:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the warm-up's events were not delivered")
-        time.sleep(0.5)
+    wait_until(lambda: ids <= {d["webhook_id"] for d in stack.sandbox.webhook_deliveries(receiver) if d["status"] == 204},
+               DELIVERY_WAIT_S, "the warm-up's events delivered", interval=0.5)
 
 
 def _dist(values: list[float]) -> dict[str, float]:
@@ -135,8 +139,7 @@ def _dist(values: list[float]) -> dict[str, float]:
 def _events(c: httpx.Client, wait_for: int) -> list[dict[str, Any]]:
     """The tenant's events (GET /v1/events, every page), once there are at least ``wait_for``
     (the last sessions' ``session.ready`` may still be on its way)."""
-    deadline = time.monotonic() + DELIVERY_WAIT_S
-    while True:
+    def listed() -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         after: str | None = None
         while True:
@@ -145,7 +148,15 @@ def _events(c: httpx.Client, wait_for: int) -> list[dict[str, Any]]:
             events.extend(r.json()["data"])
             after = r.json()["next_cursor"]
             if not after:
-                break
-        if len(events) >= wait_for or time.monotonic() > deadline:
-            return events
-        time.sleep(0.5)
+                return events
+
+    seen: list[list[dict[str, Any]]] = [[]]
+
+    def enough() -> list[dict[str, Any]] | None:
+        seen[0] = listed()
+        return seen[0] if len(seen[0]) >= wait_for else None
+
+    try:
+        return wait_until(enough, DELIVERY_WAIT_S, f"{wait_for} events listed", interval=0.5)
+    except AssertionError:
+        return seen[0]  # fewer: the caller counts what is missing

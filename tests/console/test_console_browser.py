@@ -16,7 +16,7 @@ import redis
 from playwright.sync_api import Page, expect
 
 from tenants.scope import TenantScope
-from tests.fixtures.stack import Admin, ApiServer, tenant_client
+from tests.fixtures.stack import Admin, ApiServer, tenant_client, wait_status
 from workers.sandbox import SandboxServer
 from tests.security.support import unknown_key
 
@@ -353,13 +353,7 @@ def test_the_timeline_is_built_from_the_session_objects_timestamps(page: Page, s
 
 def _until_status(client: httpx.Client, sid: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
     """The session object once it has ``status`` (polled with a deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        session = client.get(f"/v1/sessions/{sid}").json()
-        if session["status"] == status:
-            return session
-        assert time.monotonic() < deadline, f"{sid} stayed {session['status']}, never {status}"
-        time.sleep(0.05)
+    return wait_status(client, sid, {status}, timeout)
 
 
 def _next_month_utc() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from http.cookies import SimpleCookie
@@ -21,6 +20,7 @@ from broker.api.console_routes import ASSETS
 from broker.api.console_session import COOKIE, MAX_AGE_SECONDS
 from broker.core.settings import Settings
 from tests.fixtures.stack import Admin, ApiServer
+from tests.fixtures.wait import wait_until
 from tests.security.support import assert_error, redis_dump, unknown_key
 
 pytestmark = pytest.mark.usefixtures("api")
@@ -155,12 +155,11 @@ def test_cookie_sees_only_its_tenant_and_a_key_wins_over_it(api: ApiServer, admi
 
 
 def _until(check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.02)
+    """``check()`` once truthy; falsy if it is not within ``timeout`` (the caller says what failed)."""
+    try:
+        return wait_until(check, timeout, "the condition")
+    except AssertionError:
+        return None
 
 
 def test_revoking_the_key_ends_the_console_session_within_a_second(

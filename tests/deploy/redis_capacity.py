@@ -39,6 +39,7 @@ from broker.embedded_redis import EmbeddedRedis
 from tenants.scope import STATS_LIVE
 from tests.fixtures.redis_binary import resolve, stop_using, use_redis_server
 from tests.fixtures.stack import Admin
+from tests.fixtures.wait import wait_until
 from tests.multiprocess.procs import BrokerProcess, broker_env
 from workers.sandbox import SandboxProcess
 
@@ -128,30 +129,26 @@ def measure(sessions: int, apis: int = 1, workers: int = 2, concurrency: int = 6
             _, key = admin.tenant("capacity", quotas=QUOTAS)
         finally:
             admin.close()
-        time.sleep(1)  # let the workers' startup traffic settle
+        time.sleep(1)  # the workers' start-up traffic dies down: the idle rate measured next is idle
         idle_cpu, idle_calls = _idle_rates(client)
         mem0, cpu0, calls0 = int(client.info("memory")["used_memory"]), _redis_cpu(client), _calls(client)
         t0 = time.perf_counter()
         ids = asyncio.run(_admit(urls, key, sessions, concurrency))
         admitted_s = time.perf_counter() - t0
         deadline = time.monotonic() + 120 + sessions / 20
-        while _ready_count(client) < sessions:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {_ready_count(client)} of {sessions} sessions became ready")
-            time.sleep(0.05)
+        wait_until(lambda: _ready_count(client) >= sessions, deadline - time.monotonic(),
+                   f"{sessions} sessions ready", interval=0.05, state=lambda: f"{_ready_count(client)} ready")
         ready_s = time.perf_counter() - t0
         cpu1, calls1 = _redis_cpu(client), _calls(client)
-        time.sleep(1.5)  # pending AOF rewrites/fsyncs and the last sweeps
+        time.sleep(1.5)  # the last sweeps and AOF fsyncs land before memory is read (a cadence, no one event)
         mem1 = int(client.info("memory")["used_memory"])
         cpu_per_session = (cpu1 - cpu0 - idle_cpu * ready_s) / sessions
         # Then stop them all: a terminated session's record stays for the retention period
         # (7 days, GET still answers); what it costs is measured too.
         asyncio.run(_stop_all(urls, key, ids, concurrency))
-        while _live_count(client) > 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{_live_count(client)} sessions still live after DELETE")
-            time.sleep(0.05)
-        time.sleep(11)  # arq keeps job results 10 s (keep_result): let them expire
+        wait_until(lambda: _live_count(client) == 0, deadline - time.monotonic(), "no session live after DELETE",
+                   interval=0.05, state=lambda: f"{_live_count(client)} still live")
+        time.sleep(11)  # arq keeps job results 10 s (keep_result): their TTL runs out, the memory without them
         mem2 = int(client.info("memory")["used_memory"])
         return {
             "redis_version": client.info("server")["redis_version"],

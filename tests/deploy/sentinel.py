@@ -8,28 +8,19 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis as sync_redis
 
 from broker.core.processes import free_port, stop_process
 from broker.embedded_redis import EmbeddedRedis, find_redis_server
+from tests.fixtures.wait import wait_until
 
 SERVICE = "mymaster"
 
 
 def _wait(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (sync_redis.RedisError, OSError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} within {timeout}s (last error: {last})")
+    wait_until(check, timeout, what, ignoring=(sync_redis.RedisError, OSError))
 
 
 class SentinelSetup:

@@ -6,7 +6,6 @@ processes carry on against the new master without a restart."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import redis as sync_redis
 from broker.core.redis_client import create_redis, create_worker_pool
 from broker.core.settings import Settings, SettingsError
 from tests.fixtures.stack import Admin, ApiServer, WorkerThread, make_settings, tenant_client, wait_status
+from tests.fixtures.wait import wait_until
 
 from .sentinel import SentinelSetup
 
@@ -71,12 +71,16 @@ async def test_clients_reach_the_master_through_the_sentinel(ha: SentinelSetup) 
 
 def _post_until(client: httpx.Client, deadline_s: float, **kwargs: Any) -> httpx.Response:
     """POST /v1/sessions, retrying 503 (Redis unreachable, Retry-After) until the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        r = client.post("/v1/sessions", **kwargs)
-        if r.status_code != 503 or time.monotonic() > deadline:
-            return r
-        time.sleep(0.2)
+    last: list[httpx.Response] = []
+
+    def answered() -> httpx.Response | None:
+        last[:] = [client.post("/v1/sessions", **kwargs)]
+        return last[0] if last[0].status_code != 503 else None
+
+    try:
+        return wait_until(answered, deadline_s, "POST /v1/sessions answered other than 503", interval=0.2)
+    except AssertionError:
+        return last[0]  # the caller asserts on the 503 it got
 
 
 @pytest.mark.slow
@@ -104,9 +108,8 @@ def test_sessions_survive_a_sentinel_failover(ha: SentinelSetup, sandbox: Any) -
             master.close()
 
             new_port = ha.fail_master()
-            deadline = time.monotonic() + 20
-            while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until(lambda: c.get("/readyz").status_code == 200, 20, "the API ready on the new master",
+                       interval=0.2)
 
             # Old sessions are there, and still count against the limit.
             assert c.get(f"/v1/sessions/{first.json()['id']}").json()["status"] == "ready"

@@ -26,18 +26,17 @@ from tests.fixtures.stack import (
     WorkerThread,
 )
 from tests.fixtures.stack import broker_env as stack_env  # the harness's broker_env adds log levels
+from tests.fixtures.wait import wait_until as wait
 
 SECRETS = (ADMIN_TOKEN, PLATFORM_OPENAI_KEY, PLATFORM_AVATURN_KEY, "ek_")
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; returns the seconds it took, fails after ``timeout``."""
+def wait_until(predicate: Any, timeout: float, what: str, **options: Any) -> float:
+    """Poll ``predicate`` until true; returns the seconds it took, fails after ``timeout``
+    (``options``: those of tests.fixtures.wait.wait_until, e.g. ``state``)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
+    wait(predicate, timeout, what, **options)
+    return time.monotonic() - start
 
 
 def counter(sandbox: Any, op: str, what: str = "requests") -> int:
@@ -75,11 +74,14 @@ class WorkerProcess:
             self.proc = subprocess.Popen(cmd, env={**base, **self.env}, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
         self.started_at = time.monotonic()
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not become healthy; log:\n{self.log_text()[-3000:]}")
-            time.sleep(0.05)
+        proc = self.proc
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}; log:\n{self.log_text()[-3000:]}")
+            return self.healthy()
+
+        wait(healthy, timeout, "the worker became healthy", state=lambda: self.log_text()[-3000:])
         self.startup_s = time.monotonic() - self.started_at
         return self
 

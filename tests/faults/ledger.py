@@ -19,6 +19,7 @@ import redis as sync_redis
 
 from broker.sessions.models import SessionRecord
 from tests.fixtures.stack import tenant_client
+from tests.fixtures.wait import wait_until
 from tenants.scope import TenantScope
 
 SETTLED = frozenset({"ready", "terminated", "failed"})
@@ -85,13 +86,14 @@ class Ledger:
         start = time.monotonic()
         targets = list(self.sessions) if sids is None else sids
         last: dict[str, str] = {}
-        while time.monotonic() - start < timeout:
-            last = {sid: self.record(sid).status for sid in targets}
-            if all(s in statuses for s in last.values()):
-                return time.monotonic() - start
-            time.sleep(0.1)
-        stuck = {sid: st for sid, st in last.items() if st not in statuses}
-        raise AssertionError(f"after {timeout:.0f}s these sessions are still {stuck} (wanted {sorted(statuses)})")
+
+        def reached() -> bool:
+            last.update({sid: self.record(sid).status for sid in targets})
+            return all(s in statuses for s in last.values())
+
+        wait_until(reached, timeout, f"every session {sorted(statuses)}", interval=0.1,
+                   state=lambda: f"still {({sid: st for sid, st in last.items() if st not in statuses})}")
+        return time.monotonic() - start
 
     def live_slots(self) -> int:
         return int(self.redis.zcard(TenantScope(self.tenant_id).live()))

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis as sync_redis
 
 from broker.embedded_redis import EmbeddedRedis
 
@@ -25,6 +26,14 @@ def _assert_503(r: httpx.Response) -> None:
     assert r.json()["error"]["code"] == "redis_unavailable"
 
 
+def _aof_buffer_empty(server: EmbeddedRedis) -> bool:
+    client = sync_redis.Redis.from_url(server.url)
+    try:
+        return int(client.info("persistence")["aof_buffer_length"]) == 0
+    finally:
+        client.close()
+
+
 def test_api_answers_503_while_redis_is_down_and_recovers_by_itself(private_redis: EmbeddedRedis, make_harness,
                                                                     make_ledger) -> None:
     """Invariant: while Redis is unreachable every Redis-backed endpoint answers 503 with
@@ -34,6 +43,9 @@ def test_api_answers_503_while_redis_is_down_and_recovers_by_itself(private_redi
     h = make_harness(private_redis)
     led = make_ledger(h)
     sid = led.create(ttl=30)
+    # A SIGKILL keeps what Redis wrote to the AOF file; under load (appendfsync everysec, a slow
+    # fsync in progress) Redis may hold the write back for up to 2 s: wait until it is written
+    wait_until(lambda: _aof_buffer_empty(private_redis), 10, "the session written to the AOF file")
     private_redis.stop(kill=True)
     for r in (led.client.get(f"/v1/sessions/{sid}"), led.client.get("/v1/sessions"),
               led.client.post("/v1/sessions", json={}), led.client.delete(f"/v1/sessions/{sid}"),
@@ -41,7 +53,8 @@ def test_api_answers_503_while_redis_is_down_and_recovers_by_itself(private_redi
         _assert_503(r)
     assert httpx.get(f"{h.url}/healthz").status_code == 200
     private_redis.start()
-    took = wait_until(lambda: led.client.get(f"/v1/sessions/{sid}").status_code == 200, 10, "API recovery")
+    took = wait_until(lambda: led.client.get(f"/v1/sessions/{sid}").status_code == 200, 10, "API recovery",
+                      state=lambda: led.client.get(f"/v1/sessions/{sid}").text)
     assert httpx.get(f"{h.url}/readyz").status_code == 200
     assert led.view(sid)["status"] == "queued"  # no worker here: admitted before the outage, kept by the AOF
     assert led.client.post("/v1/sessions", json={}).status_code == 202

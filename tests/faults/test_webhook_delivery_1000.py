@@ -30,6 +30,7 @@ import pytest
 
 from broker.embedded_redis import EmbeddedRedis
 from tests.fixtures.stack import Admin, tenant_client
+from tests.fixtures.wait import wait_until
 from tests.multiprocess.procs import BrokerProcess, broker_env
 from workers.sandbox import SandboxProcess
 
@@ -78,17 +79,12 @@ def call(fn: Any, *args: Any, ok: tuple[int, ...], retry: tuple[int, ...] = (503
          **kwargs: Any) -> httpx.Response:
     """``fn(*args)`` until it answers one of ``ok``: ``retry`` (503: Redis away) and transport
     errors are retried."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            r: httpx.Response = fn(*args, **kwargs)
-            if r.status_code in ok:
-                return r
-            assert r.status_code in retry, f"{r.request.method} {r.request.url}: {r.status_code} {r.text}"
-        except TRANSIENT:
-            pass
-        assert time.monotonic() < deadline, f"{fn.__name__} {args} kept failing"
-        time.sleep(0.2)
+    def answered() -> httpx.Response | None:
+        r: httpx.Response = fn(*args, **kwargs)
+        assert r.status_code in ok + retry, f"{r.request.method} {r.request.url}: {r.status_code} {r.text}"
+        return r if r.status_code in ok else None
+
+    return wait_until(answered, deadline_s, f"{fn.__name__} {args} answered {ok}", interval=0.2, ignoring=TRANSIENT)
 
 
 def all_events(c: httpx.Client) -> list[dict[str, Any]]:
@@ -145,10 +141,8 @@ def test_1000_sessions_every_event_delivered_verified_in_order_through_a_worker_
                 time.sleep(REDIS_DOWN_S)  # the outage itself: the processes see Redis gone
                 redis.start()
                 faults["redis_back_at"] = time.monotonic()
-            deadline = time.monotonic() + 60
-            while call(cc.get, f"/v1/sessions/{sid}", ok=(200,)).json()["status"] != "ready":
-                assert time.monotonic() < deadline, f"{sid} not ready"
-                time.sleep(0.1)
+            wait_until(lambda: call(cc.get, f"/v1/sessions/{sid}", ok=(200,)).json()["status"] == "ready", 60,
+                       f"{sid} ready", interval=0.1)
             call(cc.delete, f"/v1/sessions/{sid}", ok=(200, 202))
 
     started = time.monotonic()
@@ -160,21 +154,24 @@ def test_1000_sessions_every_event_delivered_verified_in_order_through_a_worker_
 
     # every session terminated, then every event of the log received and verified
     deadline = time.monotonic() + SETTLE_S
-    while True:
-        events = all_events(c)
-        per_type = Counter(e["type"] for e in events)
-        if per_type["session.terminated"] >= SESSIONS:
-            break
-        assert time.monotonic() < deadline, f"not all terminated: {per_type}"
-        time.sleep(1)
-    while True:
-        receipts = sandbox.webhook_deliveries(RECEIVER)
-        verified = {d["webhook_id"] for d in receipts if d["verified"]}
-        missing = [e["id"] for e in events if e["id"] not in verified]
-        if not missing:
-            break
-        assert time.monotonic() < deadline, f"{len(missing)} events never delivered, e.g. {missing[:5]}"
-        time.sleep(1)
+    listed: list[list[dict[str, Any]]] = [[]]
+
+    def all_terminated() -> list[dict[str, Any]] | None:
+        listed[0] = all_events(c)
+        return listed[0] if Counter(e["type"] for e in listed[0])["session.terminated"] >= SESSIONS else None
+
+    events = wait_until(all_terminated, SETTLE_S, "every session terminated", interval=1,
+                        state=lambda: Counter(e["type"] for e in listed[0]))
+    missing: list[str] = []
+
+    def all_delivered() -> list[dict[str, Any]] | None:
+        got = sandbox.webhook_deliveries(RECEIVER)
+        verified = {d["webhook_id"] for d in got if d["verified"]}
+        missing[:] = [e["id"] for e in events if e["id"] not in verified]
+        return None if missing else got
+
+    receipts = wait_until(all_delivered, deadline - time.monotonic(), "every event of the log delivered and verified",
+                          interval=1, state=lambda: f"{len(missing)} never delivered, e.g. {missing[:5]}")
     settled = time.monotonic() - started
 
     # GET /v1/events lists exactly the state changes: created, ready, terminated per session

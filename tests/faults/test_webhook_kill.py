@@ -17,6 +17,7 @@ from broker.webhooks.signing import new_secret
 from tenants.crypto import CredentialCipher
 from tenants.scope import WEBHOOK_PENDING, WEBHOOK_TENANTS, TenantScope
 from workers.jobs.claim import HELD_LEASE_MS
+from tests.fixtures.wait import wait_until_async
 
 from .harness import wait_until
 
@@ -168,10 +169,4 @@ def test_redis_restart_pauses_delivery_which_goes_on_by_itself(private_redis) ->
 
 
 async def _until_async(predicate: Any, timeout: float) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
+    await wait_until_async(predicate, timeout, "the condition")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import httpx
 
 from broker.core.processes import free_port, stop_process
 from tests.fixtures.stack import child_env
+from tests.fixtures.wait import wait_until
 
 
 def broker_env(redis_url: str, sandbox: Any, **overrides: str) -> dict[str, str]:
@@ -54,18 +54,15 @@ class BrokerProcess:
         return self
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.health_url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not healthy within {timeout}s:\n{self.tail()}")
+        proc = self.proc
+        assert proc is not None
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {proc.returncode}:\n{self.tail()}")
+            return httpx.get(self.health_url, timeout=1).status_code == 200
+
+        wait_until(healthy, timeout, f"{self.name} healthy", ignoring=(httpx.HTTPError,), state=self.tail)
 
     @property
     def alive(self) -> bool:

@@ -26,6 +26,7 @@ import redis as sync_redis
 from broker.embedded_redis import EmbeddedRedis
 from tenants.scope import STATS_LIVE
 from tests.fixtures.stack import Admin
+from tests.fixtures.wait import wait_until
 
 from .procs import BrokerProcess, broker_env, running
 
@@ -89,12 +90,14 @@ def _sessions(api: str, key: str) -> list[dict[str, Any]]:
 
 
 def _wait_all(api: str, key: str, statuses: set[str], timeout: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        sessions = _sessions(api, key)
-        if all(s["status"] in statuses for s in sessions) or time.monotonic() > deadline:
-            return sessions
-        time.sleep(0.25)
+    seen: list[list[dict[str, Any]]] = [[]]
+
+    def reached() -> list[dict[str, Any]] | None:
+        seen[0] = _sessions(api, key)
+        return seen[0] if all(s["status"] in statuses for s in seen[0]) else None
+
+    return wait_until(reached, timeout, f"every session {sorted(statuses)}", interval=0.25,
+                      state=lambda: [(s["id"], s["status"], s.get("error")) for s in seen[0] if s["status"] not in statuses])
 
 
 def _refusals(outcomes: list[Outcome]) -> Counter[str]:
@@ -141,11 +144,11 @@ def test_exact_quotas_no_loss_no_leak_with_kills(processes: dict[str, Any], sand
                  key_b: [o for o, r in zip(outcomes, requests, strict=True) if r[1] == key_b]}
     assert any(o[1] == 0 for o in outcomes), "the API was killed while requests were in flight"
 
-    time.sleep(0.8)  # worker 1's jobs are inside the 2 s mint now
-    in_flight = int(processes["redis"].hget(STATS_LIVE, "provisioning") or 0)  # claimed, inside the mint
+    # worker 1's jobs are claimed, inside the 2 s mint: kill it then
+    wait_until(lambda: int(processes["redis"].hget(STATS_LIVE, "provisioning") or 0) >= 1, 10,
+               "worker 1 held provisioning jobs (claimed, inside the mint)")
     victim.kill()
     killed_at = time.monotonic()
-    assert in_flight >= 1, "worker 1 held provisioning jobs when it was killed"
     sandbox.configure({})
     for name in ("worker2", "worker3"):
         processes[name].wait_healthy()

@@ -27,6 +27,7 @@ from broker.embedded_redis import EmbeddedRedis
 from broker.sessions.models import SessionRecord
 from tests.faults.harness import Harness, wait_until
 from tests.faults.ledger import Ledger
+from tests.fixtures import wait
 from tenants.scope import STATS_LIVE, TenantScope
 
 pytestmark = pytest.mark.slow
@@ -69,15 +70,18 @@ def _records(redis: sync_redis.Redis, tid: str, sids: list[str]) -> list[Session
 
 
 def _wait_settled(redis: sync_redis.Redis, tid: str, sids: list[str], timeout: float) -> list[SessionRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        recs = _records(redis, tid, sids)
-        if all(r.status not in ("queued", "provisioning") for r in recs) or time.monotonic() > deadline:
-            return recs
-        time.sleep(0.2)
+    seen: list[list[SessionRecord]] = [[]]
+
+    def settled() -> list[SessionRecord] | None:
+        seen[0] = _records(redis, tid, sids)
+        return seen[0] if all(r.status not in ("queued", "provisioning") for r in seen[0]) else None
+
+    return wait.wait_until(settled, timeout, f"{len(sids)} sessions settled", interval=0.2,
+                      state=lambda: Counter(r.status for r in seen[0]))
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.serial  # millisecond bounds: skipped under xdist, run after it (make test TEST_JOBS=2)
 def test_a_burst_at_the_default_pacing_is_all_ready_each_at_its_slot(harness, sandbox: Any) -> None:
     """Invariant (the issue's first report, 150 at once at the default 300 mints/min, default
     deadline 60 s): all 150 are admitted and all become ready, none fails; the k-th admitted
@@ -238,6 +242,7 @@ def _noisy_neighbour(harness: Any, sandbox: Any, *, a_per_minute: int, max_jobs:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.serial  # millisecond bounds: skipped under xdist, run after it (make test TEST_JOBS=2)
 def test_a_tenants_time_to_ready_does_not_move_while_another_has_thousands_queued(harness, sandbox: Any) -> None:
     """Invariant (CONTRACT 9, fair across tenants, workers with free capacity): tenant B's time
     to ready (20 sessions, one after the other) while tenant A has 5,000 sessions queued at a
@@ -256,6 +261,7 @@ def test_a_tenants_time_to_ready_does_not_move_while_another_has_thousands_queue
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.serial  # millisecond bounds: skipped under xdist, run after it (make test TEST_JOBS=2)
 def test_a_saturated_worker_shares_its_slots_round_robin(harness, sandbox: Any) -> None:
     """Invariant (CONTRACT 9, workers saturated): with A's 5,000 sessions due at once (1,000
     mints/s) and the worker's 10 slots all busy with A's 250 ms attempts, B's session is started

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.wait import wait_until
 
 INSTALL_HINT = (
     "Prometheus and promtool are not installed: `sudo apt-get install -y prometheus` (Debian/Ubuntu; "
@@ -55,11 +56,4 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 10, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return wait_until(check, timeout, what)

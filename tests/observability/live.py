@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import yaml
 
 from broker.core.processes import free_port, stop_process
 from tests.fixtures.stack import child_env
+from tests.fixtures.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -36,17 +36,13 @@ class Proc:
                                          env=env, cwd=ROOT)
 
     def wait_http(self, url: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.proc.args} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{url} did not answer 200 within {timeout}s:\n{self.log.read_text()[-3000:]}")
+            return httpx.get(url, timeout=1).status_code == 200
+
+        wait_until(answers, timeout, f"{url} answered 200", ignoring=(httpx.HTTPError,),
+                   state=lambda: self.log.read_text()[-3000:])
 
     def stop(self) -> None:
         stop_process(self.proc, 25, 10)
@@ -94,14 +90,8 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def wait_value(self, expr: str, expected: float, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        got = None
-        while time.monotonic() < deadline:
-            got = self.scalar(expr)
-            if got == expected:
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"{expr} = {got}, expected {expected}")
+        wait_until(lambda: self.scalar(expr) == expected, timeout, f"{expr} == {expected}", interval=0.25,
+                   state=lambda: f"{expr} = {self.scalar(expr)}")
 
     def stop(self) -> None:
         self.proc.stop()

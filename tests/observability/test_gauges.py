@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import redis.asyncio as aioredis
@@ -12,6 +11,7 @@ from broker.embedded_redis import free_port
 from broker.sessions.jobs import QUEUE_NAME, JobQueue, new_arq_redis
 from tenants.scope import DUE_EXPIRY, PROVISION_TENANTS, TenantScope
 from workers.gauges import LIVE_STATS_KEY, SharedStateCollector, read_snapshot
+from tests.fixtures.wait import wait_until_async
 
 from .helpers import samples
 
@@ -80,11 +80,8 @@ async def test_refresh_loop_counts_errors_and_keeps_running() -> None:
     dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
     task = collector.start(dead)
     try:
-        for _ in range(100):
-            if len(errors) >= 2:
-                break
-            await asyncio.sleep(0.05)
-        assert len(errors) >= 2 and not task.done()
+        await wait_until_async(lambda: len(errors) >= 2, 5, "two failed collections counted")
+        assert not task.done()
         assert collector.snapshot is None and _exported(collector) == {}
     finally:
         task.cancel()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from broker.embedded_redis import EmbeddedRedis, free_port
 from tests.fixtures.stack import (ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, Admin, tenant_client,
                                   wait_status)
 from workers.gauges import LIVE_STATS_KEY
+from tests.fixtures.wait import wait_until
 
 from .helpers import prometheus_binaries
 from .live import PROM_DIR, ROOT, Prometheus, Proc, broker, broker_env, prometheus_config
@@ -107,19 +107,16 @@ def drive(api: str, sandbox: Any, prom: Prometheus) -> dict[str, Any]:
         patched = httpx.patch(f"{api}/admin/v1/tenants/{alpha['id']}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
                               json={"quotas": {"session_seconds_per_month": 60}})
         assert patched.status_code == 200, patched.text
-        deadline = time.monotonic() + 10  # the API's tenant cache has the new quota
-        while c.get("/v1/usage").json()["quotas"]["session_seconds_per_month"] != 60:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: c.get("/v1/usage").json()["quotas"]["session_seconds_per_month"] == 60, 10,
+                   "the API's tenant cache has the new quota")
         assert c.post("/v1/sessions").status_code == 402
         prom.wait_value("count(broker_budget_refusals_total)", 1)
         assert c.post("/v1/sessions").status_code == 402
         events = c.get("/v1/events", params={"limit": 100}).json()["data"]
-        deadline = time.monotonic() + 30  # the failed first delivery is retried after 5 s
-        while not {e["id"] for e in events} <= {d["webhook_id"] for d in sandbox.webhook_deliveries("live")
-                                                if d["status"] == 204 and d["verified"]}:
-            assert time.monotonic() < deadline, sandbox.webhook_deliveries("live")
-            time.sleep(0.2)
+        wait_until(lambda: {e["id"] for e in events} <= {d["webhook_id"] for d in sandbox.webhook_deliveries("live")
+                                                         if d["status"] == 204 and d["verified"]},
+                   30, "every event delivered to the live receiver (the failed first one is retried after 5 s)",
+                   interval=0.2, state=lambda: sandbox.webhook_deliveries("live"))
     with tenant_client(api, beta_key) as c:
         assert c.post("/v1/sessions?wait=10").status_code == 502
     assert httpx.get(f"{api}/v1/sessions").status_code == 401
@@ -202,15 +199,13 @@ def test_dashboards_and_alerts_on_a_live_prometheus(stack: dict[str, Any], sandb
     rules = [rule for group in rules_doc["groups"] for rule in group["rules"]]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(prom.query, [rule["expr"] for rule in rules]))   # a query error fails here
-    deadline = time.monotonic() + 10
-    while True:
+    def evaluated() -> list[dict[str, Any]] | None:
         groups = httpx.get(f"{prom.url}/api/v1/rules").json()["data"]["groups"]
         loaded = [rule for g in groups for rule in g["rules"]]
-        if len(loaded) == len(rules) and all(rule.get("lastEvaluation", "").startswith("2") and
-                                             rule["health"] != "unknown" for rule in loaded):
-            break
-        assert time.monotonic() < deadline, loaded
-        time.sleep(0.25)
+        return loaded if len(loaded) == len(rules) and all(
+            rule.get("lastEvaluation", "").startswith("2") and rule["health"] != "unknown" for rule in loaded) else None
+
+    loaded = wait_until(evaluated, 10, "every rule loaded and evaluated once", interval=0.25)
     assert all(rule["health"] == "ok" for rule in loaded), [(r["name"], r.get("lastError")) for r in loaded]
     assert prom.scalar("broker:time_to_ready_slow:ratio_rate5m") is not None
 

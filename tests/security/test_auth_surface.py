@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import httpx
@@ -21,6 +20,7 @@ from broker.api import deps
 from broker.embedded_redis import free_port
 from broker.core.settings import Settings
 from tests.fixtures.stack import ADMIN_TOKEN, Admin, ApiServer
+from tests.fixtures.wait import wait_until
 
 from .support import RawResponse, assert_error, full_app, is_public, raw_request, route_table, unknown_key
 
@@ -193,17 +193,12 @@ def test_admin_surface_on_its_own_port_only(settings: Settings) -> None:
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"api process exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not become healthy")
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+
+    wait_until(healthy, timeout, f"{url} healthy", ignoring=(httpx.TransportError,))
 
 
 def test_cli_admin_port_serves_admin_api_only_there(settings: Settings) -> None:

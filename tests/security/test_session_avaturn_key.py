@@ -19,6 +19,7 @@ import pytest
 from broker.core.settings import Settings
 from tenants.scope import DUE_EXPIRY, TenantScope, due_member
 from tests.fixtures.stack import PLATFORM_AVATURN_KEY, Admin, ApiServer, WorkerThread, make_settings, tenant_client, wait_status
+from tests.fixtures.wait import wait_until
 from workers.sandbox.state import fingerprint
 
 import redis as sync_redis
@@ -105,10 +106,8 @@ def test_a_stop_during_the_create_after_a_key_change_deletes_with_the_key_of_the
     try:
         with tenant_client(api.url, key) as c:
             sid = c.post("/v1/sessions", json={"ttl_seconds": 600}).json()["id"]
-            deadline = time.monotonic() + 10
-            while r.hget(TenantScope(tenant["id"]).session(sid), "create_state") != b"inflight":
-                assert time.monotonic() < deadline, "the create was never marked in flight"
-                time.sleep(0.02)
+            wait_until(lambda: r.hget(TenantScope(tenant["id"]).session(sid), "create_state") == b"inflight", 10,
+                       "the create marked in flight")
             _change_avaturn_key(admin, tenant["id"], other)
             assert c.delete(f"/v1/sessions/{sid}").status_code == 202
             done = wait_status(c, sid, {"terminated"})
@@ -143,10 +142,8 @@ def test_a_session_key_that_does_not_decrypt_keeps_the_session_terminating_never
         with caplog.at_level(logging.WARNING, logger="workers"), tenant_client(api.url, key) as c:
             upstream_id = c.get(f"/v1/sessions/{sid}").json()["avaturn"]["session_id"]
             assert c.delete(f"/v1/sessions/{sid}").status_code == 202
-            deadline = time.monotonic() + 15
-            while _value(lost, "broker_termination_failures_total", code=code) < 2:  # the stop, then a retry
-                assert time.monotonic() < deadline, "the undecryptable key was not retried"
-                time.sleep(0.05)
+            wait_until(lambda: _value(lost, "broker_termination_failures_total", code=code) >= 2, 15,
+                       "the undecryptable key retried (the stop, then a retry)")
             assert c.get(f"/v1/sessions/{sid}").json()["status"] == "terminating"
         session, deletes = _upstream(sandbox, upstream_id)
         assert session["live"] and deletes == [], deletes  # no DELETE with the platform key (or any other)

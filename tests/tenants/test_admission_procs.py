@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import time
 from collections import Counter
 from collections.abc import Iterator
 from multiprocessing.pool import Pool
@@ -23,6 +22,7 @@ from tenants.admission import AdmissionRequest, Admitted, Refused, Replayed, adm
 from tenants.budgets import BudgetExhausted
 from tenants.models import Quotas
 from tenants.scope import TenantScope
+from tests.fixtures.wait import wait_until
 
 PROCS = 4
 PER_PROC = 12
@@ -95,10 +95,8 @@ def run_all(
         pending = pool.starmap_async(
             fire, [(url, tenant, quotas, p, idem, end_user) for p in range(PROCS)], chunksize=1
         )
-        deadline = time.monotonic() + 60
-        while int(sync.get(f"test:ready:{tenant}") or 0) < PROCS:
-            assert time.monotonic() < deadline, "worker processes did not start"
-            time.sleep(0.01)
+        wait_until(lambda: int(sync.get(f"test:ready:{tenant}") or 0) >= PROCS, 60, "every worker process started",
+                   interval=0.01)
         sync.rpush(f"test:go:{tenant}", *["go"] * PROCS)
         per_proc = pending.get(timeout=60)
     finally:

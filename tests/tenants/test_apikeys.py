@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -74,10 +73,9 @@ async def test_mistyped_key_is_refused_without_touching_redis() -> None:
         auth = KeyAuthenticator(dead, TenantService(dead))
         key, _ = generate_api_key()
         typo = key[:-1] + ("a" if key[-1] != "a" else "b")
-        started = time.monotonic()
+        # a Redis call would raise the connection error the well-formed key gets below: the 401 is the proof
         with pytest.raises(Unauthorized) as exc:
             await auth.authenticate(typo)
-        assert time.monotonic() - started < 0.1
         assert exc.value.code == "invalid_api_key" and typo not in exc.value.message and key[4:] not in str(exc.value)
         with pytest.raises(RedisConnectionError):
             await auth.authenticate(key)

@@ -5,7 +5,6 @@ reconnecting listener, and last_used_at written at most once a minute."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from tenants.auth import KeyAuthenticator
 from tenants.models import Tenant, TenantPatch
 from tenants.scope import TenantScope, api_key_lookup
 from tenants.service import TenantService, decode_create
+from tests.fixtures.wait import wait_until_async
 
 BIG_TTL = 3600.0  # caches that only pub/sub can invalidate within a test
 Factory = Callable[..., Awaitable[KeyAuthenticator]]
@@ -51,13 +51,16 @@ async def other_process(redis_url: str) -> AsyncIterator[Factory]:
 async def refused_within(auth: KeyAuthenticator, key: str, exc_type: type[Exception], limit: float = 1.0) -> float:
     """Seconds until ``auth`` refuses ``key`` with ``exc_type``; fails after ``limit``."""
     started = time.monotonic()
-    while time.monotonic() - started < limit:
+
+    async def refused() -> bool:
         try:
             await auth.authenticate(key)
         except exc_type:
-            return time.monotonic() - started
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"still accepted after {limit} s")
+            return True
+        return False
+
+    await wait_until_async(refused, limit, f"{exc_type.__name__} for the key", interval=0.01)
+    return time.monotonic() - started
 
 
 async def tenant_with_key(service: TenantService, name: str = "acme") -> tuple[Tenant, str, str]:
@@ -146,14 +149,9 @@ async def test_disabled_tenant_is_forbidden_in_every_process(service: TenantServ
         await auth.authenticate(key)
     assert exc.value.code == "tenant_disabled" and exc.value.status == 403
     await service.enable(tenant.id)
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            assert (await auth.authenticate(key)).active
-            break
-        except Forbidden:
-            assert time.monotonic() < deadline, "still disabled after 1 s"
-            await asyncio.sleep(0.01)
+    await wait_until_async(lambda: auth.authenticate(key), 1.0, "the tenant enabled again", interval=0.01,
+                           ignoring=(Forbidden,))
+    assert (await auth.authenticate(key)).active
 
 
 async def test_quota_change_applies_to_the_next_request(service: TenantService, other_process: Factory) -> None:
@@ -161,10 +159,10 @@ async def test_quota_change_applies_to_the_next_request(service: TenantService, 
     auth = await other_process()
     assert (await auth.authenticate(key)).quotas.sessions_per_minute == 60
     await service.update(tenant.id, TenantPatch(quotas={"sessions_per_minute": 7}))
-    deadline = time.monotonic() + 1.0
-    while (await auth.authenticate(key)).quotas.sessions_per_minute != 7:
-        assert time.monotonic() < deadline, "old quotas still served after 1 s"
-        await asyncio.sleep(0.01)
+    async def new_quota() -> bool:
+        return (await auth.authenticate(key)).quotas.sessions_per_minute == 7
+
+    await wait_until_async(new_quota, 1.0, "the new quotas served", interval=0.01)
 
 
 async def test_listener_reconnects_and_bypasses_caches_meanwhile(
@@ -177,10 +175,7 @@ async def test_listener_reconnects_and_bypasses_caches_meanwhile(
     await auth.authenticate(key)
     assert auth.subscriptions == 1
     assert await redis.client_kill_filter(_type="pubsub") >= 1
-    deadline = time.monotonic() + 5.0
-    while auth.subscriptions < 2 or not auth.listening:
-        assert time.monotonic() < deadline, "listener did not resubscribe"
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: auth.subscriptions >= 2 and auth.listening, 5.0, "the listener resubscribed")
     await auth.authenticate(key)
     await service.revoke_key(tenant.id, key_id)
     assert await refused_within(auth, key, Unauthorized) < 1.0
@@ -205,7 +200,7 @@ async def test_last_used_is_written_at_most_once_per_interval(
     auth = await other_process()
     for _ in range(5):
         await auth.authenticate(key)
-    await wait_until(lambda: redis.hexists(used, key_id), 2.0)  # written within USE_FLUSH_DELAY
+    await wait_until_async(lambda: redis.hexists(used, key_id), 2.0, "the key's last use written")  # written within USE_FLUSH_DELAY
     [meta] = await service.list_keys(tenant.id)
     assert meta.last_used_at is not None
     await redis.hdel(used, key_id)
@@ -239,13 +234,6 @@ async def test_last_used_writes_are_batched_and_flushed_on_stop(
         assert await redis.hexists(TenantScope(tenant.id).keys_last_used(), key_id)
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], limit: float) -> None:
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < limit, f"not within {limit} s"
-        await asyncio.sleep(0.02)
-
-
 async def test_stop_is_clean_and_idempotent(service: TenantService, redis: aioredis.Redis) -> None:
     auth = KeyAuthenticator(redis, service)
     await auth.start()
@@ -253,10 +241,10 @@ async def test_stop_is_clean_and_idempotent(service: TenantService, redis: aiore
     await auth.stop()
     await auth.stop()
     assert not auth.listening
-    deadline = time.monotonic() + 2.0
-    while (await redis.pubsub_numsub("sb:keys:revoked"))[0][1] != 0:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    async def unsubscribed() -> bool:
+        return (await redis.pubsub_numsub("sb:keys:revoked"))[0][1] == 0
+
+    await wait_until_async(unsubscribed, 2.0, "no subscriber left on sb:keys:revoked")
 
 
 async def test_cached_tenants_add_nothing_for_the_cyclic_gc_to_walk(

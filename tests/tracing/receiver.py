@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTrac
                                                                        ExportTraceServiceResponse)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+
+from tests.fixtures.wait import wait_until
 
 KINDS = {SpanProto.SPAN_KIND_INTERNAL: "internal", SpanProto.SPAN_KIND_SERVER: "server",
          SpanProto.SPAN_KIND_CLIENT: "client", SpanProto.SPAN_KIND_PRODUCER: "producer",
@@ -133,13 +134,10 @@ class OtlpReceiver:
             return list(self.spans)
 
     def wait_for(self, found: Callable[[list[Span]], Any], timeout: float = 20) -> Any:
-        """Poll the received spans until ``found(spans)`` is truthy; returns it (None at the deadline)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = found(self.snapshot())
-            if result or time.monotonic() > deadline:
-                return result
-            time.sleep(0.1)
+        """Poll the received spans until ``found(spans)`` is truthy; returns it (fails at the deadline,
+        listing the spans received)."""
+        return wait_until(lambda: found(self.snapshot()), timeout, "the spans looked for were received",
+                          state=lambda: [(s.service, s.name, s.trace_id) for s in self.snapshot()])
 
 
 def main() -> None:

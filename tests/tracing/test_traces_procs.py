@@ -29,7 +29,8 @@ import pytest
 import redis as sync_redis
 
 from broker.embedded_redis import EmbeddedRedis, free_port
-from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY
+from tests.fixtures.stack import ADMIN_TOKEN, PLATFORM_AVATURN_KEY, PLATFORM_OPENAI_KEY, wait_status
+from tests.fixtures.wait import wait_until
 from tests.multiprocess.procs import BrokerProcess, broker_env, running
 from tests.observability.helpers import prometheus_binaries
 from tests.observability.live import ROOT, Proc, prometheus_config
@@ -59,15 +60,6 @@ def traced(request: pytest.FixtureRequest, redis_server: EmbeddedRedis, sandbox:
     procs = {"api": BrokerProcess.api("api", env, tmp_path), "worker": BrokerProcess.worker("worker", env, tmp_path)}
     with running(request, procs, client):
         yield {**procs, "env": env}
-
-
-def _wait_status(client: httpx.Client, sid: str, statuses: set[str], timeout: float = 20) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get(f"/v1/sessions/{sid}").json()
-        if body["status"] in statuses or time.monotonic() > deadline:
-            return body
-        time.sleep(0.1)
 
 
 def _one(spans: list[Span], **match: Any) -> Span | None:
@@ -113,12 +105,12 @@ def _create_and_stop(api: BrokerProcess, client: httpx.Client) -> tuple[str, str
     m = TRACERESPONSE.match(created.headers.get("traceresponse", ""))
     assert m, created.headers
     trace_id, request_span_id = m.groups()
-    ready = _wait_status(client, sid, {"ready", "failed"})
+    ready = wait_status(client, sid, {"ready", "failed"}, timeout=20)
     assert ready["status"] == "ready", ready
     avaturn_token = ready["avaturn"]["token"]
     stopped = client.delete(f"/v1/sessions/{sid}")
     assert stopped.status_code in (200, 202), stopped.text
-    assert _wait_status(client, sid, {"terminated"})["status"] == "terminated"
+    assert wait_status(client, sid, {"terminated"}, timeout=20)["status"] == "terminated"
     # every answer carries traceresponse, errors included; the health route is not traced
     missing = client.get("/v1/sessions/ses_doesnotexist000000000000")
     assert missing.status_code == 404 and TRACERESPONSE.match(missing.headers["traceresponse"])
@@ -235,7 +227,7 @@ def test_prometheus_keeps_the_exemplar_that_the_time_to_ready_panel_shows(traced
             assert created.status_code == 202, created.text
             m = TRACERESPONSE.match(created.headers["traceresponse"])
             assert m
-            assert _wait_status(client, created.json()["id"], {"ready", "failed"})["status"] == "ready"
+            assert wait_status(client, created.json()["id"], {"ready", "failed"}, timeout=20)["status"] == "ready"
         trace_id = m.group(1)
         dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "session-broker.json").read_text())
         [panel] = [p for p in dashboard["panels"] if p.get("title") == "Time to ready"]
@@ -251,11 +243,8 @@ def test_prometheus_keeps_the_exemplar_that_the_time_to_ready_panel_shows(traced
                 assert r.status_code == 200, r.text
                 return {e["labels"].get("trace_id", "") for series in r.json()["data"] for e in series["exemplars"]}
 
-            deadline = time.monotonic() + 30
-            seen = exemplar_trace_ids()
-            while trace_id not in seen and time.monotonic() < deadline:
-                time.sleep(0.5)
-                seen = exemplar_trace_ids()
+            seen = wait_until(lambda: ids if trace_id in (ids := exemplar_trace_ids()) else None, 30,
+                              f"Prometheus had the exemplar of {expr}", interval=0.5)
             assert seen == {trace_id}, (expr, seen, prom.log.read_text()[-2000:])
     finally:
         prom.stop()

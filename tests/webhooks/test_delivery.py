@@ -18,6 +18,7 @@ from broker.sessions.models import now_ms
 from broker.webhooks.queue import RETRY_SCHEDULE_S
 from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.scope import WEBHOOK_PENDING, TenantScope
+from tests.fixtures.wait import wait_until_async
 from workers.metrics import WorkerMetrics
 from workers.webhooks import WebhookDelivery
 
@@ -75,16 +76,7 @@ async def start(redis: aioredis.Redis, cipher: CredentialCipher) -> AsyncIterato
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_until_async(predicate, timeout, what)
 
 
 async def attempts(redis: aioredis.Redis, weid: str) -> list[dict[str, str]]:

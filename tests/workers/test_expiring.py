@@ -7,8 +7,6 @@ the loop's constructor below) so the tests need no 70 s sessions."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +22,7 @@ from tenants.admission import AdmissionRequest, Admitted, admit
 from tenants.models import Quotas
 from tenants.scope import DUE_EXPIRING, TenantScope, due_member
 from tests.fixtures.stack import Admin, make_settings, tenant_client, wait_status
+from tests.fixtures.wait import wait_until, wait_until_async
 from workers.context import WorkerContext
 from workers.expiry import ExpiringLoop
 
@@ -61,10 +60,7 @@ async def events_of(redis: aioredis.Redis, tenant: str, sid: str) -> list[tuple[
 
 
 async def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        await asyncio.sleep(0.02)
+    await wait_until_async(predicate, timeout, what)
 
 
 async def test_a_short_session_gets_its_event_at_once_and_only_once(ctx: WorkerContext) -> None:
@@ -161,10 +157,8 @@ def test_expiring_comes_between_ready_and_terminated_and_not_for_a_stopped_sessi
         assert c.delete(f"/v1/sessions/{stopped.json()['id']}").status_code in (200, 202)
         wait_status(c, stopped.json()["id"], {"terminated"})
         kid = kept.json()["id"]
-        deadline = time.monotonic() + 20
-        while not any(e["type"] == "session.expiring" for e in _events(c, session_id=kid)):
-            assert time.monotonic() < deadline, "no session.expiring for the session that runs to its end"
-            time.sleep(0.05)
+        wait_until(lambda: any(e["type"] == "session.expiring" for e in _events(c, session_id=kid)), 20,
+                   "a session.expiring for the session that runs to its end")
         final = wait_status(c, kid, {"terminated"}, timeout=20)
         events = _events(c, session_id=kid)
         stopped_events = _events(c, session_id=stopped.json()["id"])

@@ -17,6 +17,7 @@ from broker.embedded_redis import EmbeddedRedis
 from broker.sessions.models import SessionRecord, new_session_id, now_ms
 from tenants.scope import DUE_EXPIRY, STATS_LIVE, TenantScope, due_member
 from tests.fixtures.stack import make_settings
+from tests.fixtures.wait import wait_until_async
 from workers.context import WorkerContext
 from workers.expiry import ExpiryLoop
 from workers.jobs.terminate import terminate_session
@@ -52,10 +53,7 @@ async def record(ctx: WorkerContext, tenant_id: str, sid: str) -> SessionRecord:
 
 
 async def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        await asyncio.sleep(0.02)
+    await wait_until_async(predicate, timeout, what)
 
 
 def _sample(ctx: WorkerContext, name: str, **labels: str) -> float:
@@ -112,20 +110,25 @@ async def test_due_sessions_of_both_tenants_are_ended_and_the_others_are_not(ctx
 
 
 async def test_a_session_is_ended_at_its_time_not_before(ctx: WorkerContext, sandbox: Any) -> None:
-    """Invariant: the loop ends a session that becomes due while it sleeps at its
-    expires_at (within 0.25 s), never before."""
+    """Invariant: the loop ends a session that becomes due while it sleeps at its expires_at,
+    never before: the sleep it takes ends no later than the next due time, and the upstream
+    DELETE comes at or after it. (How late under load, p50/p99/max: the bench's expiry scenario,
+    tests/bench/expiry.py; a unit test asserts no wall-clock bound.)"""
     loop = ExpiryLoop(ctx).start()
     try:
-        await asyncio.sleep(0.1)  # the loop has read an empty set and sleeps
+        await wait_until_async(lambda: loop.last_run > 0, 5, "the loop read an empty set (and sleeps)")
         expires_at = now_ms() + 1500
         sid, up = await seed_ready(ctx, TENANTS[0], expires_at)
-        await asyncio.sleep(1.2)
+        stepped_at = now_ms()
+        # what a loop decides now, even one allowed to sleep a minute: nothing due, so sleep until the due time
+        delay = await ExpiryLoop(ctx, max_sleep=60).step()
+        assert 0 < delay <= (expires_at - stepped_at) / 1000, delay
         assert (await record(ctx, TENANTS[0], sid)).status == "ready"
-        await wait_for(lambda: _terminated(ctx, TENANTS[0], sid), 3, "the session terminated")
+        await wait_for(lambda: _terminated(ctx, TENANTS[0], sid), 5, "the session terminated")
     finally:
         await loop.stop()
     ended_at = upstream(sandbox)[up]["ended_at"]
-    assert expires_at / 1000 <= ended_at <= expires_at / 1000 + 0.25, ended_at - expires_at / 1000
+    assert expires_at / 1000 <= ended_at, ended_at - expires_at / 1000
 
 
 async def _terminated(ctx: WorkerContext, tid: str, sid: str) -> bool:
@@ -170,7 +173,7 @@ async def test_two_loops_and_a_stop_job_never_double_terminate(ctx: WorkerContex
     seeded = [(tid, *await seed_ready(ctx, tid, now + 300 + i)) for i, tid in enumerate(TENANTS * 100)]
     loops = [ExpiryLoop(ctx, batch=37).start(), ExpiryLoop(other, batch=41).start()]
     try:
-        await asyncio.sleep(max(0.0, (now + 300 - now_ms()) / 1000))
+        await asyncio.sleep(max(0.0, (now + 300 - now_ms()) / 1000))  # the sessions' TTLs run out: they become due
         stops = [terminate_session({"wc": c}, tid, sid) for (tid, sid, _), c in zip(seeded[::2], (ctx, other) * 100)]
         outcomes = await asyncio.gather(*stops)
         await wait_for(lambda: all_final(ctx, seeded), 10, "every session terminated")
@@ -202,7 +205,7 @@ async def test_a_stop_is_left_to_its_job_then_taken_when_late(ctx: WorkerContext
     assert stopped.applied
     loop = ExpiryLoop(ctx).start()
     try:
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.7)  # inside the 1 s grace under test: the loop must leave the stop to its job
         assert (await record(ctx, tid, sid)).status == "terminating"
         assert upstream(sandbox)[up]["live"]
         await wait_for(lambda: _terminated(ctx, tid, sid), 3, "the stopped session terminated by the loop")
@@ -225,7 +228,7 @@ async def test_a_lapsed_claim_is_taken_again(ctx: WorkerContext, sandbox: Any) -
     assert (await record(ctx, tid, sid)).status == "terminating"
     loop.start()
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # inside the 1.5 s claim lease under test: not taken before it lapses
         assert (await record(ctx, tid, sid)).status == "terminating"
         await wait_for(lambda: _terminated(ctx, tid, sid), 3, "the session terminated after the lease")
     finally:
@@ -241,11 +244,10 @@ async def test_the_loop_survives_a_redis_restart(sandbox: Any) -> None:
     wc = WorkerContext.build(make_settings(server.url, sandbox), WorkerMetrics())
     loop = ExpiryLoop(wc).start()
     try:
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: loop.last_run > 0, 5, "the loop ran once against Redis")
         server.stop(kill=True)
-        await asyncio.sleep(1.5)
-        errors = _sample(wc, "broker_redis_errors_total", source="expiry")
-        assert errors >= 1
+        await wait_until_async(lambda: _sample(wc, "broker_redis_errors_total", source="expiry") >= 1, 5,
+                               "the loop counted a Redis error")
         server.start()
         sid, up = await seed_ready(wc, TENANTS[0], now_ms() - 10)
         await wait_for(lambda: _terminated(wc, TENANTS[0], sid), 5, "the session terminated after the restart")

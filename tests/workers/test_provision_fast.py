@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.core.compat_redis import use_direct_sends
 from broker.core.errors import NotFound
 from broker.core.logs import ARQ_WORKER_LOGGER, CHATTY_LOGGERS, configure_logging
 from broker.core.settings import Settings, SettingsError
@@ -30,8 +31,10 @@ from tenants.crypto import CredentialCipher, generate_secret_key
 from tenants.models import OpenAIInput, TenantCreate, TenantPatch
 from tenants.scope import tenant_record
 from tenants.service import TenantService
-from broker.core.compat_redis import use_direct_sends
 from tenants.tenant_cache import TenantCache
+from tests.fixtures.redis_compat import command_calls
+from tests.fixtures.wait import wait_until_async
+
 
 @pytest.fixture
 async def tenants(redis: aioredis.Redis) -> tuple[TenantService, TenantCache]:
@@ -43,10 +46,7 @@ async def tenants(redis: aioredis.Redis) -> tuple[TenantService, TenantCache]:
 
 
 async def _eventually(check: object, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+    await wait_until_async(check, timeout, "the cache caught up", interval=0.01)  # type: ignore[arg-type]
 
 
 async def test_tenant_cache_serves_from_memory_and_drops_a_changed_tenant(
@@ -121,13 +121,17 @@ async def test_direct_sends_answer_every_command_in_order(redis_url: str) -> Non
         await client.aclose()
 
 
-async def test_a_connection_returned_with_an_unread_answer_is_not_reused_as_is(redis_url: str) -> None:
+async def test_a_connection_returned_with_an_unread_answer_is_not_reused_as_is(redis_url: str,
+                                                                              redis: aioredis.Redis) -> None:
     client = _client(redis_url)
     try:
         await client.set("k", "v")
         conn = await client.connection_pool.get_connection()
+        pings = command_calls(await redis.info("commandstats"), "ping")
         await conn.send_command("PING")  # its answer is never read
-        await asyncio.sleep(0.1)         # ... and is now buffered on the connection
+        # ... and is buffered on the connection once Redis ran it: Redis writes a reply before it
+        # answers a later command of another client, and loopback delivers it as it is written
+        await wait_until_async(lambda: _pings_above(redis, pings), 5, "Redis ran the PING")
         await client.connection_pool.release(conn)
         assert await client.get("k") == b"v"  # not the stale "PONG"
     finally:
@@ -140,10 +144,18 @@ async def test_a_connection_closed_by_the_server_is_replaced(redis_url: str, red
         await client.client_setname("direct-test")
         await client.set("k", "v")
         await redis.client_kill_filter(_type="normal", skipme=True)
-        await asyncio.sleep(0.05)
+
+        async def closed() -> bool:
+            return all(c.get("name") != "direct-test" for c in await redis.client_list())
+
+        await wait_until_async(closed, 5, "Redis closed the killed connection")
         assert await client.get("k") == b"v"
     finally:
         await client.aclose()
+
+
+async def _pings_above(redis: aioredis.Redis, calls: int) -> bool:
+    return command_calls(await redis.info("commandstats"), "ping") > calls
 
 
 @contextlib.contextmanager

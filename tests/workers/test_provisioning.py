@@ -25,6 +25,7 @@ from tenants.models import TenantCreate
 from tenants.session_config import merge_session
 from tenants.scope import PROVISION_TENANTS, PROVISION_WAKE, STATS_LIVE, TenantScope
 from tenants.service import TenantService
+from tests.fixtures.wait import wait_until_async
 from workers import provisioning as provisioning_mod
 from workers.context import WorkerContext
 from workers.provisioning import ProvisioningLoop
@@ -215,10 +216,17 @@ class Starts:
         return "ready"
 
 
+IDLE_FOR_A_MINUTE = 60.0  # a loop's longest sleep when told so: what starts meanwhile was woken, or timed
+
+
 @contextlib.asynccontextmanager
 async def running_loop(ctx: WorkerContext, **kw: Any) -> AsyncIterator[ProvisioningLoop]:
     loop = ProvisioningLoop(ctx, **kw).start()
-    await asyncio.sleep(0.2)  # idle: blocked on the wake-up list
+
+    async def idle() -> bool:  # one iteration done (now on its timer), its listener blocked on the wake-up list
+        return loop.last_run > 0 and int((await ctx.redis.info("clients"))["blocked_clients"]) >= 1
+
+    await wait_until_async(idle, 5, "the loop idle, blocked on the wake-up list")
     try:
         yield loop
     finally:
@@ -226,10 +234,7 @@ async def running_loop(ctx: WorkerContext, **kw: Any) -> AsyncIterator[Provision
 
 
 async def _until(predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.002)
+    await wait_until_async(predicate, timeout, "the session started", interval=0.002)  # 2 ms: latencies are measured
 
 
 @pytest.fixture
@@ -240,34 +245,34 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> Starts:
 
 
 async def test_an_idle_loop_starts_a_new_session_at_once(ctx: WorkerContext, starts: Starts) -> None:
-    """Invariant: a session due now starts within a few ms of its admission (its token wakes
-    the loop, far before the loop's own 0.5 s sleep ends)."""
-    async with running_loop(ctx) as loop:
-        latencies = []
+    """Invariant: a session due now is started because its admission token wakes the loop, not
+    at the end of the loop's own sleep: the loop here sleeps a minute when idle, so each of the
+    20 sessions starts only through its wake-up. (How soon, in milliseconds, under load: the
+    bench's time-to-ready and burst-lateness rows; a unit test asserts no wall-clock bound.)"""
+    async with running_loop(ctx, max_sleep=IDLE_FOR_A_MINUTE) as loop:
         for i in range(20):
-            t0 = time.time()
             await admit(ctx.redis, "ten_a", f"ses_{i}", now_ms())
-            await _until(lambda i=i: f"ses_{i}" in starts.at, 2)
-            latencies.append(starts.at[f"ses_{i}"][0] - t0)
-        assert sorted(latencies)[10] < 0.02 and max(latencies) < 0.2, latencies
+            await _until(lambda i=i: f"ses_{i}" in starts.at, 5)
         assert loop.wakeups >= 20
 
 
 async def test_a_session_starts_at_its_slot(ctx: WorkerContext, starts: Starts) -> None:
-    """Invariant: a session whose slot is 0.4 s ahead starts at its slot (within 50 ms), not
-    earlier, and not at a poll: the loop sleeps on an asyncio timer until the ring's next score."""
-    async with running_loop(ctx):
+    """Invariant: a session whose slot is 0.4 s ahead starts at its slot, not earlier, and not at
+    a poll: the loop (which would sleep a minute) sleeps on an asyncio timer until the ring's
+    next score. (Lateness against the slot under load: the bench's burst-lateness row.)"""
+    async with running_loop(ctx, max_sleep=IDLE_FOR_A_MINUTE):
         slot = now_ms() + 400
         await admit(ctx.redis, "ten_a", "ses_later", slot)
-        await _until(lambda: "ses_later" in starts.at, 3)
+        await _until(lambda: "ses_later" in starts.at, 5)
         late = starts.at["ses_later"][0] - slot / 1000
-        assert -0.002 <= late < 0.05, late
+        assert late >= -0.002, late
 
 
 async def test_sessions_due_a_millisecond_apart_all_start_on_time(ctx: WorkerContext, starts: Starts) -> None:
-    """Invariant: 300 sessions (3 tenants) whose slots are 1 ms apart each start within 50 ms of
-    their slot and never before it."""
-    async with running_loop(ctx):
+    """Invariant: 300 sessions (3 tenants) whose slots are 1 ms apart all start, each at its slot
+    and never before it, from a loop that would otherwise sleep a minute. (Lateness p50/p99 under
+    load: the bench's burst-lateness row.)"""
+    async with running_loop(ctx, max_sleep=IDLE_FOR_A_MINUTE):
         first = now_ms() + 300
         slots = {f"ses_{i}": first + i for i in range(300)}
         async with ctx.redis.pipeline(transaction=False) as pipe:
@@ -277,7 +282,7 @@ async def test_sessions_due_a_millisecond_apart_all_start_on_time(ctx: WorkerCon
         assert now_ms() < first
         await _until(lambda: len(starts.at) == 300, 5)
     late = [starts.at[sid][0] - slot / 1000 for sid, slot in slots.items()]
-    assert min(late) > -0.002 and sorted(late)[int(0.99 * 300)] < 0.05, (min(late), max(late))
+    assert min(late) > -0.002, (min(late), max(late))
 
 
 async def test_two_loops_never_run_a_session_twice(ctx: WorkerContext, starts: Starts) -> None:
@@ -290,27 +295,24 @@ async def test_two_loops_never_run_a_session_twice(ctx: WorkerContext, starts: S
             for i in range(300):
                 await admit(ctx.redis, f"ten_{i % 4}", f"ses_{i}", now, token=i % 10 == 0)
             await _until(lambda: len(starts.at) == 300, 20)
-            await asyncio.sleep(0.3)
-            assert second.claimed > 0
+            assert second.claimed > 0  # counted at the claim, before the start
     finally:
         await other.close()
     assert sorted(len(v) for v in starts.at.values()) == [1] * 300
 
 
 async def test_a_full_loop_leaves_the_wakeup_to_an_idle_one(ctx: WorkerContext, starts: Starts) -> None:
-    """Invariant: while loop A is full (one slot, busy), a new session is started at once by
-    idle loop B (A gives back a token it took)."""
+    """Invariant: while loop A is full (one slot, busy), a new session is started by idle loop B
+    through a wake-up (A gives back a token it took): B would otherwise sleep a minute."""
     starts.hold = 10
     other = WorkerContext.build(ctx.settings, ctx.metrics)
     try:
         async with running_loop(ctx, max_in_flight=1) as a:
             await admit(ctx.redis, "ten_a", "ses_block", now_ms())
             await _until(lambda: "ses_block" in starts.at, 2)
-            async with running_loop(other, max_in_flight=1) as b:
-                t0 = time.time()
+            async with running_loop(other, max_in_flight=1, max_sleep=IDLE_FOR_A_MINUTE) as b:
                 await admit(ctx.redis, "ten_a", "ses_next", now_ms())
-                await _until(lambda: "ses_next" in starts.at, 2)
-                assert starts.at["ses_next"][0] - t0 < 0.2
+                await _until(lambda: "ses_next" in starts.at, 5)
                 assert b.claimed == 1 and a.claimed == 1
                 starts.release.set()
     finally:
@@ -321,7 +323,7 @@ async def test_a_claimers_lease_is_renewed_while_it_works_and_lapses_when_it_die
         ctx: WorkerContext, starts: Starts) -> None:
     """Invariant: a session held by a live loop longer than the lease is not taken by a second
     loop (the keeper renews it every second); once its loop is gone (cut off, nothing renews
-    it), another loop takes it within the lease + its own wake-up."""
+    it), the other loop takes it. (How long after the cut, with processes: the bench's takeover row.)"""
     starts.hold = 30
     lease_ms, renew_s = 1_000, 0.3
     other = WorkerContext.build(ctx.settings, ctx.metrics)
@@ -330,13 +332,11 @@ async def test_a_claimers_lease_is_renewed_while_it_works_and_lapses_when_it_die
         await admit(ctx.redis, "ten_a", "ses_long", now_ms())
         await _until(lambda: "ses_long" in starts.at, 2)
         async with running_loop(other, lease_ms=lease_ms, renew_s=renew_s) as second:
-            await asyncio.sleep(2.5 * lease_ms / 1000)
+            await asyncio.sleep(2.5 * lease_ms / 1000)  # 2.5 leases pass: only the renewals keep the claim
             assert second.claimed == 0 and first.keeper.renewals >= 3
             await first.stop()  # like a SIGKILL for the session: its attempt is cut off, no renewal
-            cut = time.time()
-            await _until(lambda: len(starts.at["ses_long"]) == 2, 3)
-            taken_after = starts.at["ses_long"][1] - cut
-            assert taken_after <= lease_ms / 1000 + 0.6, taken_after
+            await _until(lambda: len(starts.at["ses_long"]) == 2, 5)
+            assert second.claimed == 1
             starts.release.set()
     finally:
         await other.close()
@@ -347,9 +347,8 @@ async def test_an_idle_loop_costs_a_few_commands_a_second(ctx: WorkerContext, re
     0.75 s (the EVALSHA and the script's two reads of the ring, all counted by Redis), a blocking
     pop every second."""
     async with running_loop(ctx):
-        await asyncio.sleep(0.5)
         before = int((await redis.info("stats"))["total_commands_processed"])
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)  # the 3 s window the idle command rate is measured over
         sent = int((await redis.info("stats"))["total_commands_processed"]) - before - 1
     assert sent / 3.0 <= 5.5, sent
 
@@ -365,13 +364,11 @@ async def _tenant(ctx: WorkerContext, per_minute: int = 6000) -> tuple[str, str]
 
 
 async def _wait_status(repo: SessionRepository, tid: str, sid: str, statuses: set[str], timeout: float) -> SessionRecord:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def reached() -> SessionRecord | None:
         rec = await repo.get(tid, sid)
-        if rec is not None and rec.status in statuses:
-            return rec
-        assert time.monotonic() < deadline, rec
-        await asyncio.sleep(0.02)
+        return rec if rec is not None and rec.status in statuses else None
+
+    return await wait_until_async(reached, timeout, f"session {sid} {sorted(statuses)}")
 
 
 async def test_a_transient_failure_retries_the_same_session_on_its_slot(ctx: WorkerContext, sandbox: Any) -> None:
@@ -413,11 +410,11 @@ async def test_a_drained_loop_claims_nothing_and_leaves_the_event_loop_free(ctx:
         await _until(lambda: "ses_running" in starts.at, 2)
         loop.drain()
         await admit(ctx.redis, "ten_a", "ses_after", now_ms())
-        t0 = time.monotonic()
-        await asyncio.sleep(0.05)
-        assert time.monotonic() - t0 < 0.5  # not starved by a busy loop
+        ran = asyncio.Event()
+        asyncio.get_running_loop().call_soon(ran.set)
+        await asyncio.wait_for(ran.wait(), 5)  # the event loop runs other work: not held by a busy loop
         assert await loop.wait_idle(5)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a window in which a loop not drained would have claimed the woken ses_after
         assert "ses_after" not in starts.at and loop.claimed == 1
         assert await ProvisionSchedule(ctx.redis).entries("ten_a") != []
 
