@@ -20,10 +20,17 @@ from broker.embedded_redis import EmbeddedRedis
 pytest_plugins = ["tests.fixtures.redis_binary", "tests.fixtures.sandbox", "tests.fixtures.stack"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects: ``pytest -m serial`` takes the fault tests too
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``serial`` assert millisecond bounds of the system under load: beside another
-    test process on the same cores they measure the neighbour. Under pytest-xdist they are
-    skipped, saying so; ``make test TEST_JOBS=2`` runs them on one process after the parallel part."""
+    test process on the same cores they measure the neighbour. The ``fault`` tests are serial too
+    (they kill processes and restart Redis on deadlines of seconds, and under a second test
+    process they timed out: the 1,000-session webhook run, a worker crash). Under pytest-xdist
+    they are skipped, saying so; ``make test TEST_JOBS=2`` runs them on one process after the
+    parallel part."""
+    for item in items:
+        if item.get_closest_marker("fault") is not None and item.get_closest_marker("serial") is None:
+            item.add_marker(pytest.mark.serial)
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     skip = pytest.mark.skip(reason="serial: millisecond bounds, run on one process "
