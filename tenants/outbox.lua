@@ -22,12 +22,12 @@ local function append_event(hkey, etype)
   local seq = redis.call('HINCRBY', hkey, 'event_seq', 1)
   local values = redis.call('HMGET', hkey, unpack(OUTBOX_FIELDS))
   local entry = {'type', etype, 'session_id', sid, 'sequence', seq}
+  -- every field, '' when the session has none yet: all session events of a stream then have one
+  -- field list, which a stream node stores once (its master entry) instead of in every entry
+  -- (the bench's memory per live session: 2,062 -> 2,032 bytes, created + ready events each)
   for j, name in ipairs(OUTBOX_FIELDS) do
-    local v = values[j]
-    if v and v ~= '' then
-      entry[#entry + 1] = name
-      entry[#entry + 1] = v
-    end
+    entry[#entry + 1] = name
+    entry[#entry + 1] = values[j] or ''
   end
   local t = redis.call('TIME')
   local minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - OUTBOX_RETENTION_MS

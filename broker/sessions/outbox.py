@@ -58,7 +58,8 @@ def entry_id(evt_id: str) -> str | None:
 def render(tenant_id: str, eid: bytes | str, raw: dict[bytes, bytes]) -> Event:
     """The event of one stream entry."""
     eid_text = text(eid)
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    # a session event lists every field, '' for those the session had not got yet (outbox.lua)
+    fields = {k.decode(): v.decode() for k, v in raw.items() if v}
     at_ms = int(eid_text.split("-", 1)[0])
     etype = fields.pop("type", "")
     sid = fields.pop("session_id", "")

@@ -39,7 +39,7 @@ def test_a_lifecycle_records_created_ready_terminated_in_sequence(api, worker, a
     assert [e["type"] for e in events] == ["session.created", "session.ready", "session.terminated"]
     assert [int(e["sequence"]) for e in events] == [1, 2, 3]
     created, ready, ended = events
-    assert created["status"] == "queued" and "ready_at" not in created
+    assert created["status"] == "queued" and not created["ready_at"]
     assert created["end_user"] == "u_1" and json.loads(created["metadata"]) == {"k": "v"}
     assert ready["status"] == "ready" and ready["ready_at"] and ready["avaturn_session_id"]
     assert ended["status"] == "terminated" and ended["termination_reason"] == "requested"
