@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from broker.sessions.models import SessionRecord, now_ms
 from broker.sessions.repository import TransitionResult
@@ -18,7 +19,10 @@ from ..context import WorkerContext
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # Redis unreachable (restart, failover)
+# Redis unreachable (restart, failover). WatchError too: redis-py raises it, not ConnectionError, when
+# the connection drops while a key is WATCHed, and arq's job start WATCHes (a real conflict arq
+# handles itself); without it a Redis restart at that moment ended the worker process.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, WatchError)
 REDIS_DOWN_PAUSE_S = 0.5  # the loops' pause (and arq's restart) while Redis is unreachable
 RECORD_PATIENCE_S = 10.0
 
