@@ -281,6 +281,13 @@ async def test_a_live_claimer_renews_its_claim_while_the_delete_hangs(redis: aio
         await wait_for(lambda: _terminated(wc, tid, sid), 5, "the session terminated by its claimer")
         assert _delete_requests(sandbox) == 1, "the other loop took a claim that was still held"
         assert not upstream(sandbox)[up]["live"]
+        # counted by the claimer right after its finish step returns: the record can be read
+        # terminated a moment before the counter moves
+
+        async def counted() -> bool:
+            return _sample(wc, "broker_terminations_total", reason="expired") >= 1
+
+        await wait_for(counted, 5, "the termination counted")
         assert _sample(wc, "broker_terminations_total", reason="expired") == 1
     finally:
         await other.stop()
