@@ -17,6 +17,17 @@ local OUTBOX_FIELDS = {'status', 'created_at', 'ready_at', 'expires_at', 'termin
   'avaturn_session_id', 'end_user', 'termination_reason', 'error_code', 'error_message', 'metadata',
   'billable_seconds', 'ttl_limited_by', 'ttl_seconds'}
 
+-- One entry onto a tenant's outbox stream (entries older than 7 days trimmed), then its id
+-- PUBLISHed on the stream's name: wakes the SSE readers (broker/sessions/events.py: one
+-- subscription per API process) and the webhook fan-out (workers/webhooks.py).
+local function outbox_add(stream, entry)
+  local t = redis.call('TIME')
+  local minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - OUTBOX_RETENTION_MS
+  local id = redis.call('XADD', stream, 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
+  redis.call('PUBLISH', stream, id)
+  return id
+end
+
 local function append_event(hkey, etype)
   local base, sid = string.match(hkey, '^(.*):s:([^:]+)$')
   local seq = redis.call('HINCRBY', hkey, 'event_seq', 1)
@@ -29,13 +40,7 @@ local function append_event(hkey, etype)
     entry[#entry + 1] = name
     entry[#entry + 1] = values[j] or ''
   end
-  local t = redis.call('TIME')
-  local minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - OUTBOX_RETENTION_MS
-  local stream = base .. ':events'
-  local id = redis.call('XADD', stream, 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
-  -- wakes the SSE readers of the tenant (broker/sessions/events.py: one subscription per API process)
-  redis.call('PUBLISH', stream, id)
-  return id
+  return outbox_add(base .. ':events', entry)
 end
 
 -- A tenant event that is not a session's (usage.threshold_reached, webhook_endpoint.disabled,
@@ -48,10 +53,5 @@ local function append_tenant_event(base, etype, data_json, endpoint_id)
     entry[#entry + 1] = 'endpoint_id'
     entry[#entry + 1] = endpoint_id
   end
-  local t = redis.call('TIME')
-  local minid = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - OUTBOX_RETENTION_MS
-  local stream = base .. 'events'
-  local id = redis.call('XADD', stream, 'MINID', '~', string.format('%d', minid), '*', unpack(entry))
-  redis.call('PUBLISH', stream, id)
-  return id
+  return outbox_add(base .. 'events', entry)
 end
